@@ -1,0 +1,113 @@
+"""Command line: argument parsing, subcommands and exit codes. No logic lives here.
+
+Exit codes: `exec` returns the command's status (128+N when it died of signal N); nsvpn's own
+failures use 2 for usage/configuration errors and 3-5 for run-time failures (see EXIT_*), which
+are chosen outside the 126/127/128+N range the shell uses for the command itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from . import __version__
+
+EXIT_USAGE = 2  # bad arguments or configuration
+EXIT_UPSTREAM = 3  # the upstream could not be brought up
+EXIT_SETUP = 4  # namespace / TUN / shim setup failed
+EXIT_INTERNAL = 5  # a bug: reported in one line, never a traceback unless NSVPN_DEBUG=1
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nsvpn",
+        description="Run commands with outbound connectivity through one reachable host.",
+    )
+    p.add_argument("--version", action="version", version=f"nsvpn {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    pr = sub.add_parser("probe", help="report what works on this node and which mode exec uses")
+    pr.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
+    pr.add_argument("--via", action="append", default=[], metavar="URL",
+                    help="also check that this upstream's host:port can be reached")
+
+    ex = sub.add_parser("exec", help="run CMD with connectivity through the upstream")
+    ex.add_argument("--via", action="append", default=[], metavar="URL",
+                    help="upstream: ssh://[user@]host[:port], socks5://[user:pass@]host:port; "
+                         "repeat for failover (default: $NSVPN_VIA or via= in the config file)")
+    ex.add_argument("--mode", choices=("auto", "ns", "preload"), default="auto")
+    ex.add_argument("--config", metavar="FILE", help="config file (default "
+                    "~/.config/nsvpn/config.toml)")
+    ex.add_argument("--ssh-opt", action="append", default=[], metavar="OPT",
+                    help="extra ssh option, passed as -o OPT (repeatable)")
+    ex.add_argument("--direct", action="append", default=[], metavar="CIDR",
+                    help="also dial this network directly with host sockets (repeatable)")
+    ex.add_argument("--no-direct", action="store_true",
+                    help="send everything through the upstream, even the host's own networks")
+    ex.add_argument("--dns-server", metavar="IP[:PORT]",
+                    help="resolve names the host cannot by DNS-over-TCP to this server "
+                         "through the upstream (default: fake IPs, resolved by the far side)")
+    ex.add_argument("--allow-host-loopback", action="store_true",
+                    help="make the host's 127.0.0.1 reachable from CMD as 10.0.2.2")
+    ex.add_argument("-q", "--quiet", action="store_true", help="no notices on stderr")
+    ex.add_argument("-v", "--verbose", action="count", default=0)
+    ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    return p
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from .probe import format_table, run_probe
+
+    caps = run_probe(args.via)
+    if args.json:
+        print(json.dumps(caps.to_json_dict(), indent=2, sort_keys=True))
+    else:
+        print(format_table(caps))
+    return 0 if caps.mode != "none" else 1
+
+
+def _exec(args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print("nsvpn exec: no command given (usage: nsvpn exec [--via URL] -- CMD [ARGS...])",
+              file=sys.stderr)
+        return EXIT_USAGE
+    from .run import run_exec
+
+    return run_exec(args, argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.command == "probe":
+            return _probe(args)
+        if args.command == "exec":
+            return _exec(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # one line for users; the traceback only when asked for
+        if os.environ.get("NSVPN_DEBUG"):
+            raise
+        print(f"nsvpn: internal error: {type(e).__name__}: {e} (NSVPN_DEBUG=1 shows details)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+    parser.error(f"unknown command {args.command}")
+    return EXIT_USAGE
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

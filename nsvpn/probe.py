@@ -1,0 +1,170 @@
+"""`nsvpn probe`: real trials of what works on this node, and the mode `nsvpn exec` would pick.
+
+Each check is an actual attempt (fork + unshare, open the TUN, bind mount, load the shim,
+run the tools, connect to the upstream) rather than a reading of sysctls, because sites
+restrict these in many different ways (sysctls, AppArmor, seccomp, container runtimes).
+The sysctls are read only to explain a failure.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+from . import namespace
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Check:
+    ok: bool
+    detail: str
+    data: Dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class Capabilities:
+    mode: str  # "ns", "preload" or "none"
+    reasons: List[str]
+    checks: Dict[str, Check]
+    via: List[Dict[str, object]]
+    elapsed_ms: float
+
+    def to_json_dict(self) -> Dict[str, object]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "mode": self.mode,
+            "reasons": self.reasons,
+            "checks": {k: asdict(v) for k, v in self.checks.items()},
+            "via": self.via,
+            "elapsed_ms": round(self.elapsed_ms, 1),
+        }
+
+
+def shim_path() -> Optional[str]:
+    """The built LD_PRELOAD shim inside the installed package, if any."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = sorted(glob.glob(os.path.join(here, "_preload*.so")))
+    return found[0] if found else None
+
+
+def _trial(fn) -> Check:
+    r = fn()
+    return Check(bool(r.ok), r.detail, dict(getattr(r, "data", {}) or {}))
+
+
+def check_preload() -> Check:
+    path = shim_path()
+    if path is None:
+        return Check(False, "shim not built (no nsvpn/_preload*.so in the installed package)")
+    true = shutil.which("true") or "/bin/true"
+    r, w = os.pipe()
+    try:
+        env = dict(os.environ, LD_PRELOAD=path, NSVPN_PROBE_FD=str(w))
+        proc = subprocess.run([true], env=env, pass_fds=(w,), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=5)
+        os.close(w)
+        w = -1
+        marker = os.read(r, 200).decode(errors="replace").strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        return Check(False, f"running `true` with the shim failed: {e}", {"path": path})
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    if proc.returncode != 0 or not marker.startswith("nsvpn-shim"):
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        why = err[-1] if err else f"exit status {proc.returncode}, no marker"
+        return Check(False, f"shim does not load: {why}", {"path": path})
+    return Check(True, f"loads into `true` ({marker})", {"path": path, "version": marker})
+
+
+def _tool_version(name: str, args: List[str]) -> Check:
+    path = shutil.which(name)
+    if path is None:
+        return Check(False, f"{name} not found in PATH")
+    try:
+        p = subprocess.run([path, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=5)
+    except (OSError, subprocess.SubprocessError) as e:
+        return Check(False, f"{path}: {e}", {"path": path})
+    first = (p.stdout.decode(errors="replace").strip().splitlines() or ["?"])[0]
+    return Check(True, first, {"path": path, "version": first})
+
+
+def check_via(url: str, timeout: float = 1.5) -> Dict[str, object]:
+    """Can the upstream's host:port be reached with a plain TCP connect (bounded)?"""
+    from .urls import parse_via  # local import: keeps probe usable if urls has a problem
+
+    try:
+        up = parse_via(url)
+    except ValueError as e:
+        return {"url": url, "ok": False, "detail": str(e)}
+    host, port = up.host, up.port
+    shown = up.display() if hasattr(up, "display") else url
+    if getattr(up, "path", None):  # SOCKS over a unix socket path
+        ok = os.path.exists(up.path)
+        return {"url": shown, "ok": ok, "detail": "socket exists" if ok else "no such socket"}
+    t0 = time.monotonic()
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except socket.gaierror as e:
+        return {"url": shown, "ok": False, "detail": f"cannot resolve {host}: {e.strerror}"}
+    except socket.timeout:
+        return {"url": shown, "ok": False, "detail": f"{host}:{port}: no answer in {timeout:g} s"}
+    except OSError as e:
+        return {"url": shown, "ok": False, "detail": f"{host}:{port}: {e.strerror}"}
+    ms = (time.monotonic() - t0) * 1000
+    return {"url": shown, "ok": True, "detail": f"{host}:{port} reachable ({ms:.1f} ms)"}
+
+
+def run_probe(vias: List[str]) -> Capabilities:
+    t0 = time.monotonic()
+    checks: Dict[str, Check] = {}
+    checks["userns"] = _trial(namespace.trial_userns)
+    if checks["userns"].ok:
+        checks["tun"] = _trial(namespace.trial_tun)
+        checks["mount"] = _trial(namespace.trial_bind_mount)
+    else:
+        checks["tun"] = Check(False, "not tried: user namespaces are unusable")
+        checks["mount"] = Check(False, "not tried: user namespaces are unusable")
+    checks["preload"] = check_preload()
+    checks["ssh"] = _tool_version("ssh", ["-V"])
+    checks["openconnect"] = _tool_version("openconnect", ["--version"])
+    via = [check_via(u) for u in vias]
+
+    reasons: List[str] = []
+    if checks["userns"].ok and checks["tun"].ok and checks["mount"].ok:
+        mode = "ns"
+        reasons.append("user+net+mount namespaces, TUN and bind mounts work")
+    else:
+        for k in ("userns", "tun", "mount"):
+            if not checks[k].ok and not checks[k].detail.startswith("not tried"):
+                reasons.append(f"ns mode unusable: {k}: {checks[k].detail}")
+        if checks["preload"].ok:
+            mode = "preload"
+            reasons.append("falling back to the LD_PRELOAD shim")
+        else:
+            mode = "none"
+            reasons.append(f"preload unusable: {checks['preload'].detail}")
+    return Capabilities(mode, reasons, checks, via, (time.monotonic() - t0) * 1000)
+
+
+def format_table(caps: Capabilities) -> str:
+    rows = [(name, "ok" if c.ok else "FAIL", c.detail) for name, c in caps.checks.items()]
+    rows += [("via " + str(v["url"]), "ok" if v["ok"] else "FAIL", str(v["detail"]))
+             for v in caps.via]
+    w = max(len(r[0]) for r in rows)
+    lines = [f"{n:<{w}}  {s:<4}  {d}" for n, s, d in rows]
+    lines.append("")
+    lines.append(f"{'mode':<{w}}  {caps.mode}")
+    lines += [f"{'':<{w}}  - {r}" for r in caps.reasons]
+    return "\n".join(lines)
