@@ -101,17 +101,15 @@ def _tool_version(name: str, args: List[str]) -> Check:
 
 def check_via(url: str, timeout: float = 1.5) -> Dict[str, object]:
     """Can the upstream's host:port be reached with a plain TCP connect (bounded)?"""
-    from .urls import parse_via  # local import: keeps probe usable if urls has a problem
+    from .urls import parse_upstream_url
 
     try:
-        up = parse_via(url)
+        up = parse_upstream_url(url)
     except ValueError as e:
         return {"url": url, "ok": False, "detail": str(e)}
-    host, port = up.host, up.port
-    shown = up.display() if hasattr(up, "display") else url
-    if getattr(up, "path", None):  # SOCKS over a unix socket path
-        ok = os.path.exists(up.path)
-        return {"url": shown, "ok": ok, "detail": "socket exists" if ok else "no such socket"}
+    default_port = {"ssh": 22, "openconnect": 443}.get(up.scheme, 1080)
+    host, port = up.host, up.port or default_port
+    shown = str(up)  # never shows a password
     t0 = time.monotonic()
     try:
         with socket.create_connection((host, port), timeout=timeout):
