@@ -279,6 +279,12 @@ class ClientHandshake:
         self._out.clear()
         return out
 
+    @property
+    def awaiting_reply(self) -> bool:
+        """Greeting (and auth) done, the request is queued or sent: the next thing the
+        server says is its answer about the destination."""
+        return self._state == _C_REPLY
+
     def _fail(self, exc: SocksError) -> SocksError:
         self._state = _C_FAILED
         return exc

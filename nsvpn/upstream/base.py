@@ -1,0 +1,79 @@
+"""What every upstream dialer offers, and the errors it raises.
+
+A dial either returns a connected trio stream or raises DialError whose `errno` is what the
+program in the namespace (or behind the preload shim) should see from connect():
+
+  ECONNREFUSED   the far side answered "refused" (final: failover does not retry it)
+  ENETUNREACH    the far side says the network is unreachable (final)
+  EHOSTUNREACH   the far side says the host is unreachable (final)
+  ETIMEDOUT      no answer in time (from the far side or from us)
+  ECONNABORTED   the upstream broke the handshake, or answered with a general failure
+  EAGAIN/ENOTCONN `reason == "upstream-down"`: our helper (ssh, proxy) is not usable right now
+
+`reason` is a short machine word (refused, netunreach, hostunreach, timeout, upstream-down,
+failed), `message` a human sentence.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+try:
+    from typing import Protocol
+except ImportError:  # pragma: no cover - Python < 3.8 is not supported anyway
+    Protocol = object  # type: ignore[assignment,misc]
+
+import trio
+
+REASONS = {
+    _errno.ECONNREFUSED: "refused",
+    _errno.ENETUNREACH: "netunreach",
+    _errno.EHOSTUNREACH: "hostunreach",
+    _errno.ETIMEDOUT: "timeout",
+}
+# Answers from the far side about the destination itself: another upstream would get the same.
+FINAL_REASONS = frozenset({"refused", "netunreach", "hostunreach"})
+
+
+class UpstreamError(Exception):
+    """An upstream could not be brought up (start()); the message is meant for the user."""
+
+
+class DialError(OSError):
+    """A dial failed. An OSError subclass so callers may treat it like a failed connect()."""
+
+    def __init__(self, err: int, message: str = "", reason: str | None = None):
+        self.reason = reason or REASONS.get(err, "failed")
+        super().__init__(err, message or _errno.errorcode.get(err, str(err)))
+        self.message = message
+
+    @property
+    def final(self) -> bool:
+        """True when the far side answered: trying another upstream is pointless."""
+        return self.reason in FINAL_REASONS
+
+    def __str__(self) -> str:
+        return f"{self.message or self.strerror} ({self.reason})"
+
+
+def upstream_down(message: str) -> DialError:
+    return DialError(_errno.ENETDOWN, message, "upstream-down")
+
+
+class Upstream(Protocol):
+    """Interface of ssh / socks5 / direct dialers (structural: no inheritance needed)."""
+
+    name: str
+
+    @property
+    def healthy(self) -> bool: ...
+
+    async def start(self) -> None:
+        """Bring helpers up (bounded); raise UpstreamError with a clear message."""
+
+    async def dial_tcp(self, host: str, port: int, *, timeout: float) -> trio.abc.Stream:
+        """Connect to host:port (an IP literal, or a name the far side resolves)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop helpers; idempotent."""

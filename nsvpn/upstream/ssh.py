@@ -1,0 +1,515 @@
+"""Run and supervise the system `ssh -N -D <socket>` and dial through it.
+
+* ssh listens on a unix socket in a private 0700 runtime directory (ssh creates it 0600): no TCP
+  port that other users of the node could borrow. An ssh too old for `-D /path` (see
+  UNIX_DYNAMIC_MIN) gets `-D 127.0.0.1:<free port>` and a one-line warning.
+* The user's ssh config, agent and keys apply. `BatchMode=yes` unless stdin is a terminal;
+  then ssh may prompt (it talks to /dev/tty, not to our pipes) and ignores SIGINT, so the
+  terminal's Ctrl-C reaches nsvpn and CMD but not our tunnel.
+* Readiness = the socket answers a SOCKS5 greeting, bounded (20 s by default, 120 s when ssh
+  may prompt). If ssh exits first, start() raises UpstreamError with ssh's own last messages
+  ("Permission denied (publickey).").
+* If ssh dies after being ready it is restarted with capped exponential backoff; meanwhile
+  `healthy` is False and dials fail at once with DialError(reason="upstream-down").
+* ssh gets PR_SET_PDEATHSIG (SIGTERM) so it never outlives us even when we are SIGKILLed; it is
+  spawned from the trio thread with subprocess.Popen because trio.lowlevel.open_process forks
+  from a worker thread, whose exit would fire the death signal. aclose(): SIGTERM, SIGKILL
+  after a grace period, reap, remove the socket.
+* ssh -D answers a CONNECT only after the far side's connect() succeeded; on failure it closes
+  the connection without a reply and logs "channel N: open failed: connect failed: Connection
+  refused" on stderr. We read that line to give the dial the right errno.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import errno
+import logging
+import os
+import re
+import shlex
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from typing import Deque, List, Sequence, Tuple
+
+import trio
+
+from ..urls import SshUpstreamUrl
+from .base import DialError, UpstreamError, upstream_down
+from .socks5 import socks5_dial, socks5_greeting_ok
+
+log = logging.getLogger("nsvpn.upstream.ssh")
+
+# OpenSSH parses `-D /path` as a unix listener since streamlocal forwarding arrived (6.7);
+# 9.2 is verified here. Older ones get a loopback TCP port instead.
+UNIX_DYNAMIC_MIN = (6, 7)
+READY_TIMEOUT = 20.0
+READY_TIMEOUT_INTERACTIVE = 120.0
+STOP_GRACE = 2.0
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 30.0  # a run this long resets the backoff
+STDERR_KEEP = 40
+OPEN_FAILED_WAIT = 0.25  # how long a closed CONNECT waits for ssh's explanation on stderr
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
+    _prctl = None
+
+_OPEN_FAILED = re.compile(r"channel \d+: open failed: (.*)$")
+# Phrases in ssh's "open failed" reasons (sshd's strerror text) -> errno.
+_OPEN_FAILED_ERRNO = [
+    ("refused", errno.ECONNREFUSED),
+    ("network is unreachable", errno.ENETUNREACH),
+    ("no route to host", errno.EHOSTUNREACH),
+    ("host is unreachable", errno.EHOSTUNREACH),
+    ("timed out", errno.ETIMEDOUT),
+    ("name or service not known", errno.EHOSTUNREACH),
+    ("name resolution", errno.EHOSTUNREACH),
+    ("nodename nor servname", errno.EHOSTUNREACH),
+    ("temporary failure in name resolution", errno.EHOSTUNREACH),
+    ("administratively prohibited", errno.EACCES),
+]
+
+
+def open_failed_errno(reason: str) -> int:
+    low = reason.lower()
+    for phrase, err in _OPEN_FAILED_ERRNO:
+        if phrase in low:
+            return err
+    return errno.ECONNABORTED
+
+
+def parse_ssh_version(text: str) -> Tuple[int, int] | None:
+    """`ssh -V` output ("OpenSSH_9.2p1 Debian-2+deb12u10, OpenSSL ...") -> (9, 2)."""
+    m = re.search(r"OpenSSH_(\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def ssh_version(ssh: str = "ssh") -> Tuple[Tuple[int, int] | None, str]:
+    try:
+        p = subprocess.run([ssh, "-V"], stdin=subprocess.DEVNULL, capture_output=True, timeout=5)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise UpstreamError(f"cannot run {ssh}: {exc}") from None
+    text = (p.stderr + p.stdout).decode(errors="replace").strip()
+    return parse_ssh_version(text), text
+
+
+def supports_unix_dynamic(version: Tuple[int, int] | None) -> bool:
+    # Unknown (non-OpenSSH) clients: assume the oldest behaviour.
+    return version is not None and version >= UNIX_DYNAMIC_MIN
+
+
+def runtime_dir() -> str:
+    """Node-local private directory for sockets: $XDG_RUNTIME_DIR/nsvpn, else
+    /tmp/nsvpn-<uid>-<host>; created 0700, and refused unless it is ours and private."""
+    uid = os.getuid()
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base) and os.stat(base).st_uid == uid:
+        path = os.path.join(base, "nsvpn")
+    else:
+        host = socket.gethostname().split(".")[0][:32] or "localhost"
+        path = f"/tmp/nsvpn-{uid}-{host}"
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UpstreamError(f"{path} exists and is not a directory")
+    if st.st_uid != uid:
+        raise UpstreamError(
+            f"{path} belongs to uid {st.st_uid}, not to us ({uid}): refusing to put sockets there"
+        )
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _preexec(parent: int, ignore_sigint: bool):
+    def fn() -> None:  # runs in the child between fork and exec
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # we died before prctl took effect
+            os._exit(1)
+        if ignore_sigint:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    return fn
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def expand_ssh_opts(opts: Sequence[str]) -> List[str]:
+    """`--ssh-opt` values: "Key=Value" (or "Key Value") become `-o Key=Value`; values starting
+    with "-" are raw ssh arguments, split like a shell would ("-i ~/.ssh/id_hpc")."""
+    out: List[str] = []
+    for opt in opts:
+        opt = opt.strip()
+        if not opt:
+            continue
+        if opt.startswith("-"):
+            out += [os.path.expanduser(a) for a in shlex.split(opt)]
+        else:
+            out += ["-o", opt]
+    return out
+
+
+class _SshProcess:
+    """One ssh run: the Popen, a pidfd to await its exit, and its stderr reader."""
+
+    def __init__(self, popen: subprocess.Popen):
+        self.popen = popen
+        self.exited = trio.Event()
+        self.returncode: int | None = None
+
+    async def watch(self) -> None:
+        pid = self.popen.pid
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            pidfd = -1
+        try:
+            if pidfd >= 0:
+                await trio.lowlevel.wait_readable(pidfd)
+            else:  # pragma: no cover - kernels before 5.3
+                while self.popen.poll() is None:
+                    await trio.sleep(0.1)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+        self.returncode = self.popen.wait()
+        self.exited.set()
+
+
+class SshUpstream:
+    def __init__(
+        self,
+        url: SshUpstreamUrl,
+        *,
+        ssh_opts: Sequence[str] = (),
+        ssh: str = "ssh",
+        index: int = 0,
+        sockdir: str | None = None,
+        interactive: bool | None = None,
+        ready_timeout: float | None = None,
+        backoff_max: float = BACKOFF_MAX,
+        force_tcp: bool = False,
+    ):
+        self.url = url
+        self.name = str(url)
+        self.ssh = ssh
+        self.ssh_opts = list(ssh_opts)
+        self.index = index
+        self.sockdir = sockdir
+        if interactive is None:
+            interactive = os.isatty(0)
+        self.interactive = interactive
+        self.ready_timeout = ready_timeout or (
+            READY_TIMEOUT_INTERACTIVE if interactive else READY_TIMEOUT
+        )
+        self.backoff_max = backoff_max
+        self.force_tcp = force_tcp
+        self.socket_path: str | None = None
+        self.tcp_port: int | None = None
+        self.version: Tuple[int, int] | None = None
+        self.restarts = 0
+        self.last_error = ""
+        self._stderr: Deque[str] = collections.deque(maxlen=STDERR_KEEP)
+        self._open_failures: Deque[Tuple[float, str]] = collections.deque(maxlen=256)
+        self._stderr_event = trio.Event()
+        self._proc: _SshProcess | None = None
+        self._ready = False
+        self._closing = False
+        self._scope: trio.CancelScope | None = None
+        self._done = trio.Event()
+        self._first: trio.Event | None = None
+        self._first_error: str | None = None
+
+    # -- public interface ---------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self._ready and self._proc is not None and not self._proc.exited.is_set()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.popen.pid if self._proc is not None else None
+
+    def stderr_tail(self, n: int = 5) -> List[str]:
+        return list(self._stderr)[-n:]
+
+    async def start(self) -> None:
+        """Start ssh and wait until its SOCKS socket answers; UpstreamError on failure."""
+        if self._first is not None:
+            raise RuntimeError("already started")
+        self.version, vtext = ssh_version(self.ssh)
+        if self.force_tcp or not supports_unix_dynamic(self.version):
+            if not self.force_tcp:
+                sys.stderr.write(
+                    f"nsvpn: warning: {vtext.split(',')[0] or self.ssh} cannot listen on a unix "
+                    "socket for -D; using a 127.0.0.1 TCP port (other local users could use "
+                    "this tunnel)\n"
+                )
+            self.force_tcp = True
+        else:
+            d = self.sockdir or runtime_dir()
+            self.socket_path = os.path.join(d, f"ssh-{os.getpid()}-{self.index}.sock")
+        self._first = trio.Event()
+        trio.lowlevel.spawn_system_task(self._supervise, name=f"nsvpn ssh {self.name}")
+        await self._first.wait()
+        if self._first_error is not None:
+            await self.aclose()
+            raise UpstreamError(self._first_error)
+
+    async def dial_tcp(self, host: str, port: int, *, timeout: float) -> trio.abc.Stream:
+        if not self.healthy:
+            why = f" (last: {self.last_error})" if self.last_error else ""
+            raise upstream_down(f"{self.name}: ssh is not connected, restarting{why}")
+        return await socks5_dial(
+            self._connect,
+            host,
+            port,
+            timeout=timeout,
+            proxy_name=f"ssh {self.url.host}",
+            on_eof=self._explain_eof,
+        )
+
+    async def aclose(self) -> None:
+        self._closing = True
+        self._ready = False
+        with trio.CancelScope(shield=True):
+            await self._stop_process()
+            if self._scope is not None:
+                self._scope.cancel()
+                await self._done.wait()
+            self._remove_socket()
+
+    # -- dialing --------------------------------------------------------------------------
+    async def _connect(self) -> trio.abc.Stream:
+        if self.socket_path is not None:
+            return await trio.open_unix_socket(self.socket_path)
+        assert self.tcp_port is not None
+        return await trio.open_tcp_stream("127.0.0.1", self.tcp_port)
+
+    async def _explain_eof(self, host: str, port: int) -> DialError:
+        """ssh closed our CONNECT without a reply: find its "open failed" line."""
+        with trio.move_on_after(OPEN_FAILED_WAIT):
+            while True:
+                now = trio.current_time()
+                while self._open_failures:
+                    t, reason = self._open_failures.popleft()
+                    if now - t < 5.0:
+                        return DialError(
+                            open_failed_errno(reason),
+                            f"{host}:{port} via {self.url.host}: {reason}",
+                        )
+                if self._proc is None or self._proc.exited.is_set():
+                    break
+                self._stderr_event = trio.Event()
+                await self._stderr_event.wait()
+        if not self.healthy:
+            return upstream_down(f"{self.name}: ssh went away during the dial")
+        return DialError(
+            errno.ECONNABORTED, f"{host}:{port} via {self.url.host}: ssh closed the connection"
+        )
+
+    # -- supervision ----------------------------------------------------------------------
+    def _argv(self) -> List[str]:
+        if self.socket_path is not None:
+            listen = self.socket_path
+        else:
+            self.tcp_port = _free_loopback_port()
+            listen = f"127.0.0.1:{self.tcp_port}"
+        argv = [self.ssh, "-N", "-D", listen]
+        # User options first: for ssh the first value obtained wins, so theirs override ours.
+        argv += expand_ssh_opts(self.ssh_opts)
+        argv += [
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "ServerAliveInterval=15",
+            "-o",
+            "ServerAliveCountMax=3",
+            "-o",
+            "StreamLocalBindUnlink=yes",
+            "-o",
+            f"ConnectTimeout={max(1, int(self.ready_timeout))}",
+        ]
+        if not self.interactive:
+            argv += ["-o", "BatchMode=yes"]
+        if self.url.port is not None:
+            argv += ["-p", str(self.url.port)]
+        argv += ["--", self.url.ssh_destination()]
+        return argv
+
+    def _spawn(self) -> _SshProcess:
+        self._remove_socket()
+        argv = self._argv()
+        log.debug("starting %s", " ".join(shlex.quote(a) for a in argv))
+        popen = subprocess.Popen(  # noqa: S603 - argv built above, no shell
+            argv,
+            stdin=None if self.interactive else subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            close_fds=True,
+            # Batch: own session, so no terminal signal reaches it. Interactive: it must keep
+            # the controlling terminal to prompt; it ignores SIGINT instead.
+            start_new_session=not self.interactive,
+            preexec_fn=_preexec(os.getpid(), self.interactive),
+        )
+        return _SshProcess(popen)
+
+    async def _read_stderr(self, proc: _SshProcess) -> None:
+        assert proc.popen.stderr is not None
+        fd = os.dup(proc.popen.stderr.fileno())
+        proc.popen.stderr.close()
+        buf = b""
+        async with trio.lowlevel.FdStream(fd) as stream:
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    data = b""
+                if not data:
+                    if buf:
+                        self._stderr_line(buf.decode(errors="replace"))
+                    return
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                for raw in lines:
+                    self._stderr_line(raw.decode(errors="replace").rstrip("\r"))
+
+    def _stderr_line(self, line: str) -> None:
+        if not line.strip():
+            return
+        m = _OPEN_FAILED.search(line)
+        if m:
+            self._open_failures.append((trio.current_time(), m.group(1)))
+            log.debug("ssh %s: %s", self.url.host, line)
+        elif line.startswith("debug"):
+            log.debug("ssh %s: %s", self.url.host, line)
+        else:
+            self._stderr.append(line)
+            log.info("ssh %s: %s", self.url.host, line)
+        self._stderr_event.set()
+
+    def _messages(self) -> str:
+        tail = [line for line in self._stderr if not line.startswith("Warning: Permanently")]
+        return " / ".join(tail[-4:]) if tail else "(ssh printed nothing)"
+
+    async def _wait_ready(self, proc: _SshProcess) -> str | None:
+        """None when ready, else the reason it is not."""
+        deadline = trio.current_time() + self.ready_timeout
+        while trio.current_time() < deadline:
+            if proc.exited.is_set():
+                await trio.sleep(0.05)  # let the stderr reader drain the last lines
+                return (
+                    f"ssh to {self.url.ssh_destination()} exited with status "
+                    f"{proc.returncode}: {self._messages()}"
+                )
+            present = self.socket_path is None or os.path.exists(self.socket_path)
+            if present and await socks5_greeting_ok(self._connect, 1.0):
+                return None
+            with trio.move_on_after(0.05):
+                await proc.exited.wait()
+        return (
+            f"ssh to {self.url.ssh_destination()} not ready after "
+            f"{self.ready_timeout:g} s: {self._messages()}"
+        )
+
+    async def _supervise(self) -> None:
+        assert self._first is not None
+        backoff = BACKOFF_FIRST
+        try:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                async with trio.open_nursery() as nursery:
+                    while not self._closing:
+                        proc = self._spawn()
+                        self._proc = proc
+                        nursery.start_soon(proc.watch)
+                        nursery.start_soon(self._read_stderr, proc)
+                        why = await self._wait_ready(proc)
+                        if why is not None:
+                            self.last_error = why
+                            await self._stop_process()
+                            if not self._first.is_set():
+                                self._first_error = why
+                                self._first.set()
+                                break
+                            log.warning("%s: %s; retrying in %g s", self.name, why, backoff)
+                        else:
+                            self._ready = True
+                            started = trio.current_time()
+                            if not self._first.is_set():
+                                self._first.set()
+                            else:
+                                log.warning("%s: ssh is back", self.name)
+                            await proc.exited.wait()
+                            self._ready = False
+                            if self._closing:
+                                break
+                            await trio.sleep(0.05)  # stderr reader: collect the last words
+                            self.last_error = (
+                                f"ssh exited with status {proc.returncode}: {self._messages()}"
+                            )
+                            log.warning(
+                                "%s: %s; restarting in %g s", self.name, self.last_error, backoff
+                            )
+                            if trio.current_time() - started > STABLE_AFTER:
+                                backoff = BACKOFF_FIRST
+                        await trio.sleep(backoff)
+                        backoff = min(backoff * 2, self.backoff_max)
+                        self.restarts += 1
+                    nursery.cancel_scope.cancel()
+        except Exception as exc:  # a system task must not crash the run
+            log.exception("ssh supervisor for %s failed", self.name)
+            if not self._first.is_set():
+                self._first_error = f"ssh supervisor failed: {exc}"
+        finally:
+            self._ready = False
+            if not self._first.is_set():
+                self._first_error = self._first_error or "ssh upstream closed while starting"
+                self._first.set()
+            with trio.CancelScope(shield=True):
+                await self._stop_process()
+            self._done.set()
+
+    async def _stop_process(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        p = proc.popen
+        if p.poll() is None:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            with trio.move_on_after(STOP_GRACE):
+                while p.poll() is None:
+                    await trio.sleep(0.02)
+            if p.poll() is None:
+                try:
+                    p.kill()
+                except ProcessLookupError:
+                    pass
+                p.wait()
+        if p.stderr is not None and not p.stderr.closed:
+            p.stderr.close()
+
+    def _remove_socket(self) -> None:
+        if self.socket_path is not None:
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,264 @@
+"""SOCKS5, direct and pool dialers against real peers: microsocks and trio servers on loopback."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+import trio
+
+from nsvpn.upstream.base import DialError, UpstreamError
+from nsvpn.upstream.direct import DirectUpstream, host_networks
+from nsvpn.upstream.pool import UpstreamPool
+from nsvpn.upstream.socks5 import Socks5Upstream
+from nsvpn.urls import parse_upstream_url
+
+MICROSOCKS = shutil.which("microsocks") or "/usr/bin/microsocks"
+need_microsocks = pytest.mark.skipif(
+    not os.path.exists(MICROSOCKS), reason="microsocks is not installed"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def microsocks():
+    procs = []
+
+    def start(*args: str) -> int:
+        port = free_port()
+        p = subprocess.Popen(
+            [MICROSOCKS, "-i", "127.0.0.1", "-p", str(port), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        procs.append(p)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return port
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("microsocks did not come up")
+
+    start.procs = procs
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+async def echo_server(nursery) -> int:
+    async def handler(stream):
+        async with stream:
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    return
+                if not data:
+                    return
+                await stream.send_all(data)
+
+    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    return listeners[0].socket.getsockname()[1]
+
+
+async def exchange(stream, payload: bytes) -> bytes:
+    got = bytearray()
+
+    async def reader():
+        while len(got) < len(payload):
+            data = await stream.receive_some(65536)
+            assert data, "EOF before all bytes came back"
+            got.extend(data)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(reader)
+        await stream.send_all(payload)
+    return bytes(got)
+
+
+@need_microsocks
+async def test_socks5_dial_echo_byte_exact(nursery, microsocks):
+    port = await echo_server(nursery)
+    up = Socks5Upstream("127.0.0.1", microsocks())
+    await up.start()
+    payload = os.urandom(3 * 1024 * 1024)
+    for host in ("127.0.0.1", "localhost"):  # by address and CONNECT by name
+        stream = await up.dial_tcp(host, port, timeout=5)
+        async with stream:
+            assert await exchange(stream, payload) == payload
+    assert up.healthy
+
+
+@need_microsocks
+async def test_socks5_user_pass(nursery, microsocks):
+    port = await echo_server(nursery)
+    sport = microsocks("-u", "alice", "-P", "s3cret")
+    up = Socks5Upstream.from_url(parse_upstream_url(f"socks5://alice:s3cret@127.0.0.1:{sport}"))
+    await up.start()
+    stream = await up.dial_tcp("127.0.0.1", port, timeout=5)
+    async with stream:
+        assert await exchange(stream, b"hello") == b"hello"
+
+    bad = Socks5Upstream("127.0.0.1", sport, username="alice", password="wrong")
+    with pytest.raises(UpstreamError):
+        await bad.start()
+    with pytest.raises(DialError) as ei:
+        await bad.dial_tcp("127.0.0.1", port, timeout=5)
+    assert ei.value.reason == "upstream-down" and "rejected" in str(ei.value)
+    noauth = Socks5Upstream("127.0.0.1", sport)
+    with pytest.raises(DialError, match="user name and password"):
+        await noauth.dial_tcp("127.0.0.1", port, timeout=5)
+
+
+@need_microsocks
+async def test_socks5_refused_is_econnrefused_quickly(microsocks):
+    up = Socks5Upstream("127.0.0.1", microsocks())
+    dead = free_port()
+    t0 = trio.current_time()
+    with pytest.raises(DialError) as ei:
+        await up.dial_tcp("127.0.0.1", dead, timeout=5)
+    assert ei.value.errno == errno.ECONNREFUSED and ei.value.reason == "refused"
+    assert ei.value.final
+    assert trio.current_time() - t0 < 1.0
+    assert up.healthy  # the proxy answered; the destination refused
+
+
+async def test_socks5_proxy_down():
+    up = Socks5Upstream("127.0.0.1", free_port())
+    with pytest.raises(UpstreamError, match="no SOCKS5 server"):
+        await up.start()
+    with pytest.raises(DialError) as ei:
+        await up.dial_tcp("127.0.0.1", 80, timeout=2)
+    assert ei.value.reason == "upstream-down" and not up.healthy
+
+
+async def test_socks5_silent_proxy_times_out(nursery):
+    async def silent(stream):
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(trio.serve_tcp, silent, 0)
+    up = Socks5Upstream("127.0.0.1", listeners[0].socket.getsockname()[1])
+    t0 = trio.current_time()
+    with pytest.raises(DialError) as ei:
+        await up.dial_tcp("127.0.0.1", 80, timeout=0.3)
+    assert ei.value.reason == "upstream-down"
+    assert trio.current_time() - t0 < 1.0
+
+
+async def test_socks5_reply_codes_and_early_data_from_own_server(nursery):
+    """A scripted SOCKS5 server built on our own server-side codec."""
+    from nsvpn import socks
+
+    async def handler(stream):
+        hs = socks.ServerHandshake()
+        while hs.request is None:
+            hs.receive_data(await stream.receive_some(4096))
+            await stream.send_all(hs.data_to_send())
+        if hs.request.port == 1:
+            await stream.send_all(hs.reply(socks.REP_HOST_UNREACHABLE))
+        elif hs.request.port == 2:
+            await stream.send_all(hs.reply(socks.REP_NETWORK_UNREACHABLE))
+        elif hs.request.port == 3:
+            await stream.send_all(hs.reply(socks.REP_TTL_EXPIRED))
+        else:  # success, with payload in the same segment as the reply
+            await stream.send_all(hs.reply(0, "10.9.8.7", 4242) + b"SSH-2.0-banner\r\n")
+        await stream.aclose()
+
+    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    up = Socks5Upstream("127.0.0.1", listeners[0].socket.getsockname()[1])
+    for port, err in ((1, errno.EHOSTUNREACH), (2, errno.ENETUNREACH), (3, errno.ETIMEDOUT)):
+        with pytest.raises(DialError) as ei:
+            await up.dial_tcp("example.org", port, timeout=2)
+        assert ei.value.errno == err
+    stream = await up.dial_tcp("example.org", 22, timeout=2)
+    assert await stream.receive_some(4) == b"SSH-"
+    assert await stream.receive_some() == b"2.0-banner\r\n"
+    await stream.aclose()
+
+
+async def test_direct_dial_and_refused(nursery):
+    port = await echo_server(nursery)
+    d = DirectUpstream()
+    stream = await d.dial_tcp("127.0.0.1", port, timeout=2)
+    async with stream:
+        assert await exchange(stream, b"x" * 100000) == b"x" * 100000
+    with pytest.raises(DialError) as ei:
+        await d.dial_tcp("127.0.0.1", free_port(), timeout=2)
+    assert ei.value.errno == errno.ECONNREFUSED
+
+
+def test_host_networks():
+    nets = host_networks()
+    assert all(not n.is_loopback for n in nets)
+    with_lo = host_networks(include_loopback=True)
+    assert any(str(n) == "127.0.0.0/8" for n in with_lo)
+    # Cross-check with the kernel's own view (ip -j addr), where available.
+    ip = shutil.which("ip")
+    if ip:
+        import json
+
+        out = json.loads(
+            subprocess.run([ip, "-j", "-4", "addr"], capture_output=True, check=True).stdout
+        )
+        import ipaddress
+
+        expected = {
+            ipaddress.ip_network(f"{a['local']}/{a['prefixlen']}", strict=False)
+            for link in out
+            for a in link.get("addr_info", [])
+        }
+        assert set(with_lo) == expected
+
+
+@need_microsocks
+async def test_pool_fails_over_and_keeps_final_answers(nursery, microsocks):
+    port = await echo_server(nursery)
+    p1, p2 = microsocks(), microsocks()
+    a, b = Socks5Upstream("127.0.0.1", p1), Socks5Upstream("127.0.0.1", p2)
+    pool = UpstreamPool([a, b])
+    await pool.start()
+    stream = await pool.dial_tcp("127.0.0.1", port, timeout=5)
+    await stream.aclose()
+
+    # Refused is final: no failover, nobody marked down.
+    with pytest.raises(DialError) as ei:
+        await pool.dial_tcp("127.0.0.1", free_port(), timeout=5)
+    assert ei.value.errno == errno.ECONNREFUSED
+    assert not pool._down_until
+
+    microsocks.procs[0].kill()
+    microsocks.procs[0].wait()
+    t0 = trio.current_time()
+    stream = await pool.dial_tcp("127.0.0.1", port, timeout=5)
+    async with stream:
+        assert await exchange(stream, b"via b") == b"via b"
+    assert trio.current_time() - t0 < 1.0
+    assert not a.healthy and b.healthy
+    # While a is backed off, b is first: no time lost on the dead one.
+    stream = await pool.dial_tcp("127.0.0.1", port, timeout=5)
+    await stream.aclose()
+
+    microsocks.procs[1].kill()
+    microsocks.procs[1].wait()
+    with pytest.raises(DialError) as ei:
+        await pool.dial_tcp("127.0.0.1", port, timeout=5)
+    assert ei.value.reason == "upstream-down" and "no upstream usable" in str(ei.value)
+
+
+async def test_pool_start_needs_one():
+    pool = UpstreamPool([Socks5Upstream("127.0.0.1", free_port(), start_timeout=0.5)])
+    with pytest.raises(UpstreamError):
+        await pool.start()
