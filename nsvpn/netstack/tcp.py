@@ -153,6 +153,7 @@ class TcpConnection:
             "retransmits": 0,
             "fast_retransmits": 0,
             "timeouts": 0,
+            "rto_expiries": 0,
             "dup_acks": 0,
             "ooo_segments": 0,
             "ooo_dropped": 0,
@@ -637,7 +638,7 @@ class TcpConnection:
             self._snd_una = iss + 1
             if self._snd_nxt < self._snd_una:
                 self._snd_nxt = self._snd_una
-            self._snd_wnd = seg.window << self._snd_shift
+            self._snd_wnd = seg.window  # never scaled in a SYN
             self._max_snd_wnd = self._snd_wnd
             self._snd_wl1 = self._irs
             self._snd_wl2 = self._snd_una
@@ -989,8 +990,9 @@ class TcpConnection:
             return
         self._rto = min(self._rto * 2, cfg.rto_max)
         self._rtt_seq = None  # Karn: no samples from retransmitted data
-        self.stats["retransmits"] += 1
+        self.stats["rto_expiries"] += 1
         if st in (SYN_SENT, SYN_RECEIVED):
+            self.stats["retransmits"] += 1
             self._syn_pending = True
             self._snd_nxt = self._iss
             return
