@@ -332,7 +332,12 @@ class SshUpstream:
             listen = f"127.0.0.1:{self.tcp_port}"
         argv = [self.ssh, "-N", "-D", listen]
         # User options first: for ssh the first value obtained wins, so theirs override ours.
-        argv += expand_ssh_opts(self.ssh_opts)
+        user_opts = expand_ssh_opts(self.ssh_opts)
+        if not any("loglevel" in o.lower() for o in user_opts):
+            # The "open failed" lines that explain refused dials are INFO messages; many
+            # users' ssh configs say LogLevel ERROR or QUIET. An explicit --ssh-opt wins.
+            argv += ["-o", "LogLevel=INFO"]
+        argv += user_opts
         argv += [
             "-o",
             "ExitOnForwardFailure=yes",

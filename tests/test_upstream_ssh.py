@@ -1,0 +1,342 @@
+"""The ssh upstream against a real sshd on 127.0.0.1 (started here with a throw-away config)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import trio
+
+from nsvpn.upstream.base import DialError, UpstreamError
+from nsvpn.upstream.ssh import (
+    SshUpstream,
+    expand_ssh_opts,
+    open_failed_errno,
+    parse_ssh_version,
+    runtime_dir,
+    supports_unix_dynamic,
+)
+from nsvpn.urls import parse_upstream_url
+
+SSHD = "/usr/sbin/sshd"
+
+
+def test_parse_ssh_version():
+    assert parse_ssh_version("OpenSSH_9.2p1 Debian-2+deb12u10, OpenSSL 3.0.19") == (9, 2)
+    assert parse_ssh_version("OpenSSH_7.4p1, OpenSSL 1.0.2k-fips  26 Jan 2017") == (7, 4)
+    assert parse_ssh_version("Sun_SSH_1.1") is None
+    assert supports_unix_dynamic((9, 2)) and supports_unix_dynamic((7, 4))
+    assert not supports_unix_dynamic((6, 6)) and not supports_unix_dynamic(None)
+
+
+def test_expand_ssh_opts():
+    assert expand_ssh_opts(["ProxyJump=gw", "-i /k/id", " ", "-F /dev/null"]) == [
+        "-o",
+        "ProxyJump=gw",
+        "-i",
+        "/k/id",
+        "-F",
+        "/dev/null",
+    ]
+
+
+def test_open_failed_errno():
+    assert open_failed_errno("connect failed: Connection refused") == errno.ECONNREFUSED
+    assert open_failed_errno("connect failed: No route to host") == errno.EHOSTUNREACH
+    assert open_failed_errno("connect failed: Network is unreachable") == errno.ENETUNREACH
+    assert open_failed_errno("connect failed: Connection timed out") == errno.ETIMEDOUT
+    assert open_failed_errno("administratively prohibited: open failed") == errno.EACCES
+    assert open_failed_errno("something else") == errno.ECONNABORTED
+
+
+def test_runtime_dir_is_private(tmp_path, monkeypatch):
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o755)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    d = runtime_dir()
+    assert d == str(xdg / "nsvpn")
+    os.chmod(d, 0o755)  # loosened by someone: tightened again
+    assert runtime_dir() == d and stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    d2 = runtime_dir()
+    assert d2.startswith(f"/tmp/nsvpn-{os.getuid()}-")
+    assert stat.S_IMODE(os.stat(d2).st_mode) == 0o700
+
+
+needs_sshd = pytest.mark.skipif(
+    not (os.path.exists(SSHD) and shutil.which("ssh") and shutil.which("ssh-keygen")),
+    reason="OpenSSH server/client not installed",
+)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="starting sshd needs root")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    if not os.path.exists(SSHD) or os.geteuid() != 0:
+        pytest.skip("needs sshd and root")
+    d = tmp_path_factory.mktemp("sshd")
+    for name in ("host", "user", "stranger"):
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True
+        )
+    shutil.copy(d / "user.pub", d / "authorized_keys")
+    # A user config that silences ssh (common): our LogLevel override must still see
+    # "open failed" lines.
+    (d / "ssh_config").write_text("Host *\n    LogLevel QUIET\n")
+    port = _free_port()
+    (d / "sshd_config").write_text(
+        textwrap.dedent(f"""\
+        Port {port}
+        ListenAddress 127.0.0.1
+        HostKey {d}/host
+        AuthorizedKeysFile {d}/authorized_keys
+        PidFile {d}/sshd.pid
+        UsePAM no
+        StrictModes no
+        PermitRootLogin yes
+        PasswordAuthentication no
+        KbdInteractiveAuthentication no
+        AllowTcpForwarding yes
+        LogLevel ERROR
+        """)
+    )
+    proc = subprocess.Popen([SSHD, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "log")])
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("sshd did not start: " + (d / "log").read_text())
+            time.sleep(0.05)
+    yield {"port": port, "dir": d}
+    proc.terminate()
+    proc.wait(5)
+
+
+def make_upstream(sshd, key="user", **kw) -> SshUpstream:
+    url = parse_upstream_url(f"ssh://root@127.0.0.1:{sshd['port']}")
+    opts = [
+        f"-F {sshd['dir']}/ssh_config",
+        f"-i {sshd['dir']}/{key}",
+        "IdentitiesOnly=yes",
+        "IdentityAgent=none",
+        "StrictHostKeyChecking=no",
+        "UserKnownHostsFile=/dev/null",
+    ]
+    return SshUpstream(url, ssh_opts=opts, interactive=False, **kw)
+
+
+async def echo_server(nursery) -> int:
+    async def handler(stream):
+        async with stream:
+            try:
+                while True:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    await stream.send_all(data)
+            except trio.BrokenResourceError:
+                return
+
+    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    return listeners[0].socket.getsockname()[1]
+
+
+async def roundtrip(up, port, payload, host="127.0.0.1") -> bytes:
+    stream = await up.dial_tcp(host, port, timeout=10)
+    got = bytearray()
+    async with stream:
+        async with trio.open_nursery() as n:
+
+            async def reader():
+                while len(got) < len(payload):
+                    data = await stream.receive_some(65536)
+                    assert data
+                    got.extend(data)
+
+            n.start_soon(reader)
+            await stream.send_all(payload)
+    return bytes(got)
+
+
+@needs_sshd
+@needs_root
+async def test_ssh_ready_dial_refused_and_stop(sshd, nursery, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    port = await echo_server(nursery)
+    up = make_upstream(sshd)
+    t0 = trio.current_time()
+    await up.start()
+    startup = trio.current_time() - t0
+    try:
+        assert up.healthy
+        path = up.socket_path
+        assert path and os.path.dirname(path) == str(tmp_path / "nsvpn")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        payload = os.urandom(4 * 1024 * 1024)
+        assert await roundtrip(up, port, payload) == payload
+        assert await roundtrip(up, port, b"by name", host="localhost") == b"by name"
+
+        dead = _free_port()
+        t1 = trio.current_time()
+        with pytest.raises(DialError) as ei:
+            await up.dial_tcp("127.0.0.1", dead, timeout=10)
+        assert ei.value.errno == errno.ECONNREFUSED, ei.value
+        assert trio.current_time() - t1 < 1.0
+        # Many refusals at once still each get the right answer.
+        results = []
+
+        async def refused():
+            try:
+                await up.dial_tcp("127.0.0.1", dead, timeout=10)
+            except DialError as e:
+                results.append(e.errno)
+
+        async with trio.open_nursery() as n:
+            for _ in range(20):
+                n.start_soon(refused)
+        assert results == [errno.ECONNREFUSED] * 20
+    finally:
+        pid = up.pid
+        await up.aclose()
+    assert not os.path.exists(path)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    print(f"ssh upstream ready in {startup * 1000:.0f} ms")
+
+
+@needs_sshd
+@needs_root
+async def test_ssh_wrong_key_reports_ssh_message(sshd, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    up = make_upstream(sshd, key="stranger")
+    t0 = trio.current_time()
+    with pytest.raises(UpstreamError) as ei:
+        await up.start()
+    assert "Permission denied" in str(ei.value)
+    assert "exited with status 255" in str(ei.value)
+    assert trio.current_time() - t0 < 10
+    assert not os.listdir(tmp_path / "nsvpn")  # no socket left behind
+
+
+@needs_sshd
+@needs_root
+async def test_ssh_restarts_after_being_killed(sshd, nursery, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    port = await echo_server(nursery)
+    up = make_upstream(sshd)
+    await up.start()
+    try:
+        first = up.pid
+        os.kill(first, signal.SIGKILL)
+        with trio.fail_after(5):
+            while up.healthy:
+                await trio.sleep(0.01)
+        t0 = trio.current_time()
+        with pytest.raises(DialError) as ei:
+            await up.dial_tcp("127.0.0.1", port, timeout=10)
+        assert ei.value.reason == "upstream-down"
+        assert trio.current_time() - t0 < 0.1  # fails fast, no hang
+        with trio.fail_after(15):
+            while not up.healthy:
+                await trio.sleep(0.05)
+        assert up.pid != first and up.restarts == 1
+        assert await roundtrip(up, port, b"again") == b"again"
+    finally:
+        await up.aclose()
+
+
+@needs_sshd
+@needs_root
+async def test_ssh_tcp_fallback(sshd, nursery, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    port = await echo_server(nursery)
+    up = make_upstream(sshd, force_tcp=True)
+    await up.start()
+    try:
+        assert up.socket_path is None and up.tcp_port
+        assert await roundtrip(up, port, b"tcp") == b"tcp"
+    finally:
+        await up.aclose()
+
+
+CHILD = """
+import sys, trio
+from nsvpn.upstream.ssh import SshUpstream
+from nsvpn.urls import parse_upstream_url
+
+async def main():
+    up = SshUpstream(parse_upstream_url(sys.argv[1]), ssh_opts=sys.argv[2:], interactive=False)
+    await up.start()
+    print(up.pid, flush=True)
+    await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+@needs_sshd
+@needs_root
+def test_ssh_dies_with_a_killed_nsvpn(sshd, tmp_path):
+    """PR_SET_PDEATHSIG: even SIGKILL of our process takes ssh down with it."""
+    d = sshd["dir"]
+    env = dict(
+        os.environ,
+        XDG_RUNTIME_DIR=str(tmp_path),
+        PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            f"ssh://root@127.0.0.1:{sshd['port']}",
+            "-F /dev/null",
+            f"-i {d}/user",
+            "IdentitiesOnly=yes",
+            "StrictHostKeyChecking=no",
+            "UserKnownHostsFile=/dev/null",
+        ],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        line = child.stdout.readline()
+        ssh_pid = int(line)
+        time.sleep(12)  # longer than trio's idle worker-thread lifetime (10 s)
+        os.kill(ssh_pid, 0)  # still alive while we are
+        child.kill()
+        child.wait()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                os.kill(ssh_pid, 0)
+            except ProcessLookupError:
+                break
+            # ssh is not our child: it is reparented, and reaped by init
+            time.sleep(0.05)
+        else:
+            pytest.fail("ssh survived the death of its nsvpn")
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
