@@ -439,15 +439,16 @@ def test_vnet_tcp_partial_checksum_completes_correctly(v6):
 
 def test_vnet_tcp_gso_header():
     seg = TcpSegment(1, 2, ACK, 500, b"y" * 20000)
-    raw = wire.build_tcp(A4, B4, 80, 50000, seg, vnet=True, gso_size=1448)
+    raw = wire.build_tcp(A4, B4, 80, 50000, seg, vnet=True, gso_mtu=1500)
     vh, pkt = wire.parse_vnet(raw, {})
-    assert (vh.gso_type, vh.gso_size, vh.hdr_len) == (wire.VNET_GSO_TCPV4, 1448, 40)
-    raw = wire.build_tcp(A6, B6, 80, 50000, seg, vnet=True, gso_size=1428)
+    assert (vh.gso_type, vh.gso_size, vh.hdr_len) == (wire.VNET_GSO_TCPV4, 1460, 40)
+    seg.ts_val, seg.ts_ecr = 1, 2
+    raw = wire.build_tcp(A6, B6, 80, 50000, seg, vnet=True, gso_mtu=1500)
     vh, _ = wire.parse_vnet(raw, {})
-    assert (vh.gso_type, vh.gso_size, vh.hdr_len) == (wire.VNET_GSO_TCPV6, 1428, 60)
-    # small payloads are not marked GSO
-    raw = wire.build_tcp(A4, B4, 80, 50000, TcpSegment(1, 2, ACK, 5, b"z" * 1448), vnet=True,
-                         gso_size=1448)
+    assert (vh.gso_type, vh.gso_size, vh.hdr_len) == (wire.VNET_GSO_TCPV6, 1428, 72)
+    # packets that fit the MTU are not marked GSO
+    raw = wire.build_tcp(A4, B4, 80, 50000, TcpSegment(1, 2, ACK, 5, b"z" * 1460), vnet=True,
+                         gso_mtu=1500)
     assert wire.parse_vnet(raw, {})[0].gso_type == 0
 
 

@@ -417,10 +417,11 @@ def vnet_header(flags: int = 0, gso_type: int = 0, hdr_len: int = 0, gso_size: i
 
 
 def build_tcp(src: bytes, dst: bytes, sport: int, dport: int, seg: TcpSegment, *,
-              vnet: bool = False, gso_size: int = 0, ttl: int = 64) -> bytes:
+              vnet: bool = False, gso_mtu: int = 0, ttl: int = 64) -> bytes:
     """A complete TCP/IP packet for `seg`. With `vnet`, prefix a virtio_net_hdr asking the
     kernel to finish the checksum (only the pseudo-header sum goes in the field), and if
-    `gso_size` is non-zero and the payload is larger, mark the packet for segmentation."""
+    `gso_mtu` is non-zero and the packet is larger, have the kernel cut it into segments
+    that fit that MTU (TSO/GSO), so one write can carry 64 KiB on a 1500-byte link."""
     opts = b"" if (seg.mss is None and seg.ts_val is None and seg.wscale is None
                    and not seg.sack_perm and not seg.sack_blocks) else tcp_options(seg)
     thl = 20 + len(opts)
@@ -439,8 +440,8 @@ def build_tcp(src: bytes, dst: bytes, sport: int, dport: int, seg: TcpSegment, *
         gso_type = VNET_GSO_TCPV6
     if vnet:
         ck = proto_sum or 0xFFFF
-        if gso_size and len(payload) > gso_size:
-            vh = _VNET.pack(VNET_F_NEEDS_CSUM, gso_type, ihl + thl, gso_size, ihl, 16)
+        if gso_mtu and ihl + tcp_len > gso_mtu:
+            vh = _VNET.pack(VNET_F_NEEDS_CSUM, gso_type, ihl + thl, gso_mtu - ihl - thl, ihl, 16)
         else:
             vh = _VNET.pack(VNET_F_NEEDS_CSUM, 0, ihl + thl, 0, ihl, 16)
         return b"".join((vh, iph, head[:16], _H.pack(ck), head[18:], opts, payload))
