@@ -58,7 +58,7 @@ def csum(b):
 fd = int(os.environ["VPNFD"])
 me = socket.inet_aton(os.environ["INTERNAL_IP4_ADDRESS"])
 dst = socket.inet_aton(target)
-icmp = struct.pack("!BBHHH", 8, 0, 0, 0x4E53, 1) + b"nsvpn-lab-ping"
+icmp = struct.pack("!BBHHH", 8, 0, 0, os.getpid() & 0xFFFF, 1) + b"nsvpn-lab-ping"
 icmp = icmp[:2] + struct.pack("!H", csum(icmp)) + icmp[4:]
 ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 1, 0, 64, 1, 0, me, dst)
 ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
