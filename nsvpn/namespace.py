@@ -266,12 +266,18 @@ class NamespaceChild:
             self.tun_fd = -1
 
 
-async def forward_signals(child: NamespaceChild,
-                          signals: Sequence[int] = FORWARDED_SIGNALS) -> None:
-    """Trio task: forward the signals nsvpn receives to CMD until cancelled."""
+async def forward_signals(child: NamespaceChild, signals: Sequence[int] = FORWARDED_SIGNALS,
+                          *, task_status=None) -> None:
+    """Trio task: forward the signals nsvpn receives to CMD until cancelled.
+
+    With `await nursery.start(forward_signals, child)` the caller resumes once the signal
+    handlers are in place (main thread only, as for any trio signal receiver).
+    """
     import trio
 
     with trio.open_signal_receiver(*signals) as batches:
+        if task_status is not None:
+            task_status.started()
         async for sig in batches:
             child.signal(sig)
 
@@ -281,7 +287,7 @@ async def supervise(child: NamespaceChild) -> int:
     import trio
 
     async with trio.open_nursery() as n:
-        n.start_soon(forward_signals, child)
+        await n.start(forward_signals, child)
         status = await child.wait()
         n.cancel_scope.cancel()
     return status
@@ -712,10 +718,17 @@ def _kill_and_reap(pid: int) -> int:
 
 
 def _recv(sock: socket.socket, with_fd: bool = False) -> Tuple[bytes, List[int]]:
-    if with_fd:
-        data, fds, _, _ = socket.recv_fds(sock, 65536, 1, socket.MSG_CMSG_CLOEXEC)
-        return data, fds
-    return sock.recv(65536), []
+    if not with_fd:
+        return sock.recv(65536), []
+    # recvmsg, not socket.recv_fds: the latter drops its flags argument before 3.12.
+    fdsize = struct.calcsize("i")
+    data, anc, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(4 * fdsize), socket.MSG_CMSG_CLOEXEC)
+    fds: List[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            n = len(payload) // fdsize
+            fds += struct.unpack(f"{n}i", payload[: n * fdsize])
+    return data, fds
 
 
 def _raise_child_error(data: bytes, pid: int) -> None:
