@@ -660,3 +660,23 @@ def test_timestamps_echo_and_option_absence():
     c2.on_segment(seg(IRS + 1, ISS + 1, payload=b"a"), 1.0)
     (a,) = c2.poll_output(1.0)
     assert a.ts_val is None and a.ts_ecr is None
+
+
+def test_new_syn_in_time_wait_finishes_the_old_connection():
+    c = passive()
+    c.shutdown(0.0)
+    c.poll_output(0.0)
+    c.on_segment(seg(IRS + 1, ISS + 2, ACK | FIN), 0.1)
+    assert c.state == "TIME_WAIT"
+    c.pop_events()
+    c.on_segment(syn(seq=IRS + 100000), 0.2)
+    assert c.state == "CLOSED" and c.pop_events() == ["closed"]
+    assert c.poll_output(0.2) == []
+
+
+def test_sack_blocks_only_on_pure_acks():
+    c = passive()
+    c.on_segment(seg(IRS + 1 + 500, ISS + 1, payload=b"x" * 100), 0.1)
+    c.send(b"y" * 10)
+    out = c.poll_output(0.1)
+    assert out and all(not s.sack_blocks for s in out if s.payload)

@@ -260,6 +260,7 @@ def test_long_plausible_streams_keep_invariants(kind, cfg, irs, iss, seed):
     events = list(c.pop_events())
     received = bytearray()
     closed_at = None
+    last_una, last_rcv = c._snd_una, c._rcv_nxt
     for step in range(300):
         r = rnd.random()
         if r < 0.7:
@@ -282,6 +283,9 @@ def test_long_plausible_streams_keep_invariants(kind, cfg, irs, iss, seed):
         out = c.poll_output(now)
         _check_output(c, out)
         c.check_invariants()
+        # cumulative pointers only move forward
+        assert c._snd_una >= last_una and c._rcv_nxt >= last_rcv
+        last_una, last_rcv = c._snd_una, c._rcv_nxt
         events += c.pop_events()
         if c.state == "CLOSED" and closed_at is None:
             closed_at = step

@@ -539,6 +539,12 @@ class TcpConnection:
                     self._syn_pending = True  # peer lost our SYN-ACK: resend it
                 return
         seq = self._unwrap_seq(seg.seq)
+        if st == TIME_WAIT and flags & SYN and not flags & (ACK | RST) and seq > self._rcv_nxt:
+            # A new incarnation of the same 4-tuple (RFC 6191 idea): finish now so the
+            # owner drops us; the peer's SYN retransmission then finds no flow and the
+            # owner makes a fresh connection with from_syn.
+            self._close()
+            return
         plen = len(seg.payload)
         seg_len = plen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
         rcv_nxt = self._rcv_nxt
@@ -1217,9 +1223,11 @@ class TcpConnection:
             self._ack_pending = False
             self._dup_to_send = 0
         if out and self._sack_on and self._ooo:
+            # only on pure ACKs: on a full-sized data segment the option bytes could push
+            # the packet past the MTU
             blocks = self._sack_blocks()
             for seg in out:
-                if not seg.flags & RST:
+                if not seg.payload and not seg.flags & (RST | SYN):
                     seg.sack_blocks = blocks
         self._last_ack_sent = self._rcv_nxt
         self.stats["segments_out"] += len(out)
