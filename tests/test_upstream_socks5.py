@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
+from functools import partial
 
 import pytest
 import trio
@@ -70,7 +71,7 @@ async def echo_server(nursery) -> int:
                     return
                 await stream.send_all(data)
 
-    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
     return listeners[0].socket.getsockname()[1]
 
 
@@ -149,7 +150,7 @@ async def test_socks5_silent_proxy_times_out(nursery):
     async def silent(stream):
         await trio.sleep_forever()
 
-    listeners = await nursery.start(trio.serve_tcp, silent, 0)
+    listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
     up = Socks5Upstream("127.0.0.1", listeners[0].socket.getsockname()[1])
     t0 = trio.current_time()
     with pytest.raises(DialError) as ei:
@@ -177,7 +178,7 @@ async def test_socks5_reply_codes_and_early_data_from_own_server(nursery):
             await stream.send_all(hs.reply(0, "10.9.8.7", 4242) + b"SSH-2.0-banner\r\n")
         await stream.aclose()
 
-    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
     up = Socks5Upstream("127.0.0.1", listeners[0].socket.getsockname()[1])
     for port, err in ((1, errno.EHOSTUNREACH), (2, errno.ENETUNREACH), (3, errno.ETIMEDOUT)):
         with pytest.raises(DialError) as ei:

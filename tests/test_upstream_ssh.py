@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from functools import partial
 
 import pytest
 import trio
@@ -156,7 +157,7 @@ async def echo_server(nursery) -> int:
             except trio.BrokenResourceError:
                 return
 
-    listeners = await nursery.start(trio.serve_tcp, handler, 0)
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
     return listeners[0].socket.getsockname()[1]
 
 

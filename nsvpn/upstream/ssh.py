@@ -302,21 +302,34 @@ class SshUpstream:
         return await trio.open_tcp_stream("127.0.0.1", self.tcp_port)
 
     async def _explain_eof(self, host: str, port: int) -> DialError:
-        """ssh closed our CONNECT without a reply: find its "open failed" line."""
+        """ssh closed our CONNECT without a reply: find its "open failed" line.
+
+        Lines are not matched to dials (ssh names only its channel numbers); with several
+        failures at once each dial takes the oldest unclaimed line, so at worst two
+        simultaneous failures swap their reasons.
+        """
+
+        def claim() -> DialError | None:
+            now = trio.current_time()
+            while self._open_failures:
+                t, reason = self._open_failures.popleft()
+                if now - t < 5.0:
+                    return DialError(
+                        open_failed_errno(reason), f"{host}:{port} via {self.url.host}: {reason}"
+                    )
+            return None
+
         with trio.move_on_after(OPEN_FAILED_WAIT):
             while True:
-                now = trio.current_time()
-                while self._open_failures:
-                    t, reason = self._open_failures.popleft()
-                    if now - t < 5.0:
-                        return DialError(
-                            open_failed_errno(reason),
-                            f"{host}:{port} via {self.url.host}: {reason}",
-                        )
+                found = claim()
+                if found is not None:
+                    return found
                 if self._proc is None or self._proc.exited.is_set():
                     break
-                self._stderr_event = trio.Event()
                 await self._stderr_event.wait()
+        found = claim()
+        if found is not None:
+            return found
         if not self.healthy:
             return upstream_down(f"{self.name}: ssh went away during the dial")
         return DialError(
@@ -406,7 +419,9 @@ class SshUpstream:
         else:
             self._stderr.append(line)
             log.info("ssh %s: %s", self.url.host, line)
-        self._stderr_event.set()
+        # Wake every waiting dial; later waiters wait for the next line.
+        event, self._stderr_event = self._stderr_event, trio.Event()
+        event.set()
 
     def _messages(self) -> str:
         tail = [line for line in self._stderr if not line.startswith("Warning: Permanently")]
