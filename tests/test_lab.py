@@ -62,20 +62,20 @@ icmp = struct.pack("!BBHHH", 8, 0, 0, os.getpid() & 0xFFFF, 1) + b"nsvpn-lab-pin
 icmp = icmp[:2] + struct.pack("!H", csum(icmp)) + icmp[4:]
 ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 1, 0, 64, 1, 0, me, dst)
 ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
-result, end = "no reply", time.monotonic() + 10
+result, rtt, end = "no reply", None, time.monotonic() + 10
 while result != "reply" and time.monotonic() < end:
+    sent = time.monotonic()
     os.write(fd, ip + icmp)
-    t = time.monotonic() + 1
-    while time.monotonic() < t:
+    while time.monotonic() < sent + 1:
         if not select.select([fd], [], [], 0.2)[0]:
             continue
         pkt = os.read(fd, 65536)
         if len(pkt) >= 28 and pkt[9] == 1 and pkt[12:16] == dst and pkt[20] == 0:
-            result = "reply"
+            result, rtt = "reply", time.monotonic() - sent
             break
 env = {k: v for k, v in os.environ.items() if k.startswith(("INTERNAL_", "CISCO_", "VPN"))}
 with open(out + ".tmp", "w") as f:
-    json.dump({"ping": result, "env": env}, f)
+    json.dump({"ping": result, "rtt": rtt, "env": env}, f)
 os.rename(out + ".tmp", out)
 time.sleep(120)  # openconnect hangs up on us when the test stops it
 """
@@ -157,6 +157,23 @@ def test_site_local_http_from_worker(lab):
     r = lab.run(["curl", "-sS", "--fail", lab.info["http"]["edge"]["url"] + "1M.bin"],
                 text=False, timeout=60)
     assert hashlib.sha256(r.stdout).hexdigest() == lab.sha256["1M.bin"]
+
+
+def test_wan_relay_adds_delay(lab):
+    rtt = lab.info["wan"]["rtt_ms"] / 1000
+    fmt = "%{time_connect} %{time_starttransfer}"
+    r = lab.run(["curl", "-sS", "--fail", "-o", "/dev/null", "-w", fmt, "http://wan.lab:8080/1M.bin"],
+                check=True)
+    _connect, first_byte = map(float, r.stdout.split())
+    assert first_byte >= rtt * 0.9  # request and response each waited rtt/2
+    r = lab.run(["curl", "-sS", "--fail", "-o", "/dev/null", "-w", fmt,
+                 lab.info["http"]["edge"]["url"] + "1M.bin"], check=True)
+    assert float(r.stdout.split()[1]) < rtt / 2
+    r = lab.run("curl -sS --fail --socks5-hostname wan.lab:1080 http://remote.lab/100M.bin "
+                "| sha256sum", timeout=120, check=True)
+    assert r.stdout.split()[0] == lab.sha256["100M.bin"]
+    r = lab.run(["ssh", "-o", "BatchMode=yes", "wan.lab", "true"], timeout=30)
+    assert r.returncode == 0, r.stderr
 
 
 def test_ssh_key_login(lab):
@@ -242,7 +259,7 @@ def test_xrdcp_from_edge(lab, user_tmp):
         assert hashlib.sha256(f.read()).hexdigest() == lab.sha256["1M.bin"]
 
 
-def _openconnect(lab, user_tmp, oc_user):
+def _openconnect(lab, user_tmp, oc_user, host="edge.lab"):
     script = os.path.join(user_tmp, "oc-script.py")
     with open(script, "w") as f:
         f.write(OC_SCRIPT)
@@ -251,13 +268,14 @@ def _openconnect(lab, user_tmp, oc_user):
     argv = ["openconnect", "--non-inter", "--passwd-on-stdin", "--user", oc_user,
             f"--servercert={lab.servercert}", "--script-tun",
             "--script", f"python3 {script} {result} {lab.remote_ip}",
-            f"https://{lab.ocserv['hostname']}"]
+            f"https://{host}"]
     return argv, result
 
 
-@pytest.mark.parametrize("oc_user", ["labuser", "labsplit"])
-def test_openconnect_login_and_ping_through_vpn(lab, user_tmp, oc_user):
-    argv, result = _openconnect(lab, user_tmp, oc_user)
+@pytest.mark.parametrize("oc_user,host", [("labuser", "edge.lab"), ("labsplit", "edge.lab"),
+                                          ("labuser", "wan.lab")])
+def test_openconnect_login_and_ping_through_vpn(lab, user_tmp, oc_user, host):
+    argv, result = _openconnect(lab, user_tmp, oc_user, host)
     with open(lab.ocserv["password_file"]) as pw:
         oc = lab.popen(argv, stdin=pw, timeout=120)
     with oc:
@@ -278,7 +296,12 @@ def test_openconnect_login_and_ping_through_vpn(lab, user_tmp, oc_user):
             assert "CISCO_SPLIT_INC" not in env  # full tunnel
         assert got["ping"] == "reply", oc.output()
         assert oc.poll() is None
+        if host == "wan.lab":  # the delay relay is in the path (DTLS over UDP, or TLS)
+            assert got["rtt"] >= lab.info["wan"]["rtt_ms"] / 1000 * 0.9
+        else:
+            assert got["rtt"] < 0.05
     assert "Configured as" in oc.output()
+    assert "DTLS connected" in oc.output()  # the UDP path works too
 
 
 def test_openconnect_wrong_password_fails(lab, user_tmp):
