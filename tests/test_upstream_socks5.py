@@ -263,3 +263,23 @@ async def test_pool_start_needs_one():
     pool = UpstreamPool([Socks5Upstream("127.0.0.1", free_port(), start_timeout=0.5)])
     with pytest.raises(UpstreamError):
         await pool.start()
+
+
+@need_microsocks
+async def test_pool_round_robin_and_from_urls(nursery, microsocks):
+    port = await echo_server(nursery)
+    p1, p2 = microsocks(), microsocks()
+    pool = UpstreamPool.from_urls(
+        [f"socks5://127.0.0.1:{p1}", f"socks5h://127.0.0.1:{p2}"], policy="round-robin"
+    )
+    assert [type(u).__name__ for u in pool.upstreams] == ["Socks5Upstream"] * 2
+    await pool.start()
+    assert [pool._order() for _ in range(3)] == [[0, 1], [1, 0], [0, 1]]
+    for _ in range(4):
+        stream = await pool.dial_tcp("127.0.0.1", port, timeout=5)
+        async with stream:
+            assert await exchange(stream, b"rr") == b"rr"
+    with pytest.raises(ValueError, match="openconnect"):
+        UpstreamPool.from_urls(["openconnect://vpn.example.org"])
+    with pytest.raises(ValueError, match="unknown upstream policy"):
+        UpstreamPool([pool.upstreams[0]], policy="random")

@@ -280,6 +280,50 @@ async def test_ssh_tcp_fallback(sshd, nursery, tmp_path, monkeypatch):
         await up.aclose()
 
 
+@needs_sshd
+@needs_root
+async def test_ssh_readiness_is_bounded(sshd, nursery, tmp_path, monkeypatch):
+    """A server that accepts TCP but never speaks: start() gives up in time, ssh is gone."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+
+    async def silent(stream):
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    up = SshUpstream(
+        parse_upstream_url(f"ssh://root@127.0.0.1:{port}"),
+        ssh_opts=["-F /dev/null", "ConnectTimeout=30"],
+        interactive=False,
+        ready_timeout=1.0,
+    )
+    t0 = trio.current_time()
+    with pytest.raises(UpstreamError, match="not ready after 1 s"):
+        await up.start()
+    assert trio.current_time() - t0 < 4
+    with pytest.raises(ProcessLookupError):
+        os.kill(up.pid, 0)
+
+
+@needs_sshd
+@needs_root
+async def test_ssh_interactive_ignores_terminal_sigint(sshd, nursery, tmp_path, monkeypatch):
+    """With a terminal, ssh shares our process group (to prompt) but Ctrl-C must not kill it."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    port = await echo_server(nursery)
+    up = make_upstream(sshd)
+    up.interactive = True
+    await up.start()
+    try:
+        assert os.getpgid(up.pid) == os.getpgid(0)
+        os.kill(up.pid, signal.SIGINT)
+        await trio.sleep(0.3)
+        assert up.healthy and up.restarts == 0
+        assert await roundtrip(up, port, b"still here") == b"still here"
+    finally:
+        await up.aclose()
+
+
 CHILD = """
 import sys, trio
 from nsvpn.upstream.ssh import SshUpstream

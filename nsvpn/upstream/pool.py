@@ -39,6 +39,26 @@ class UpstreamPool:
         self._next = 0
         self.start_errors: Dict[str, str] = {}
 
+    @classmethod
+    def from_urls(
+        cls, urls: Sequence[str], *, ssh_opts: Sequence[str] = (), policy: str = "first", **ssh_kw
+    ) -> UpstreamPool:
+        """One pool for `--via` URLs (ssh:// and socks5://; openconnect is bridged elsewhere)."""
+        from ..urls import OpenconnectUpstreamUrl, Socks5UpstreamUrl, parse_upstream_url
+        from .socks5 import Socks5Upstream
+        from .ssh import SshUpstream
+
+        ups: List[Upstream] = []
+        for i, text in enumerate(urls):
+            url = parse_upstream_url(text)
+            if isinstance(url, Socks5UpstreamUrl):
+                ups.append(Socks5Upstream.from_url(url))
+            elif isinstance(url, OpenconnectUpstreamUrl):
+                raise ValueError(f"{url}: openconnect upstreams are not SOCKS dialers")
+            else:
+                ups.append(SshUpstream(url, ssh_opts=ssh_opts, index=i, **ssh_kw))
+        return cls(ups, policy=policy)
+
     @property
     def healthy(self) -> bool:
         return any(u.healthy for u in self.upstreams)
