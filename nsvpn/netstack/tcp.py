@@ -1165,6 +1165,13 @@ class TcpConnection:
                 out.append(self._mk(self._snd_una - 1, ACK, wfield, tsv))
                 sent_any = True
                 force = False
+            # hot loop: the current chunk's memoryview is cached, segments built inline
+            rcv32 = self._rcv_nxt & M32
+            ts_on = self._ts_on
+            ts_recent = self._ts_recent
+            snd_max = self._snd_max
+            cmv = None
+            cstart = cend = 0
             while nxt < data_end:
                 room = limit - nxt
                 if force and room <= 0:
@@ -1186,13 +1193,28 @@ class TcpConnection:
                     flags |= PSH
                     if self._fin_queued:
                         flags |= FIN
-                payload = self._slice(nxt, end)
-                if nxt < self._snd_max:
+                if cstart <= nxt and end <= cend:
+                    payload = cmv[nxt - cstart:end - cstart]
+                else:
+                    i = bisect_right(self._starts, nxt, self._head) - 1
+                    c = self._chunks[i]
+                    cstart = self._starts[i]
+                    cend = cstart + len(c)
+                    cmv = memoryview(c)
+                    if end <= cend:
+                        payload = cmv[nxt - cstart:end - cstart]
+                    else:
+                        payload = self._slice(nxt, end)  # spans chunks: joined copy
+                if nxt < snd_max:
                     self.stats["retransmits"] += 1
-                elif self._rtt_seq is None and not self._ts_on:
+                elif self._rtt_seq is None and not ts_on:
                     self._rtt_seq = end
                     self._rtt_time = now
-                out.append(self._mk(nxt, flags, wfield, tsv, payload))
+                s = TcpSegment(nxt & M32, rcv32, flags, wfield, payload)
+                if ts_on:
+                    s.ts_val = tsv
+                    s.ts_ecr = ts_recent
+                out.append(s)
                 sent_any = True
                 nxt = end + (1 if flags & FIN else 0)
             if nxt == data_end and self._fin_queued and fin_end > nxt:
