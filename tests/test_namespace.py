@@ -112,11 +112,26 @@ def last_json(p: subprocess.CompletedProcess) -> dict:
     return json.loads(lines[-1])
 
 
-def _readline(proc: subprocess.Popen, timeout: float = 10) -> str:
-    assert proc.stdout is not None
-    r, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert r, "helper said nothing in time"
-    return proc.stdout.readline().strip()
+class _Lines:
+    """Line reader on a helper's stdout fd (select() on a buffered file object can miss
+    lines that an earlier readline() already pulled into the buffer)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        self.fd = proc.stdout.fileno()
+        self.buf = b""
+
+    def next(self, timeout: float = 10) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            r, _, _ = select.select([self.fd], [], [], max(left, 0))
+            assert r, f"helper said nothing in time (so far: {self.buf!r})"
+            chunk = os.read(self.fd, 4096)
+            assert chunk, f"helper closed its stdout (so far: {self.buf!r})"
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode().strip()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,11 +269,13 @@ def test_sigterm_to_parent_reaches_cmd(pkgdir):
     sys.exit(trio.run(main))
     """)
     try:
-        lines = {_readline(proc), _readline(proc)}
+        reader = _Lines(proc)
+        lines = {reader.next(), reader.next()}
         armed = [ln for ln in lines if ln.startswith("armed")][0]
         assert "ready" in lines
         os.kill(int(armed.split()[1]), signal.SIGTERM)
         out, err = proc.communicate(timeout=10)
+        out = reader.buf.decode() + out
     finally:
         proc.kill()
     assert "got-TERM" in out, err
@@ -339,7 +356,7 @@ def test_cmd_dies_with_parent(pkgdir):
     child.wait_blocking()
     """)
     try:
-        helper, cmd = map(int, _readline(proc).split())
+        helper, cmd = map(int, _Lines(proc).next().split())
         assert not _gone(cmd)
         os.kill(helper, signal.SIGKILL)
         deadline = time.monotonic() + 1.0
@@ -407,7 +424,8 @@ def test_trial_tun_reports_device_mode(pkgdir):
     print(json.dumps(r.to_dict()), flush=True)
     """, stdin=subprocess.PIPE)
     try:
-        assert _readline(proc) == "ready"  # helper imported and waiting: keep 0600 short
+        reader = _Lines(proc)
+        assert reader.next() == "ready"  # helper imported and waiting: keep 0600 short
         with _tun_mode_lock():
             orig = stat.S_IMODE(os.stat("/dev/net/tun").st_mode)
             try:
@@ -415,7 +433,7 @@ def test_trial_tun_reports_device_mode(pkgdir):
                 assert proc.stdin is not None
                 proc.stdin.write("go\n")
                 proc.stdin.flush()
-                line = _readline(proc)
+                line = reader.next()
             finally:
                 os.chmod("/dev/net/tun", orig)
         r = json.loads(line)
