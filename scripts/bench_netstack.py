@@ -216,10 +216,11 @@ class Result:
 
 
 def transfer(link: KernelLink, direction: str, nbytes: int, *, do_hash: bool = True,
-             seed: int = 1, timeout: float = 600.0) -> Result:
+             seed: int = 1, timeout: float = 600.0, batch: int = 64,
+             stack_config=None) -> Result:
     """Move `nbytes` through the stack: 'up' = kernel client sends, 'down' = stack sends.
     Returns a Result; raises on timeout or a client failure."""
-    stack = Stack(link.stack_config())
+    stack = Stack(stack_config or link.stack_config())
     fd = link.fd
     res = Result()
     h = hashlib.sha256()
@@ -251,7 +252,7 @@ def transfer(link: KernelLink, direction: str, nbytes: int, *, do_hash: bool = T
                 raise TimeoutError(f"transfer {direction} stalled at {received or sent} bytes; "
                                    f"counters {stack.counters}")
             n_in = 0
-            while n_in < 256:
+            while n_in < batch:
                 try:
                     k = readv(fd, (buf,))
                 except BlockingIOError:

@@ -133,3 +133,60 @@ def test_tcp_roundtrip(addrs, sport, dport, seq, ack, flags, window, payload, vn
     assert (sp, dp, back.seq, back.ack, back.flags, back.window) == (sport, dport, seq, ack,
                                                                      flags, window)
     assert (back.ts_val, back.ts_ecr, bytes(back.payload)) == (seq, ack, payload)
+
+
+# ------------------------------------------------------------------------- the stack's input
+
+
+def _stack_packets():
+    from nsvpn.netstack.segment import ACK, FIN, RST, SYN
+
+    flags = st.sampled_from([SYN, SYN | ACK, ACK, ACK | FIN, RST, RST | ACK, 0, 0xFF])
+    seg = st.builds(TcpSegment, st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), flags,
+                    st.integers(0, 65535), st.binary(max_size=200),
+                    mss=st.none() | st.integers(0, 65535), wscale=st.none() | st.integers(0, 14),
+                    ts_val=st.none() | st.integers(0, 2**32 - 1))
+    tcp = st.builds(lambda sp, s: wire.build_tcp(A4, bytes([10, 0, 2, 50]), sp, 80, s),
+                    st.integers(1, 4), seg)
+    return st.one_of(tcp, valid_packets())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(_stack_packets(), st.lists(st.tuples(st.integers(0, 400),
+                                                               st.integers(0, 255)),
+                                                     max_size=3),
+                          st.integers(0, 400)), max_size=12),
+       st.booleans(), st.sampled_from(["accept", "refuse", "unreach", "ignore"]))
+def test_stack_input_never_raises(packets, vnet, policy):
+    """Valid, mutated and truncated packets into a Stack, the relay answering new flows by
+    `policy`, timers firing: nothing raises and the flow counters stay consistent."""
+    from nsvpn.netstack.stack import NewTcpFlow, Stack, StackConfig
+
+    stack = Stack(StackConfig(vnet_hdr=vnet, max_half_open=2, max_tcp_flows=3))
+    now = 0.0
+    for raw, flips, cut in packets:
+        buf = bytearray(raw)
+        for pos, val in flips:
+            if pos < len(buf):
+                buf[pos] = val
+        if cut < len(buf) and cut % 3 == 0:
+            del buf[cut:]
+        if vnet:
+            buf[0:0] = wire.vnet_header(flags=cut & 3)
+        stack.input_packet(bytes(buf), now)
+        for ev in stack.pop_events():
+            if isinstance(ev, NewTcpFlow):
+                if policy == "accept":
+                    stack.accept(ev.flow, now)
+                elif policy == "refuse":
+                    stack.refuse(ev.flow, now)
+                elif policy == "unreach":
+                    stack.unreachable(ev.flow, now, "host")
+        stack.output_packets()
+        now += 0.5
+        d = stack.next_deadline()
+        if d is not None and d <= now:
+            stack.on_timer(now)
+    c = stack.counters
+    assert 0 <= c["tcp_half_open"] <= 2 and c["tcp_flows"] <= 3
+    assert c["tcp_half_open"] <= c["tcp_flows"]
