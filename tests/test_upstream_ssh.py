@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from functools import partial
@@ -95,7 +96,11 @@ def sshd(tmp_path_factory):
         subprocess.run(
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True
         )
-    shutil.copy(d / "user.pub", d / "authorized_keys")
+    # sshd reads authorized keys as the logging-in user: keep them where nsvpntest can read.
+    keys = tempfile.mkdtemp(prefix="nsvpn-sshd-keys-")
+    os.chmod(keys, 0o755)
+    shutil.copy(d / "user.pub", os.path.join(keys, "authorized_keys"))
+    os.chmod(os.path.join(keys, "authorized_keys"), 0o644)
     # A user config that silences ssh (common): our LogLevel override must still see
     # "open failed" lines.
     (d / "ssh_config").write_text("Host *\n    LogLevel QUIET\n")
@@ -105,7 +110,7 @@ def sshd(tmp_path_factory):
         Port {port}
         ListenAddress 127.0.0.1
         HostKey {d}/host
-        AuthorizedKeysFile {d}/authorized_keys
+        AuthorizedKeysFile {keys}/authorized_keys
         PidFile {d}/sshd.pid
         UsePAM no
         StrictModes no
@@ -130,6 +135,7 @@ def sshd(tmp_path_factory):
     yield {"port": port, "dir": d}
     proc.terminate()
     proc.wait(5)
+    shutil.rmtree(keys, ignore_errors=True)
 
 
 def make_upstream(sshd, key="user", **kw) -> SshUpstream:
@@ -385,3 +391,86 @@ def test_ssh_dies_with_a_killed_nsvpn(sshd, tmp_path):
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+UNPRIV_CHILD = """
+import json, os, stat, sys, trio
+from nsvpn.upstream.ssh import SshUpstream
+from nsvpn.urls import parse_upstream_url
+
+async def main():
+    url, echo_port, opts = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    up = SshUpstream(parse_upstream_url(url), ssh_opts=opts, interactive=False)
+    await up.start()
+    path = up.socket_path
+    info = {"path": path, "sock_mode": stat.S_IMODE(os.stat(path).st_mode),
+            "dir_mode": stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode),
+            "dir_uid": os.stat(os.path.dirname(path)).st_uid}
+    stream = await up.dial_tcp("127.0.0.1", echo_port, timeout=10)
+    payload = os.urandom(1 << 20)
+    got = bytearray()
+    async with stream:
+        await stream.send_all(payload)
+        while len(got) < len(payload):
+            got += await stream.receive_some(65536)
+    info["echo_ok"] = bytes(got) == payload
+    await up.aclose()
+    info["removed"] = not os.path.exists(path)
+    print(json.dumps(info), flush=True)
+
+trio.run(main)
+"""
+
+
+@needs_sshd
+@needs_root
+async def test_ssh_upstream_as_unprivileged_user(sshd, nursery):
+    """The real situation: an ordinary user, no XDG_RUNTIME_DIR, a private dir under /tmp."""
+    import json
+    import pwd
+
+    try:
+        pw = pwd.getpwnam("nsvpntest")
+    except KeyError:
+        pytest.skip("user nsvpntest does not exist")
+    port = await echo_server(nursery)
+    home = tempfile.mkdtemp(prefix="nsvpn-sshtest-")
+    try:
+        key = os.path.join(home, "id")
+        shutil.copy(sshd["dir"] / "user", key)
+        for p in (home, key):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        os.chmod(key, 0o600)
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": home,
+            "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        }
+        argv = [
+            shutil.which("runuser") or "/usr/sbin/runuser",
+            "-u",
+            "nsvpntest",
+            "--",
+            sys.executable,
+            "-c",
+            UNPRIV_CHILD,
+            f"ssh://nsvpntest@127.0.0.1:{sshd['port']}",
+            str(port),
+            "-F /dev/null",
+            f"-i {key}",
+            "IdentitiesOnly=yes",
+            "StrictHostKeyChecking=no",
+            "UserKnownHostsFile=/dev/null",
+        ]
+        with trio.fail_after(30):
+            res = await trio.run_process(
+                argv, env=env, capture_stdout=True, capture_stderr=True, check=False
+            )
+        assert res.returncode == 0, res.stderr.decode()
+        info = json.loads(res.stdout)
+        assert info["path"].startswith(f"/tmp/nsvpn-{pw.pw_uid}-")
+        assert (info["sock_mode"], info["dir_mode"]) == (0o600, 0o700)
+        assert info["dir_uid"] == pw.pw_uid
+        assert info["echo_ok"] and info["removed"]
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
