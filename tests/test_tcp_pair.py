@@ -436,3 +436,31 @@ def test_sha_of_pattern_is_stable():
     # guards the harness itself: the pattern generator must be deterministic
     assert hashlib.sha256(Pattern(1).get(12345, 100000)).hexdigest() == hashlib.sha256(
         Pattern(1).get(12345, 100000)).hexdigest()
+
+
+def test_lossy_without_congestion_control():
+    """The local-kernel configuration (cwnd unlimited) must still recover from losses."""
+    n = 16 * MiB
+    faults = Faults(drop=0.01, dup=0.01, reorder=0.02, delay=0.001, jitter=0.0005)
+    p = make_transfer(21, faults, n, n, mss=8192, congestion_control=False)
+    p.run(lambda: both_closed(p))
+    assert_transfer_ok(p, n, n)
+    assert p.a.cwnd > 1 << 40  # never clamped
+
+
+@pytest.mark.parametrize("opts_a,opts_b", [
+    (dict(timestamps=False), dict()),
+    (dict(window_scaling=False, sack=False), dict(timestamps=False)),
+    (dict(), dict(window_scaling=False, rcv_buf=200_000)),
+])
+def test_option_mismatches_interoperate(opts_a, opts_b):
+    n = 4 * MiB
+    faults = Faults(drop=0.01, reorder=0.02, delay=0.002, jitter=0.001)
+    p = Pair(seed=8, faults=faults, cfg_a=TcpConfig(**opts_a), cfg_b=TcpConfig(**opts_b))
+    p.app_a = Endpoint("a", n, recv_pattern=Pattern(2), send_pattern=Pattern(1))
+    p.app_a.conn = p.a
+    p.app_b = Endpoint("b", n, recv_pattern=Pattern(1), send_pattern=Pattern(2))
+    p.run(lambda: both_closed(p))
+    assert_transfer_ok(p, n, n)
+    both_ts = opts_a.get("timestamps", True) and opts_b.get("timestamps", True)
+    assert p.a._ts_on == p.b._ts_on == both_ts

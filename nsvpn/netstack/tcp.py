@@ -539,7 +539,7 @@ class TcpConnection:
                     self._syn_pending = True  # peer lost our SYN-ACK: resend it
                 return
         seq = self._unwrap_seq(seg.seq)
-        if st == TIME_WAIT and flags & SYN and not flags & (ACK | RST) and seq > self._rcv_nxt:
+        if st == TIME_WAIT and flags & SYN and not flags & (ACK | RST):
             # A new incarnation of the same 4-tuple (RFC 6191 idea): finish now so the
             # owner drops us; the peer's SYN retransmission then finds no flow and the
             # owner makes a fresh connection with from_syn.
@@ -754,13 +754,15 @@ class TcpConnection:
             if ack >= self._recover:
                 # full ACK: leave fast recovery (RFC 6582)
                 self._in_recovery = False
-                self._cwnd = min(self._ssthresh, max(self._snd_max - ack, 0) + self._smss)
-                if self._cwnd < self._smss:
-                    self._cwnd = self._smss
+                if cfg.congestion_control:
+                    self._cwnd = min(self._ssthresh, max(self._snd_max - ack, 0) + self._smss)
+                    if self._cwnd < self._smss:
+                        self._cwnd = self._smss
             else:
                 # partial ACK: retransmit the next hole, deflate by the amount acked
                 self._fast_rexmit_pending = True
-                self._cwnd = max(self._cwnd - acked + self._smss, self._smss)
+                if cfg.congestion_control:
+                    self._cwnd = max(self._cwnd - acked + self._smss, self._smss)
         elif cfg.congestion_control:
             if self._cwnd < self._ssthresh:
                 self._cwnd += acked  # slow start, byte counted (ACKs cover whole batches)
@@ -807,7 +809,8 @@ class TcpConnection:
         self.stats["dup_acks"] += 1
         self._dupacks += 1
         if self._in_recovery:
-            self._cwnd += self._smss  # inflate: each dup ACK means a segment left the net
+            if self.config.congestion_control:
+                self._cwnd += self._smss  # inflate: each dup ACK means a segment left
             return
         if self._dupacks == 3 and self._snd_una > self._recover - 1:
             flight = self._snd_max - self._snd_una
@@ -1138,7 +1141,7 @@ class TcpConnection:
             self._fast_rexmit_pending = False
             una = self._snd_una
             if una < self._snd_max:
-                end = min(una + smss, data_end)
+                end = min(una + smss, data_end, self._snd_max)
                 flags = ACK
                 payload = self._slice(una, end) if end > una else b""
                 if end == data_end and self._fin_queued and self._snd_max > data_end:
