@@ -463,3 +463,15 @@ def test_active_open_against_passive_stack_bulk_both_ways():
         pump(client, server, now)
     assert client.counters["tcp_flows"] == 0 and server.counters["tcp_flows"] == 0
     assert client.drops == {} and server.drops == {}
+
+
+def test_checksum_verification_can_be_turned_off():
+    bad = bytearray(syn())
+    bad[36:38] = b"\xde\xad"
+    st = Stack(StackConfig(verify_checksums=False))
+    st.input_packet(bytes(bad), 0.0)
+    assert len(events_of(st, NewTcpFlow)) == 1
+    bad_ip = bytearray(syn(sport=2))
+    bad_ip[10:12] = b"\xde\xad"  # the IPv4 header sum is still checked
+    st.input_packet(bytes(bad_ip), 0.0)
+    assert st.drops == {"ipv4_bad_checksum": 1}

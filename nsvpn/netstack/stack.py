@@ -60,6 +60,7 @@ class StackConfig:
         max_tcp_flows: int = 65536,
         max_udp_flows: int = 4096,
         tun_queue_len: int = 500,
+        verify_checksums: bool = True,
     ) -> None:
         self.net = net
         self.gateway = gateway
@@ -85,6 +86,10 @@ class StackConfig:
         # larger than the queue can hold makes the kernel drop (tun orphans the skbs), so
         # the advertised window is capped to what fits when packets are MTU-sized.
         self.tun_queue_len = tun_queue_len
+        # TCP/UDP checksums of packets from the TUN are verified unless the virtio-net header
+        # says the kernel vouches for them. The kernel makes them locally, so a relay may turn
+        # this off to save ~3 us per 1500-byte packet; the IPv4 header sum is always checked.
+        self.verify_checksums = verify_checksums
 
 
 # ------------------------------------------------------------------------------------- events
@@ -266,6 +271,7 @@ class Stack:
     def __init__(self, config: StackConfig | None = None) -> None:
         cfg = self.config = config or StackConfig()
         self._vnet = cfg.vnet_hdr
+        self._verify = cfg.verify_checksums
         self._gso_mtu = cfg.mtu if (cfg.vnet_hdr and cfg.gso) else 0
         self._local = {_pton(a) for a in (cfg.gateway, cfg.dns, cfg.gateway6, cfg.dns6) if a}
         net = ipaddress.ip_network(cfg.net, strict=False)
@@ -312,7 +318,7 @@ class Stack:
         mv = pkt if isinstance(pkt, memoryview) else memoryview(pkt)
         self.packets_in += 1
         self.bytes_in += len(mv)
-        verify = True
+        verify = self._verify
         gso = False
         if self._vnet:
             if len(mv) < VNET_HDR_LEN:
@@ -320,7 +326,8 @@ class Stack:
                 return
             flags = mv[0]
             gso = mv[1] != 0
-            verify = not (flags & _SKIP_VERIFY)
+            if flags & _SKIP_VERIFY:
+                verify = False
             mv = mv[VNET_HDR_LEN:]
         ip = wire.parse_ip(mv, drops, gso)
         if ip is None:
