@@ -731,14 +731,21 @@ def _recv(sock: socket.socket, with_fd: bool = False) -> Tuple[bytes, List[int]]
     return data, fds
 
 
-def _raise_child_error(data: bytes, pid: int) -> None:
-    st = _kill_and_reap(pid)
-    if data[:1] == b"E":
-        info = json.loads(data[1:].decode())
-        stage, msg = info.get("stage", "?"), info.get("msg", "?")
-        text = msg if stage == "exec" else f"namespace setup failed at {stage}: {msg}"
-        raise SpawnError(stage, text, info.get("errno"), info.get("code", 1))
-    raise SpawnError("child", f"namespace child exited unexpectedly (status {_exitcode(st)})")
+class _ChildReport(Exception):
+    """The child sent an error report (or vanished); becomes a SpawnError once reaped."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self.data = data
+
+    def spawn_error(self, status: int) -> SpawnError:
+        if self.data[:1] == b"E":
+            info = json.loads(self.data[1:].decode())
+            stage, msg = info.get("stage", "?"), info.get("msg", "?")
+            text = msg if stage == "exec" else f"namespace setup failed at {stage}: {msg}"
+            return SpawnError(stage, text, info.get("errno"), info.get("code", 1))
+        return SpawnError("child", "namespace child exited unexpectedly "
+                                   f"(status {_exitcode(status)})")
 
 
 def spawn(argv: Sequence[str], spec: Optional[NetnsSpec] = None, *,
@@ -768,41 +775,41 @@ def spawn(argv: Sequence[str], spec: Optional[NetnsSpec] = None, *,
         if hasattr(os, "pidfd_open"):
             try:
                 pidfd = os.pidfd_open(pid)
-                os.set_inheritable(pidfd, False)
             except OSError:  # kernel < 5.3
                 pidfd = None
         psock.settimeout(timeout)
         data, _ = _recv(psock)
         if data != b"U":
-            _raise_child_error(data, pid)
+            raise _ChildReport(data)
         try:
             _write_id_maps(pid)
         except OSError as e:
-            _kill_and_reap(pid)
-            raise SpawnError("id maps", f"writing uid/gid maps for the namespace failed: "
+            raise SpawnError("id maps", "writing uid/gid maps for the namespace failed: "
                                         f"{e.strerror}", e.errno) from None
         psock.send(b"M")
         data, fds = _recv(psock, with_fd=True)
         if data != b"K" or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            _raise_child_error(data, pid)
+            raise _ChildReport(data)
         tun_fd = fds[0]
         os.set_blocking(tun_fd, False)
+        # Exec'ing CMD from a slow shared filesystem may take long; the kernel bounds it.
+        psock.settimeout(None)
         data, _ = _recv(psock)  # EOF: the exec closed the child's end
         if data:
-            os.close(tun_fd)
-            _raise_child_error(data, pid)
-    except socket.timeout:
+            raise _ChildReport(data)
+    except BaseException as e:
         if tun_fd >= 0:
             os.close(tun_fd)
-        _kill_and_reap(pid)
+        status = _kill_and_reap(pid)
         if pidfd is not None:
             os.close(pidfd)
-        raise SpawnError("timeout", f"namespace setup did not finish within {timeout} s") from None
-    except BaseException:
-        if pidfd is not None:
-            os.close(pidfd)
+        if isinstance(e, _ChildReport):
+            raise e.spawn_error(status) from None
+        if isinstance(e, socket.timeout):
+            raise SpawnError("timeout", f"namespace setup did not finish within {timeout} s",
+                             errno.ETIMEDOUT) from None
         raise
     finally:
         psock.close()

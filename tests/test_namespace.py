@@ -536,3 +536,55 @@ def test_compute_txqueuelen():
     assert compute_txqueuelen(64 << 20, 65520) == 2 * 1025 + 256
     assert NetnsSpec(mtu=1500).queue_len() == 2 * 2797 + 256
     assert NetnsSpec(txqueuelen=77).queue_len() == 77
+
+
+def test_vpn_style_spec_and_hosts(pkgdir):
+    """No gateway (routes straight onto the device), a /32 address, our own /etc/hosts."""
+    p = run_user(pkgdir, """
+    from nsvpn import namespace as ns
+    spec = ns.NetnsSpec(addr="192.168.77.5", prefixlen=32, gateway=None,
+                        routes=["0.0.0.0/0", "10.1.0.0/16"], dns=["192.168.77.1"],
+                        hosts="127.0.0.1 localhost\\n10.1.2.3 gw.nsvpn\\n")
+    child = ns.spawn(["sh", "-c", "ip -4 route; getent ahostsv4 gw.nsvpn | head -1; cat /etc/resolv.conf"],
+                     spec)
+    print("status", child.wait_blocking())
+    """)
+    lines = [ln.strip() for ln in p.stdout.splitlines()]
+    assert lines[:2] == ["default dev tun0 scope link", "10.1.0.0/16 dev tun0 scope link"], lines
+    assert lines[2].split()[0] == "10.1.2.3"
+    assert "nameserver 192.168.77.1" in lines and lines[-1] == "status 0"
+
+
+def test_ipv6_when_asked(pkgdir):
+    p = run_user(pkgdir, """
+    import json, os
+    from nsvpn import namespace as ns
+    inner = ("import socket, subprocess\\n"
+             "print(subprocess.run(['ip', '-6', 'route', 'show', 'dev', 'tun0'],"
+             " capture_output=True, text=True).stdout, flush=True)\\n"
+             "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\\n"
+             "s.sendto(b'nsvpn-v6', ('fd00::2', 5353))\\n")
+    child = ns.spawn(["python3", "-c", inner],
+                     ns.NetnsSpec(ipv6=True, routes=["0.0.0.0/0", "::/0"]))
+    status = child.wait_blocking()
+    pkts = []
+    while True:
+        try:
+            pkts.append(os.read(child.tun_fd, 70000).hex())
+        except BlockingIOError:
+            break
+    print(json.dumps({"status": status, "pkts": pkts}))
+    """)
+    res = last_json(p)
+    assert res["status"] == 0, p.stderr
+    assert "default via fd00::2 metric 1024" in p.stdout, p.stdout
+    udp6 = []
+    for h in res["pkts"]:
+        pkt = bytes.fromhex(h)
+        if pkt[0] >> 4 == 6 and pkt[6] == 17:
+            udp6.append(pkt)
+    assert udp6, res["pkts"]
+    pkt = udp6[0]
+    assert socket.inet_ntop(socket.AF_INET6, pkt[8:24]) == "fd00::100"
+    assert socket.inet_ntop(socket.AF_INET6, pkt[24:40]) == "fd00::2"
+    assert pkt[48:] == b"nsvpn-v6"
