@@ -63,7 +63,7 @@ import tempfile
 import threading
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from . import tun as _tun
 
@@ -115,8 +115,8 @@ def _unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
 
 
-def _mount(src: Optional[str], target: str, fstype: Optional[str], flags: int,
-           data: Optional[str] = None) -> None:
+def _mount(src: str | None, target: str, fstype: str | None, flags: int,
+           data: str | None = None) -> None:
     def b(s):
         return None if s is None else s.encode()
 
@@ -134,25 +134,25 @@ class NetnsSpec:
 
     addr: str = "10.0.2.100"
     prefixlen: int = 24
-    gateway: Optional[str] = "10.0.2.2"  # None: routes are on-link via the device (vpn mode)
+    gateway: str | None = "10.0.2.2"  # None: routes are on-link via the device (vpn mode)
     dns: List[str] = dataclasses.field(default_factory=lambda: ["10.0.2.3"])
     search: List[str] = dataclasses.field(default_factory=list)
     mtu: int = 65520
     # Largest receive window the relay advertises to CMD; sizes the TUN queue.
     window: int = 4 << 20
-    txqueuelen: Optional[int] = None  # None: computed from window and mtu
+    txqueuelen: int | None = None  # None: computed from window and mtu
     vnet_hdr: bool = False
     ifname: str = "tun0"
     routes: List[str] = dataclasses.field(default_factory=lambda: ["0.0.0.0/0"])
     ipv6: bool = False
     addr6: str = "fd00::100"
     prefixlen6: int = 64
-    gateway6: Optional[str] = "fd00::2"
+    gateway6: str | None = "fd00::2"
     # Text of the namespace's /etc/resolv.conf; None: generated from dns/search.
-    resolv_conf: Optional[str] = None
+    resolv_conf: str | None = None
     manage_resolv_conf: bool = True
     # Text of the namespace's /etc/hosts; None: the host's file passes through unchanged.
-    hosts: Optional[str] = None
+    hosts: str | None = None
     allow_ping: bool = True  # net.ipv4.ping_group_range = our gid (ICMP datagram sockets)
 
     def resolv_conf_text(self) -> str:
@@ -186,7 +186,7 @@ def compute_txqueuelen(window: int, mtu: int) -> int:
 class SpawnError(Exception):
     """Setting up the namespace or exec'ing CMD failed; str() says which step and why."""
 
-    def __init__(self, stage: str, message: str, err: Optional[int] = None,
+    def __init__(self, stage: str, message: str, err: int | None = None,
                  exit_code: int = 1) -> None:
         super().__init__(message)
         self.stage = stage
@@ -205,12 +205,12 @@ def _exitcode(status: int) -> int:
 class NamespaceChild:
     """CMD running in its namespace, as seen from the parent."""
 
-    def __init__(self, pid: int, pidfd: Optional[int], tun_fd: int, spec: NetnsSpec) -> None:
+    def __init__(self, pid: int, pidfd: int | None, tun_fd: int, spec: NetnsSpec) -> None:
         self.pid = pid
         self.tun_fd = tun_fd
         self.spec = spec
         self._pidfd = pidfd
-        self._status: Optional[int] = None
+        self._status: int | None = None
 
     def signal(self, sig: int) -> None:
         """Send `sig` to CMD; a no-op once it has been reaped (no pid-reuse race)."""
@@ -224,7 +224,7 @@ class NamespaceChild:
         except ProcessLookupError:
             pass
 
-    def poll(self) -> Optional[int]:
+    def poll(self) -> int | None:
         """Exit status (128+N for signal N) if CMD has exited, else None; reaps it."""
         if self._status is None:
             pid, st = os.waitpid(self.pid, os.WNOHANG)
@@ -250,7 +250,7 @@ class NamespaceChild:
             self.poll()
         return self.exit_status()  # type: ignore[return-value]
 
-    def exit_status(self) -> Optional[int]:
+    def exit_status(self) -> int | None:
         return None if self._status is None else _exitcode(self._status)
 
     def _reaped(self, status: int) -> None:
@@ -356,8 +356,8 @@ class _Rtnl:
                     return
                 off += (length + 3) & ~3
 
-    def link_set(self, index: int, *, up: bool, mtu: Optional[int] = None,
-                 txqlen: Optional[int] = None) -> None:
+    def link_set(self, index: int, *, up: bool, mtu: int | None = None,
+                 txqlen: int | None = None) -> None:
         body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, IFF_UP if up else 0, IFF_UP)
         if mtu is not None:
             body += _rta(IFLA_MTU, struct.pack("=I", mtu))
@@ -373,7 +373,7 @@ class _Rtnl:
         body += _rta(IFA_LOCAL, ip.packed) + _rta(IFA_ADDRESS, ip.packed)
         self.request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body, f"add address {addr}")
 
-    def route_add(self, index: int, dest: str, gateway: Optional[str],
+    def route_add(self, index: int, dest: str, gateway: str | None,
                   onlink: bool = False) -> None:
         net = ipaddress.ip_network(dest, strict=False)
         fam = socket.AF_INET if net.version == 4 else socket.AF_INET6
@@ -486,7 +486,7 @@ class _Stage:
     name = "fork"
 
 
-def _send_msg(sock: socket.socket, tag: bytes, payload: Optional[dict] = None,
+def _send_msg(sock: socket.socket, tag: bytes, payload: dict | None = None,
               fds: Sequence[int] = ()) -> None:
     data = tag + (json.dumps(payload).encode() if payload is not None else b"")
     if fds:
@@ -497,7 +497,7 @@ def _send_msg(sock: socket.socket, tag: bytes, payload: Optional[dict] = None,
 
 def _child_fail(sock: socket.socket, stage: str, exc: BaseException, code: int = 1) -> None:
     if isinstance(exc, OSError):
-        err: Optional[int] = exc.errno
+        err: int | None = exc.errno
         text = exc.strerror or str(exc)
         if exc.filename:
             text = f"{exc.filename}: {text}"
@@ -610,7 +610,7 @@ def _close_fds_except(keep: Sequence[int]) -> None:
 
 
 def _child_main(sock: socket.socket, parent_pid: int, argv: List[str], spec: NetnsSpec,
-                env: Optional[Dict[str, str]], cwd: Optional[str],
+                env: Dict[str, str] | None, cwd: str | None,
                 pass_fds: Sequence[int]) -> None:
     stage = _Stage()
     try:
@@ -632,7 +632,7 @@ def _child_main(sock: socket.socket, parent_pid: int, argv: List[str], spec: Net
     _exec(sock, argv, env)
 
 
-def _exec(sock: socket.socket, argv: List[str], env: Optional[Dict[str, str]]) -> None:
+def _exec(sock: socket.socket, argv: List[str], env: Dict[str, str] | None) -> None:
     """execvpe with shell semantics: 127 when nothing is found, 126 when found but refused.
 
     os.execvpe reports EACCES for a PATH directory we cannot search (e.g. /root/bin left in
@@ -646,7 +646,7 @@ def _exec(sock: socket.socket, argv: List[str], env: Optional[Dict[str, str]]) -
     else:
         dirs = environ.get("PATH", os.defpath).split(":")
         candidates = [os.path.join(d or ".", name) for d in dirs]
-    refused: Optional[OSError] = None
+    refused: OSError | None = None
     for path in candidates:
         try:
             os.execve(path, argv, environ)
@@ -748,8 +748,8 @@ class _ChildReport(Exception):
                                    f"(status {_exitcode(status)})")
 
 
-def spawn(argv: Sequence[str], spec: Optional[NetnsSpec] = None, *,
-          env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None,
+def spawn(argv: Sequence[str], spec: NetnsSpec | None = None, *,
+          env: Dict[str, str] | None = None, cwd: str | None = None,
           pass_fds: Sequence[int] = (), timeout: float = 10.0) -> NamespaceChild:
     """Run `argv` in a new user+net+mount namespace; return once it is exec'd.
 
@@ -769,7 +769,7 @@ def spawn(argv: Sequence[str], spec: Optional[NetnsSpec] = None, *,
         _child_main(csock, parent_pid, argv, spec, env, cwd, pass_fds)
         os._exit(1)  # not reached
     csock.close()
-    pidfd: Optional[int] = None
+    pidfd: int | None = None
     tun_fd = -1
     try:
         if hasattr(os, "pidfd_open"):
@@ -825,8 +825,8 @@ class TrialResult:
     name: str
     ok: bool
     detail: str
-    errno: Optional[int] = None
-    errname: Optional[str] = None
+    errno: int | None = None
+    errname: str | None = None
     elapsed_ms: float = 0.0
     data: Dict[str, object] = dataclasses.field(default_factory=dict)
 
@@ -834,7 +834,7 @@ class TrialResult:
         return dataclasses.asdict(self)
 
 
-def _read_sysctl(path: str) -> Optional[str]:
+def _read_sysctl(path: str) -> str | None:
     try:
         with open(path) as f:
             return f.read().strip()
@@ -874,7 +874,7 @@ def _sysctl_summary(facts: Dict[str, object]) -> str:
                      for k in _USERNS_SYSCTLS)
 
 
-def _explain_userns(stage: str, err: Optional[int], facts: Dict[str, object]) -> str:
+def _explain_userns(stage: str, err: int | None, facts: Dict[str, object]) -> str:
     def zero(key: str) -> bool:
         return facts.get(key) == "0"
 

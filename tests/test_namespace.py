@@ -545,8 +545,8 @@ def test_vpn_style_spec_and_hosts(pkgdir):
     spec = ns.NetnsSpec(addr="192.168.77.5", prefixlen=32, gateway=None,
                         routes=["0.0.0.0/0", "10.1.0.0/16"], dns=["192.168.77.1"],
                         hosts="127.0.0.1 localhost\\n10.1.2.3 gw.nsvpn\\n")
-    child = ns.spawn(["sh", "-c", "ip -4 route; getent ahostsv4 gw.nsvpn | head -1; cat /etc/resolv.conf"],
-                     spec)
+    child = ns.spawn(["sh", "-c", "ip -4 route; getent ahostsv4 gw.nsvpn | head -1; "
+                                  "cat /etc/resolv.conf"], spec)
     print("status", child.wait_blocking())
     """)
     lines = [ln.strip() for ln in p.stdout.splitlines()]
