@@ -8,7 +8,8 @@ program in the namespace (or behind the preload shim) should see from connect():
   EHOSTUNREACH   the far side says the host is unreachable (final)
   ETIMEDOUT      no answer in time (from the far side or from us)
   ECONNABORTED   the upstream broke the handshake, or answered with a general failure
-  EAGAIN/ENOTCONN `reason == "upstream-down"`: our helper (ssh, proxy) is not usable right now
+  ENETDOWN       reason "upstream-down": our helper (ssh, the proxy) is not usable right now;
+                 the pool fails over on this reason only
 
 `reason` is a short machine word (refused, netunreach, hostunreach, timeout, upstream-down,
 failed), `message` a human sentence.
@@ -17,11 +18,7 @@ failed), `message` a human sentence.
 from __future__ import annotations
 
 import errno as _errno
-
-try:
-    from typing import Protocol
-except ImportError:  # pragma: no cover - Python < 3.8 is not supported anyway
-    Protocol = object  # type: ignore[assignment,misc]
+from typing import Protocol
 
 import trio
 
