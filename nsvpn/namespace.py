@@ -256,14 +256,25 @@ class NamespaceChild:
     def _reaped(self, status: int) -> None:
         self._status = status
         if self._pidfd is not None:
-            os.close(self._pidfd)
+            _close_watched(self._pidfd)
             self._pidfd = None
 
     def close(self) -> None:
         """Close the TUN fd (the netns loses its device; CMD sees its network vanish)."""
         if self.tun_fd >= 0:
-            os.close(self.tun_fd)
+            _close_watched(self.tun_fd)
             self.tun_fd = -1
+
+
+def _close_watched(fd: int) -> None:
+    """Close an fd trio tasks may be waiting on: they get ClosedResourceError, not a hang."""
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.notify_closing(fd)
+        except RuntimeError:  # not inside trio.run
+            pass
+    os.close(fd)
 
 
 async def forward_signals(child: NamespaceChild, signals: Sequence[int] = FORWARDED_SIGNALS,

@@ -238,7 +238,7 @@ def test_vnet_hdr_mtu_and_queue(pkgdir):
 
 def test_exit_status_propagates(pkgdir):
     p = run_user(pkgdir, """
-    import json, trio
+    import json, os, trio
     from nsvpn import namespace as ns
     out = {}
     for name, argv in [("exit42", ["sh", "-c", "exit 42"]),
@@ -247,9 +247,15 @@ def test_exit_status_propagates(pkgdir):
         child = ns.spawn(argv)
         out[name] = trio.run(ns.supervise, child)
         child.close()
+    child = ns.spawn(["sh", "-c", "sleep 0.1; exit 5"])
+    os.close(child._pidfd)
+    child._pidfd = None  # as on kernels < 5.3: the polling fallback
+    out["nopidfd"] = trio.run(child.wait)
+    out["poll_after"] = child.poll()
     print(json.dumps(out))
     """)
-    assert last_json(p) == {"exit42": 42, "term": 143, "true": 0}, p.stderr
+    assert last_json(p) == {"exit42": 42, "term": 143, "true": 0, "nopidfd": 5,
+                            "poll_after": 5}, p.stderr
 
 
 def test_sigterm_to_parent_reaches_cmd(pkgdir):
@@ -588,3 +594,78 @@ def test_ipv6_when_asked(pkgdir):
     assert socket.inet_ntop(socket.AF_INET6, pkt[8:24]) == "fd00::100"
     assert socket.inet_ntop(socket.AF_INET6, pkt[24:40]) == "fd00::2"
     assert pkt[48:] == b"nsvpn-v6"
+
+
+TSO_HELPER = r"""
+import json, os, select, socket, struct, time
+from nsvpn import namespace as ns
+from nsvpn.tun import VNET_HDR_LEN, VnetHdr, VNET_HDR_PLAIN
+
+def csum(data):
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data)//2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return (~s) & 0xFFFF
+
+def tcp_packet(src, dst, sport, dport, seq, ack, flags, window, opts=b""):
+    off = (20 + len(opts)) // 4
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, off << 4, flags, window, 0, 0) + opts
+    ph = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", csum(ph + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    return ip + tcp
+
+N = 400000
+inner = ("import socket; s = socket.create_connection(('10.0.2.2', 80), timeout=5); "
+         f"s.sendall(b'x' * {N}); s.shutdown(socket.SHUT_WR); s.recv(1)")
+child = ns.spawn(["python3", "-c", inner], ns.NetnsSpec(mtu=1500, vnet_hdr=True))
+fd = child.tun_fd
+got = 0; isn = None; my = 5000; sizes = []; gso = set(); needs_csum = set(); fin = False
+deadline = time.monotonic() + 5
+while time.monotonic() < deadline and not fin:
+    select.select([fd], [], [], 0.2)
+    while True:
+        try:
+            raw = os.read(fd, 70000)
+        except BlockingIOError:
+            break
+        hdr = VnetHdr.parse(raw)
+        pkt = raw[VNET_HDR_LEN:]
+        if pkt[0] >> 4 != 4 or pkt[9] != 6:
+            continue
+        ihl = (pkt[0] & 15) * 4
+        sport, dport, seq, ack, offb, flags = struct.unpack_from("!HHIIBB", pkt, ihl)
+        payload = pkt[ihl + (offb >> 4) * 4:]
+        if flags & 0x02:  # SYN
+            isn = seq
+            opts = struct.pack("!BBH", 2, 4, 1460) + b"\x01" + struct.pack("!BBB", 3, 3, 7)
+            os.write(fd, VNET_HDR_PLAIN + tcp_packet("10.0.2.2", "10.0.2.100", 80, sport, my,
+                                                     seq + 1, 0x12, 65535, opts))
+            continue
+        if payload:
+            sizes.append(len(payload)); gso.add(hdr.gso_type); needs_csum.add(hdr.flags & 1)
+            if seq - isn - 1 == got:
+                got += len(payload)
+        if flags & 0x01:
+            fin = True
+        a = isn + 1 + got + (1 if fin else 0)
+        os.write(fd, VNET_HDR_PLAIN + tcp_packet("10.0.2.2", "10.0.2.100", 80, sport, my + 1,
+                                                 a & 0xFFFFFFFF, 0x10, 65535))
+child.signal(9)
+print(json.dumps({"got": got, "max": max(sizes or [0]), "n": len(sizes), "gso": sorted(gso),
+                  "needs_csum": sorted(needs_csum), "fin": fin}))
+"""
+
+
+def test_vnet_hdr_gives_tso_super_segments(pkgdir):
+    """With vnet_hdr the kernel hands us 64 KiB TCP segments with partial checksums even at
+    MTU 1500 (what TUNSETOFFLOAD promises), and accepts our plain-header packets back."""
+    p = run_user(pkgdir, TSO_HELPER)
+    r = last_json(p)
+    assert r["got"] == 400000 and r["fin"], (r, p.stderr)  # our ACKs were accepted
+    assert r["max"] > 1500 * 10, r
+    assert 1 in r["gso"] and r["needs_csum"] == [1], r  # GSO_TCPV4, VNET_F_NEEDS_CSUM
