@@ -237,7 +237,7 @@ def transfer(link: KernelLink, direction: str, nbytes: int, *, do_hash: bool = T
     buf = bytearray(bufsize)
     bmv = memoryview(buf)
     readv = os.readv
-    write = os.write
+    writev = os.writev
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     t_start = time.monotonic()
@@ -300,8 +300,8 @@ def transfer(link: KernelLink, direction: str, nbytes: int, *, do_hash: bool = T
             d = stack.next_deadline()
             if d is not None and d <= now:
                 stack.on_timer(now)
-            for pkt in stack.output_packets():
-                write(fd, pkt)
+            for iov in stack.output_iovecs():
+                writev(fd, iov)
             if t_end is None and flow is not None and (
                     flow.removed or (eof if direction == "up" else
                                      flow.conn.state in ("FIN_WAIT_2", "TIME_WAIT", "CLOSED"))):

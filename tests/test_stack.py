@@ -475,3 +475,27 @@ def test_checksum_verification_can_be_turned_off():
     bad_ip[10:12] = b"\xde\xad"  # the IPv4 header sum is still checked
     st.input_packet(bytes(bad_ip), 0.0)
     assert st.drops == {"ipv4_bad_checksum": 1}
+
+
+def test_output_iovecs_match_output_packets():
+    def run(method):
+        st = Stack(StackConfig(mtu=65520))
+        st._secret = b"k" * 16  # same ISN in both runs
+        st.input_packet(bytes(IP(src=APP, dst=REMOTE) / TCP(
+            sport=40000, dport=5000, seq=1000, flags="S",
+            options=[("MSS", 65000), ("WScale", 7)])), 0.0)
+        (ev,) = st.pop_events()
+        st.accept(ev.flow, 0.0)
+        sa = IP(st.output_packets()[0])
+        st.input_packet(tcp("A", 1001, sa[TCP].seq + 1, window=65535), 0.0)
+        st.pop_events()
+        st.tcp_send(ev.flow, bytes(range(256)) * 400, 0.0)
+        st.input_packet(tcp("A", 5, 0), 0.0)  # plus a RST for an unknown flow
+        return getattr(st, method)()
+
+    iovs = run("output_iovecs")
+    pkts = run("output_packets")
+    assert [b"".join(v) for v in iovs] == pkts
+    assert any(len(v) == 2 for v in iovs) and all(1 <= len(v) <= 2 for v in iovs)
+    for p in pkts:
+        checked(p)

@@ -485,9 +485,12 @@ class Stack:
         if segs:
             src, dst, sport, dport = flow.out_src, flow.out_dst, flow.out_sport, flow.out_dport
             vnet, gso_mtu, out = self._vnet, self._gso_mtu, self._out
+            build = wire.build_tcp_parts
             for seg in segs:
-                out.append(wire.build_tcp(src, dst, sport, dport, seg, vnet=vnet,
-                                          gso_mtu=gso_mtu))
+                head, payload = build(src, dst, sport, dport, seg, vnet=vnet, gso_mtu=gso_mtu)
+                # Large payloads stay apart for a gathering write (output_iovecs()).
+                out.append((head, payload) if len(payload) > 2048 else
+                           (head + payload if payload else head))
         evs = conn.pop_events()
         if evs:
             events = self._events
@@ -504,12 +507,25 @@ class Stack:
     def output_packets(self) -> List[bytes]:
         """Packets to write to the TUN. Call after each input batch and after any call that
         can produce output (accept/refuse/tcp_*/send_udp/on_timer)."""
+        out = self._take_output()
+        return [p if type(p) is bytes else p[0] + p[1] for p in out]
+
+    def output_iovecs(self) -> List[tuple]:
+        """Like output_packets(), but each packet as a tuple of buffers for os.writev(): a
+        large TCP payload is not copied once more to join it to its headers."""
+        out = self._take_output()
+        return [(p,) if type(p) is bytes else p for p in out]
+
+    def _take_output(self) -> list:
         self._flush()
         out = self._out
         if out:
             self._out = []
             self.packets_out += len(out)
-            self.bytes_out += sum(map(len, out))
+            n = 0
+            for p in out:
+                n += len(p) if type(p) is bytes else len(p[0]) + len(p[1])
+            self.bytes_out += n
         return out
 
     def pop_events(self) -> list:

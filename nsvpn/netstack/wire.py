@@ -417,20 +417,19 @@ def vnet_header(flags: int = 0, gso_type: int = 0, hdr_len: int = 0, gso_size: i
     return _VNET.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
 
 
-def build_tcp(src: bytes, dst: bytes, sport: int, dport: int, seg: TcpSegment, *,
-              vnet: bool = False, gso_mtu: int = 0, ttl: int = 64) -> bytes:
-    """A complete TCP/IP packet for `seg`. With `vnet`, prefix a virtio_net_hdr asking the
-    kernel to finish the checksum (only the pseudo-header sum goes in the field), and if
-    `gso_mtu` is non-zero and the packet is larger, have the kernel cut it into segments
-    that fit that MTU (TSO/GSO), so one write can carry 64 KiB on a 1500-byte link."""
+def build_tcp_parts(src: bytes, dst: bytes, sport: int, dport: int, seg: TcpSegment, *,
+                    vnet: bool = False, gso_mtu: int = 0, ttl: int = 64):
+    """(headers, payload) of the packet build_tcp() makes, for a gathering write (writev)
+    that spares copying a large payload once more."""
     opts = b"" if (seg.mss is None and seg.ts_val is None and seg.wscale is None
                    and not seg.sack_perm and not seg.sack_blocks) else tcp_options(seg)
     thl = 20 + len(opts)
     payload = seg.payload
     tcp_len = thl + len(payload)
-    proto_sum = pseudo_sum(src, dst, PROTO_TCP, tcp_len)
-    head = _TCP.pack(sport, dport, seg.seq & 0xFFFFFFFF, seg.ack & 0xFFFFFFFF, thl << 2,
-                     seg.flags & 0xFF, seg.window & 0xFFFF, 0, 0)
+    seq = seg.seq & 0xFFFFFFFF
+    ack = seg.ack & 0xFFFFFFFF
+    offlags = (thl << 10) | (seg.flags & 0xFF)
+    window = seg.window & 0xFFFF
     if len(src) == 4:
         iph = ipv4_header(src, dst, PROTO_TCP, tcp_len, ttl)
         ihl = 20
@@ -439,17 +438,38 @@ def build_tcp(src: bytes, dst: bytes, sport: int, dport: int, seg: TcpSegment, *
         iph = ipv6_header(src, dst, PROTO_TCP, tcp_len, ttl)
         ihl = 40
         gso_type = VNET_GSO_TCPV6
+    # The pseudo-header sum, or the whole sum: header fields are added as integers (a 32-bit
+    # field is congruent to the sum of its two words mod 0xffff).
+    proto_sum = (int.from_bytes(src, "big") + int.from_bytes(dst, "big") + PROTO_TCP + tcp_len)
     if vnet:
-        ck = proto_sum or 0xFFFF
+        ck = proto_sum % 0xFFFF or 0xFFFF
         if gso_mtu and ihl + tcp_len > gso_mtu:
             vh = _VNET.pack(VNET_F_NEEDS_CSUM, gso_type, ihl + thl, gso_mtu - ihl - thl, ihl, 16)
         else:
             vh = _VNET.pack(VNET_F_NEEDS_CSUM, 0, ihl + thl, 0, ihl, 16)
-        return b"".join((vh, iph, head[:16], _H.pack(ck), head[18:], opts, payload))
-    # head and opts have even lengths, so the payload's words stay aligned when summed apart.
-    s = (proto_sum + ones_sum(head) + ones_sum(opts) + ones_sum(payload)) % 0xFFFF
-    ck = 0xFFFF - s if s else 0
-    return b"".join((iph, head[:16], _H.pack(ck), head[18:], opts, payload))
+        head = _TCP.pack(sport, dport, seq, ack, thl << 2, seg.flags & 0xFF, window, ck, 0)
+        return vh + iph + head + opts, payload
+    # opts has an even length, so the payload's words stay aligned when summed apart.
+    x = proto_sum + sport + dport + seq + ack + offlags + window
+    if opts:
+        x += int.from_bytes(opts, "big")
+    if payload:
+        x += ones_sum(payload)
+    s = x % 0xFFFF
+    head = _TCP.pack(sport, dport, seq, ack, thl << 2, seg.flags & 0xFF, window,
+                     0xFFFF - s if s else 0, 0)
+    return iph + head + opts, payload
+
+
+def build_tcp(src: bytes, dst: bytes, sport: int, dport: int, seg: TcpSegment, *,
+              vnet: bool = False, gso_mtu: int = 0, ttl: int = 64) -> bytes:
+    """A complete TCP/IP packet for `seg`. With `vnet`, prefix a virtio_net_hdr asking the
+    kernel to finish the checksum (only the pseudo-header sum goes in the field), and if
+    `gso_mtu` is non-zero and the packet is larger, have the kernel cut it into segments
+    that fit that MTU (TSO/GSO), so one write can carry 64 KiB on a 1500-byte link."""
+    head, payload = build_tcp_parts(src, dst, sport, dport, seg, vnet=vnet, gso_mtu=gso_mtu,
+                                    ttl=ttl)
+    return head + payload if payload else head
 
 
 def build_udp(src: bytes, dst: bytes, sport: int, dport: int, payload, *, vnet: bool = False,
