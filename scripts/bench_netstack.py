@@ -46,15 +46,18 @@ CLONE_NEWNET = 0x40000000
 
 APP_ADDR = "10.0.2.100"
 REMOTE_ADDR = "10.0.2.50"
+APP_ADDR6 = "fd00::100"
+REMOTE_ADDR6 = "fd00::50"
 REMOTE_PORT = 5000
 PATTERN_LEN = (4 << 20) + 13  # odd length: a misplaced block shows up in the hash
 
-# The kernel-side client. argv: mode(send|recv) nbytes hash(0|1) seed
+# The kernel-side client. argv: mode(send|recv) nbytes hash(0|1) seed host
 CLIENT = r"""
 import hashlib, os, random, socket, sys, time
 mode, n, do_hash, seed = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
+host = sys.argv[5]
 pat = random.Random(seed).randbytes(PATTERN_LEN)
-s = socket.create_connection((REMOTE_ADDR, REMOTE_PORT), timeout=60)
+s = socket.create_connection((host, REMOTE_PORT), timeout=60)
 s.settimeout(120)
 h = hashlib.sha256()
 t0 = time.monotonic()
@@ -84,8 +87,7 @@ else:
         done += k
 dt = time.monotonic() - t0
 print(mode, done, h.hexdigest(), f"{dt:.6f}", flush=True)
-""".replace("PATTERN_LEN", str(PATTERN_LEN)).replace(
-    "REMOTE_ADDR", repr(REMOTE_ADDR)).replace("REMOTE_PORT", str(REMOTE_PORT))
+""".replace("PATTERN_LEN", str(PATTERN_LEN)).replace("REMOTE_PORT", str(REMOTE_PORT))
 
 
 def pattern_stream(seed: int):
@@ -173,6 +175,7 @@ class KernelLink:
                 str(self.txqueuelen), "up")
             _ip(self.netns, "addr", "add", f"{APP_ADDR}/24", "dev", self.dev)
             _ip(self.netns, "route", "add", "default", "via", "10.0.2.2")
+            _ip(self.netns, "-6", "addr", "add", f"{APP_ADDR6}/64", "dev", self.dev, "nodad")
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -188,10 +191,11 @@ class KernelLink:
         return StackConfig(mtu=self.mtu, vnet_hdr=self.vnet, tun_queue_len=self.txqueuelen,
                            **kw)
 
-    def client(self, mode: str, nbytes: int, do_hash: bool, seed: int) -> subprocess.Popen:
+    def client(self, mode: str, nbytes: int, do_hash: bool, seed: int,
+               host: str = REMOTE_ADDR) -> subprocess.Popen:
         return subprocess.Popen(
             ["ip", "netns", "exec", self.netns, sys.executable, "-c", CLIENT, mode,
-             str(nbytes), "1" if do_hash else "0", str(seed)],
+             str(nbytes), "1" if do_hash else "0", str(seed), host],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             start_new_session=True)
 
@@ -217,14 +221,14 @@ class Result:
 
 def transfer(link: KernelLink, direction: str, nbytes: int, *, do_hash: bool = True,
              seed: int = 1, timeout: float = 600.0, batch: int = 64,
-             stack_config=None) -> Result:
+             stack_config=None, remote: str = REMOTE_ADDR) -> Result:
     """Move `nbytes` through the stack: 'up' = kernel client sends, 'down' = stack sends.
     Returns a Result; raises on timeout or a client failure."""
     stack = Stack(stack_config or link.stack_config())
     fd = link.fd
     res = Result()
     h = hashlib.sha256()
-    proc = link.client("send" if direction == "up" else "recv", nbytes, do_hash, seed)
+    proc = link.client("send" if direction == "up" else "recv", nbytes, do_hash, seed, remote)
     pat = memoryview(pattern_stream(seed) * 2) if direction == "down" else None
     plen = PATTERN_LEN
     sent = 0
@@ -261,7 +265,7 @@ def transfer(link: KernelLink, direction: str, nbytes: int, *, do_hash: bool = T
                 n_in += 1
             for ev in stack.pop_events():
                 if isinstance(ev, NewTcpFlow):
-                    if flow is None and ev.flow.dst == (REMOTE_ADDR, REMOTE_PORT):
+                    if flow is None and ev.flow.dst == (remote, REMOTE_PORT):
                         flow = ev.flow
                         stack.accept(flow, now)
                         t0 = time.monotonic()

@@ -47,12 +47,24 @@ SIZE = (1 << 30) if LONG else (128 << 20)
 def test_bulk_byte_exact(mtu, vnet, direction):
     with bench.KernelLink(NETNS, mtu=mtu, vnet=vnet) as link:
         r = bench.transfer(link, direction, SIZE, do_hash=True, seed=mtu + vnet)
-    mode, count, digest, _secs = r.client_line.split()
+    _mode, count, digest, _secs = r.client_line.split()
     assert int(count) == SIZE and r.nbytes == SIZE
     assert digest == r.sha256
     assert not r.counters["drops"].get("tcp_bad_checksum")
     print(f"\n{direction} mtu={mtu} vnet={vnet}: {r.mbps:.0f} MB/s, "
           f"{r.us_per_segment:.1f} us/segment")
+
+
+@pytest.mark.parametrize("mtu", [65520, 1500])
+@pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_bulk_byte_exact_ipv6(mtu, vnet, direction):
+    size = SIZE // 4
+    with bench.KernelLink(NETNS, mtu=mtu, vnet=vnet) as link:
+        r = bench.transfer(link, direction, size, do_hash=True, seed=7,
+                           remote=bench.REMOTE_ADDR6)
+    _mode, count, digest, _secs = r.client_line.split()
+    assert int(count) == size and r.nbytes == size and digest == r.sha256
 
 
 # ----------------------------------------------------------------------------- small exchanges
@@ -104,6 +116,16 @@ def test_ping_gateway_and_dns(vnet):
     assert out.count("bytes from 10.0.2.2") == 2 and out.count("bytes from 10.0.2.3") == 2
 
 
+def test_ping6_gateway():
+    with bench.KernelLink(NETNS, mtu=1500, vnet=True) as link:
+        stack = Stack(link.stack_config())
+        proc = subprocess.Popen(["ip", "netns", "exec", NETNS, "ping", "-6", "-n", "-c", "2",
+                                 "-i", "0.2", "-W", "2", "-s", "1000", "fd00::2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out = run(link, stack, proc, lambda *a: None)
+    assert out.count("bytes from fd00::2") == 2
+
+
 @pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
 def test_udp_round_trip_and_port_unreachable(vnet):
     code = """
@@ -134,22 +156,24 @@ def test_udp_round_trip_and_port_unreachable(vnet):
 
 
 @pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
-def test_connect_errors_seen_by_the_kernel(vnet):
-    """refuse -> ECONNREFUSED; unreachable -> EHOSTUNREACH / ENETUNREACH; accept -> data."""
-    code = """
+@pytest.mark.parametrize("host", ["10.0.2.50", "fd00::50"])
+def test_connect_errors_seen_by_the_kernel(vnet, host):
+    """refuse -> ECONNREFUSED; unreachable -> EHOSTUNREACH / ENETUNREACH / (v6 admin) EACCES;
+    accept -> data."""
+    code = f"""
         import errno, socket
-        for port in (1, 2, 3, 4):
-            s = socket.socket()
+        for port in (1, 2, 3, 5, 4):
+            s = socket.socket(socket.AF_INET6 if ":" in {host!r} else socket.AF_INET)
             s.settimeout(5)
             try:
-                s.connect(("10.0.2.50", port))
+                s.connect(({host!r}, port))
                 s.sendall(b"x" * 10)
                 print(port, "ok", s.recv(10).decode())
             except OSError as e:
                 print(port, errno.errorcode.get(e.errno, e.errno))
             s.close()
     """
-    actions = {1: "refuse", 2: "host", 3: "net", 4: "accept"}
+    actions = {1: "refuse", 2: "host", 3: "net", 4: "accept", 5: "admin"}
 
     def on_event(stack, ev, now):
         if isinstance(ev, NewTcpFlow):
@@ -167,8 +191,9 @@ def test_connect_errors_seen_by_the_kernel(vnet):
 
     with bench.KernelLink(NETNS, mtu=1500, vnet=vnet) as link:
         out = run(link, Stack(link.stack_config()), netns_python(code), on_event)
+    admin = "EHOSTUNREACH" if "." in host else "EACCES"
     assert out.splitlines() == ["1 ECONNREFUSED", "2 EHOSTUNREACH", "3 ENETUNREACH",
-                                "4 ok pong"]
+                                f"5 {admin}", "4 ok pong"]
 
 
 def test_rst_for_unknown_connection_seen_by_the_kernel():
