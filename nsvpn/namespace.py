@@ -742,6 +742,10 @@ def _recv(sock: socket.socket, with_fd: bool = False) -> Tuple[bytes, List[int]]
     return data, fds
 
 
+def _stage_msg(stage: str, msg: str) -> str:
+    return msg if msg.startswith(stage) else f"{stage}: {msg}"
+
+
 class _ChildReport(Exception):
     """The child sent an error report (or vanished); becomes a SpawnError once reaped."""
 
@@ -752,9 +756,13 @@ class _ChildReport(Exception):
     def spawn_error(self, status: int) -> SpawnError:
         if self.data[:1] == b"E":
             info = json.loads(self.data[1:].decode())
-            stage, msg = info.get("stage", "?"), info.get("msg", "?")
-            text = msg if stage == "exec" else f"namespace setup failed at {stage}: {msg}"
-            return SpawnError(stage, text, info.get("errno"), info.get("code", 1))
+            stage, msg, err = info.get("stage", "?"), info.get("msg", "?"), info.get("errno")
+            if stage == "exec":
+                return SpawnError(stage, msg, err, info.get("code", 1))
+            text = f"namespace setup failed: {_stage_msg(stage, msg)}"
+            if stage in ("unshare", "mount", "netlink") and err in (errno.EPERM, errno.ENOSPC):
+                text += f" ({_explain_userns(stage, err, _userns_facts())})"
+            return SpawnError(stage, text, err, info.get("code", 1))
         return SpawnError("child", "namespace child exited unexpectedly "
                                    f"(status {_exitcode(status)})")
 
@@ -966,7 +974,7 @@ def _run_trial(name: str, work, timeout: float = 2.0) -> TrialResult:
         return TrialResult(name, True, str(result["detail"]), elapsed_ms=ms,
                            data=dict(result.get("data") or {}))
     err = result.get("errno")
-    return TrialResult(name, False, f"{result.get('stage')}: {result.get('msg')}",
+    return TrialResult(name, False, _stage_msg(str(result.get("stage")), str(result.get("msg"))),
                        errno=err if isinstance(err, int) else None,
                        errname=errno.errorcode.get(err) if isinstance(err, int) else None,
                        elapsed_ms=ms, data={"stage": result.get("stage")})

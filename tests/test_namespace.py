@@ -398,8 +398,12 @@ def test_trial_userns_explains_max_user_namespaces(pkgdir):
     p = run_user(pkgdir, """
     import json
     from nsvpn import namespace as ns
-    r = ns.trial_userns()
-    print(json.dumps(r.to_dict()))
+    r = ns.trial_userns().to_dict()
+    try:
+        ns.spawn(["true"])
+    except ns.SpawnError as e:
+        r["spawn_error"] = [e.stage, e.errno, str(e)]
+    print(json.dumps(r))
     """, wrap=(UNSHARE, "-U", "-r", "sh", "-c",
                "echo 0 > /proc/sys/user/max_user_namespaces && exec \"$@\"", "sh"))
     r = last_json(p)
@@ -408,6 +412,10 @@ def test_trial_userns_explains_max_user_namespaces(pkgdir):
     assert "user.max_user_namespaces is 0" in r["detail"]
     assert "read: user.max_user_namespaces=0" in r["detail"]
     assert r["elapsed_ms"] < 100
+    assert r["spawn_error"][:2] == ["unshare", 28]  # ENOSPC, as a message, not a traceback
+    assert r["spawn_error"][2].startswith("namespace setup failed: unshare: No space left")
+    assert "user.max_user_namespaces is 0" in r["spawn_error"][2]
+    assert "Traceback" not in p.stderr
 
 
 @contextlib.contextmanager
@@ -426,8 +434,12 @@ def test_trial_tun_reports_device_mode(pkgdir):
     from nsvpn import namespace as ns
     print("ready", flush=True)
     sys.stdin.readline()
-    r = ns.trial_tun()
-    print(json.dumps(r.to_dict()), flush=True)
+    r = ns.trial_tun().to_dict()
+    try:
+        ns.spawn(["true"])
+    except ns.SpawnError as e:
+        r["spawn_error"] = [e.stage, str(e)]
+    print(json.dumps(r), flush=True)
     """, stdin=subprocess.PIPE)
     try:
         reader = _Lines(proc)
@@ -449,6 +461,8 @@ def test_trial_tun_reports_device_mode(pkgdir):
     assert not r["ok"]
     assert r["errname"] in ("EACCES", "EPERM")
     assert r["data"]["mode"] == "0600" and "mode 0600" in r["detail"]
+    stage, msg = r["spawn_error"]
+    assert stage == "tun" and "/dev/net/tun" in msg and "mode 0600" in msg, msg
 
 
 RESOLV_HELPER = """
