@@ -107,6 +107,15 @@ def test_up_twice_is_harmless(lab):
     assert _daemon_pids(lab) == before  # healthy daemons are left alone
 
 
+def test_lab_shell_runs_as_the_test_user_in_the_worker(lab):
+    r = lab.run(["scripts/lab", "shell", "worker", "--user", "--", "sh", "-c",
+                 "id -un; ip -4 -o addr show veth-edge; echo $HOME"],
+                netns=None, user=None, cwd=_repo(), check=True)
+    name, addr, home = r.stdout.splitlines()
+    assert name == lab.user and f"{lab.worker_ip}/24" in addr
+    assert home == lab.info["users"]["primary"]["home"]
+
+
 def test_worker_has_no_route_out(lab):
     r = lab.run(["ip", "-4", "route", "show"], check=True)
     assert "default" not in r.stdout
