@@ -499,3 +499,21 @@ def test_output_iovecs_match_output_packets():
     assert any(len(v) == 2 for v in iovs) and all(1 <= len(v) <= 2 for v in iovs)
     for p in pkts:
         checked(p)
+
+
+def test_vnet_gso_respects_peer_mss():
+    st = Stack(StackConfig(vnet_hdr=True, mtu=65520))
+    st.input_packet(wire.VNET_PLAIN + bytes(IP(src=APP, dst=REMOTE) / TCP(
+        sport=1, dport=2, seq=0, flags="S", options=[("MSS", 1000), ("WScale", 7)])), 0.0)
+    (ev,) = st.pop_events()
+    st.accept(ev.flow, 0.0)
+    sa = IP(st.output_packets()[0][10:])
+    st.input_packet(wire.VNET_PLAIN + tcp("A", 1, sa[TCP].seq + 1, sport=1, dport=2,
+                                          window=65535), 0.0)
+    st.pop_events()
+    st.tcp_send(ev.flow, b"q" * 30000, 0.0)
+    big = [p for p in st.output_packets() if len(p) > 1100]
+    assert big
+    for pkt in big:
+        vh = struct.unpack("=BBHHHH", pkt[:10])
+        assert vh[1] == wire.VNET_GSO_TCPV4 and vh[3] == 1000

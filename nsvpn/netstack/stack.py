@@ -485,6 +485,11 @@ class Stack:
         if segs:
             src, dst, sport, dport = flow.out_src, flow.out_dst, flow.out_sport, flow.out_dport
             vnet, gso_mtu, out = self._vnet, self._gso_mtu, self._out
+            if gso_mtu:
+                # Wire segments must also respect the MSS the peer announced.
+                peer_mtu = conn.peer_mss + (40 if len(src) == 4 else 60)
+                if peer_mtu < gso_mtu:
+                    gso_mtu = peer_mtu
             build = wire.build_tcp_parts
             for seg in segs:
                 head, payload = build(src, dst, sport, dport, seg, vnet=vnet, gso_mtu=gso_mtu)
