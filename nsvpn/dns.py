@@ -546,3 +546,151 @@ async def resolve_query(
             got = await relay(step.wire) if relay is not None else None
             step = answerer.finish_relay(step, got)
     return step.wire if step is not None else None
+
+
+# -- the relay's DNS service ---------------------------------------------------------------
+
+
+def parse_server(text: str) -> Tuple[str, int]:
+    """`--dns-server` value: IP, IP:PORT, [IPv6] or [IPv6]:PORT -> (ip, port)."""
+    text = text.strip()
+    host, port = text, 53
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise ValueError(f"--dns-server {text}: bad port")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, p = text.split(":")
+        if not p.isdigit():
+            raise ValueError(f"--dns-server {text}: bad port")
+        port = int(p)
+    if not _is_address(host):
+        raise ValueError(f"--dns-server {text}: not an IP address")
+    if not 0 < port < 65536:
+        raise ValueError(f"--dns-server {text}: bad port")
+    return host, port
+
+
+class DnsService:
+    """Answers DNS sent to the namespace's DNS address, for relay.Relay.
+
+    `upstream` (anything with dial_tcp) carries DNS-over-TCP to `dns_server` when one is given.
+    UDP queries run concurrently up to `max_inflight`; beyond that they are dropped (clients
+    retry) rather than queued without bound.
+    """
+
+    def __init__(
+        self,
+        fake_ips: FakeIpTable | None = None,
+        *,
+        upstream=None,
+        dns_server: str | None = None,
+        ipv6: bool = False,
+        use_fake_ips: bool = True,
+        lookup: Callable[[str, int], Awaitable[LookupResult]] = host_lookup,
+        forward_servers: List[Tuple[str, int]] | None = None,
+        max_inflight: int = 256,
+        relay_timeout: float = 5.0,
+    ):
+        self.server = parse_server(dns_server) if dns_server else None
+        if self.server is not None and upstream is None:
+            raise ValueError("--dns-server needs an upstream to reach it")
+        self.upstream = upstream
+        self.answerer = DnsAnswerer(
+            fake_ips,
+            ipv6=ipv6,
+            use_fake_ips=use_fake_ips,
+            relay=self.server is not None,
+            clock=trio.current_time,
+        )
+        self.fake_ips = self.answerer.fake_ips
+        self.lookup = lookup
+        self.forward_servers = (
+            forward_servers
+            if forward_servers is not None
+            else [(ns, 53) for ns in host_nameservers()]
+        )
+        self.relay_timeout = relay_timeout
+        self._limiter = trio.CapacityLimiter(max_inflight)
+        self.dropped = 0
+
+    async def _relay(self, wire: bytes) -> bytes | None:
+        assert self.server is not None and self.upstream is not None
+        up = self.upstream
+
+        async def dial(host: str, port: int, timeout: float) -> trio.abc.Stream:
+            return await up.dial_tcp(host, port, timeout=timeout)
+
+        return await relay_tcp(dial, self.server, wire, self.relay_timeout)
+
+    async def answer(self, wire: bytes, *, tcp: bool = False) -> bytes | None:
+        return await resolve_query(
+            self.answerer,
+            wire,
+            tcp=tcp,
+            lookup=self.lookup,
+            forward_servers=self.forward_servers,
+            relay=self._relay if self.server is not None else None,
+        )
+
+    async def serve_udp(self, relay, src, dst, payload: bytes) -> None:
+        """One datagram from the app at `src` to our DNS address `dst`."""
+        try:
+            self._limiter.acquire_nowait()
+        except trio.WouldBlock:
+            self.dropped += 1
+            return
+        try:
+            out = await self.answer(payload)
+        finally:
+            self._limiter.release()
+        if out is not None:
+            relay.send_udp(dst, src, out)
+
+    async def serve_tcp_flow(self, relay, f) -> None:
+        """DNS over TCP on an accepted stack flow (`f` is the relay's per-flow companion)."""
+        st = relay.stack
+        flow = f.flow
+        conn = flow.conn
+        await f.connected.wait()
+        deframer = TcpDeframer()
+        while not f.reset:
+            if conn.recv_available():
+                data = st.tcp_recv(flow, 65536)
+                relay._after_stack()
+                for msg in deframer.feed(data):
+                    out = await self.answer(msg, tcp=True)
+                    if out is not None and not await self._tcp_send(relay, f, tcp_frame(out)):
+                        return
+                continue
+            if f.eof:
+                break
+            f.readable = trio.Event()
+            if conn.recv_available() or f.eof or f.reset:
+                continue
+            await f.readable.wait()
+        if not f.reset:
+            st.tcp_shutdown(flow, trio.current_time())
+            relay._after_stack()
+            with trio.move_on_after(10):
+                await f.done.wait()
+
+    @staticmethod
+    async def _tcp_send(relay, f, data: bytes) -> bool:
+        st = relay.stack
+        conn = f.flow.conn
+        view = memoryview(data)
+        while view:
+            if f.reset:
+                return False
+            if conn.send_space() <= 0:
+                f.writable = trio.Event()
+                if conn.send_space() <= 0 and not f.reset:
+                    await f.writable.wait()
+                continue
+            n = st.tcp_send(f.flow, bytes(view[: conn.send_space()]), trio.current_time())
+            relay._after_stack()
+            view = view[n:]
+        return True

@@ -312,3 +312,143 @@ async def test_relay_over_tcp_through_a_dialer(nursery):
     frames = nd.TcpDeframer().feed(nd.tcp_frame(wire))
     assert frames == [wire]
     assert struct.unpack("!H", nd.tcp_frame(out)[:2])[0] == len(out)
+
+
+# -- DnsService inside the real relay and userspace stack ----------------------------------
+
+
+def test_parse_server():
+    assert nd.parse_server("10.1.1.1") == ("10.1.1.1", 53)
+    assert nd.parse_server("10.1.1.1:5353") == ("10.1.1.1", 5353)
+    assert nd.parse_server("[fd00::53]:54") == ("fd00::53", 54)
+    assert nd.parse_server("fd00::53") == ("fd00::53", 53)
+    for bad in ("dns.example", "10.1.1.1:x", "10.1.1.1:0", "[fd00::1]x"):
+        with pytest.raises(ValueError):
+            nd.parse_server(bad)
+
+
+async def _nxdomain(name, rdtype):
+    """A host resolver that knows no names (the secluded node)."""
+    await trio.lowlevel.checkpoint()
+    return nd.LookupResult("nxdomain")
+
+
+async def test_service_relays_through_a_socks_upstream(nursery):
+    """--dns-server reached as DNS over TCP *through* an upstream (our SOCKS5 dialer and
+    microsocks), for names the host cannot resolve."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+
+    from nsvpn.upstream.socks5 import Socks5Upstream
+
+    if not os.path.exists(shutil.which("microsocks") or "/usr/bin/microsocks"):
+        pytest.skip("microsocks is not installed")
+    dns_port = await tcp_dns_server(nursery)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        sport = s.getsockname()[1]
+    proxy = subprocess.Popen(
+        ["microsocks", "-i", "127.0.0.1", "-p", str(sport)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        up = Socks5Upstream("127.0.0.1", sport)
+        with trio.fail_after(5):
+            while True:
+                try:
+                    await up.start()
+                    break
+                except Exception:
+                    await trio.sleep(0.05)
+        svc = nd.DnsService(
+            upstream=up, dns_server=f"127.0.0.1:{dns_port}", lookup=_nxdomain, forward_servers=[]
+        )
+        out = await svc.answer(q("only-remote.lab"))
+        assert addrs(parse(out)) == ["172.16.5.5"]
+        # The relay target is down: names still work, with fake IPs.
+        proxy.kill()
+        proxy.wait()
+        out = await svc.answer(q("elsewhere.lab"))
+        assert ipaddress.ip_address(addrs(parse(out))[0]) in FAKE
+    finally:
+        proxy.kill()
+        proxy.wait()
+
+
+async def test_service_in_relay_udp_and_tcp(nursery):
+    """Queries from an app stack through a datagram socketpair standing in for the TUN, into
+    relay.Relay + Stack + DnsService: UDP, and DNS over TCP (two queries on one connection)."""
+    import socket
+
+    from scapy.all import DNS, IP, UDP
+
+    from nsvpn import routing
+    from nsvpn.netstack import wire
+    from nsvpn.netstack.stack import Stack, StackConfig
+    from nsvpn.relay import Relay
+
+    tun, app_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tun.setblocking(False)
+    fakes = nd.FakeIpTable()
+    svc = nd.DnsService(fakes, lookup=_nxdomain, forward_servers=[])
+    router = routing.Router(fake_ip_lookup=fakes.name_for)
+
+    async def no_dial(host, port, timeout):
+        raise AssertionError("DNS must not dial")
+
+    relay = Relay(
+        tun.fileno(),
+        Stack(StackConfig()),
+        router,
+        dial_upstream=no_dial,
+        dial_direct=no_dial,
+        dns_service=svc,
+    )
+    await nursery.start(relay.run)
+    app_sock = trio.socket.from_stdlib_socket(app_end)
+
+    # UDP
+    app, dns_ip = "10.0.2.100", "10.0.2.3"
+    pkt = wire.build_udp(
+        socket.inet_aton(app), socket.inet_aton(dns_ip), 40000, 53, q("cern.example")
+    )
+    await app_sock.send(pkt)
+    with trio.fail_after(5):
+        reply = IP(await app_sock.recv(65535))
+    assert reply[UDP].sport == 53 and reply[UDP].dport == 40000
+    answer = parse(bytes(reply[UDP].payload))
+    fake = addrs(answer)[0]
+    assert fakes.name_for(fake) == "cern.example"
+    assert DNS in reply
+
+    # TCP: an active-open app stack on the other end of the socketpair
+    client = Stack(StackConfig())
+    flow = client.open_tcp((app, 0), (dns_ip, 53), trio.current_time())
+
+    async def app_io():
+        for p in client.output_packets():
+            await app_sock.send(p)
+        with trio.move_on_after(0.05):
+            while True:
+                client.input_packet(await app_sock.recv(65535), trio.current_time())
+                for p in client.output_packets():
+                    await app_sock.send(p)
+
+    with trio.fail_after(5):
+        while "connected" not in [getattr(e, "kind", None) for e in client.pop_events()]:
+            await app_io()
+        queries = nd.tcp_frame(q("cern.example")) + nd.tcp_frame(
+            q(dns.reversename.from_address(fake), "PTR")
+        )
+        client.tcp_send(flow, queries, trio.current_time())
+        deframer = nd.TcpDeframer()
+        msgs = []
+        while len(msgs) < 2:
+            await app_io()
+            msgs += deframer.feed(client.tcp_recv(flow, -1))
+    assert addrs(parse(msgs[0])) == [fake]  # stable across UDP and TCP
+    assert addrs(parse(msgs[1]), "PTR") == ["cern.example."]
+    nursery.cancel_scope.cancel()
