@@ -23,7 +23,8 @@ names the step (exit_code 127 for "command not found", 126 for "not executable",
 Public API::
 
     spec = NetnsSpec()                       # 10.0.2.100/24 via 10.0.2.2, DNS 10.0.2.3, MTU 65520
-    child = spawn(["curl", url], spec)       # sync, ~10-30 ms; from the main thread only
+    child = spawn(["curl", url], spec)       # sync, ~6 ms here; from the main thread only
+    child.warnings                           # non-fatal, e.g. no /etc/resolv.conf to cover
     child.tun_fd                             # non-blocking, close-on-exec, in the parent
     status = await supervise(child)          # forwards signals, waits; 128+N for signal N
     trial_userns() / trial_tun() / trial_bind_mount()  -> TrialResult(ok, detail, errno, ...)
@@ -211,6 +212,8 @@ class NamespaceChild:
         self.spec = spec
         self._pidfd = pidfd
         self._status: int | None = None
+        # Non-fatal setup problems worth telling the user (e.g. no /etc/resolv.conf).
+        self.warnings: List[str] = []
 
     def signal(self, sig: int) -> None:
         """Send `sig` to CMD; a no-op once it has been reaped (no pid-reuse race)."""
@@ -454,8 +457,8 @@ def _cover_with_bind(target: str, text: str) -> str:
         # directory, in this mount namespace only, and create the file there.
         parent = os.path.dirname(real)
         if not os.path.isdir(parent):
-            raise OSError(errno.ENOENT, f"{target} -> {real}: neither the file nor its "
-                                        "directory exists, nothing to mount over")
+            raise FileNotFoundError(errno.ENOENT, f"{target} -> {real}: neither the file nor "
+                                                  "its directory exists, nothing to mount over")
         _mount("tmpfs", parent, "tmpfs", 0, "mode=0755")
         with open(real, "w") as f:
             f.write(text)
@@ -476,6 +479,8 @@ def cover_file(target: str, text: str, *, legacy: bool = False) -> str:
 
     Needs CAP_SYS_ADMIN in the mount namespace's user namespace. Returns how it was done.
     """
+    if not os.path.lexists(target):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), target)
     if not legacy:
         try:
             _cover_with_move_mount(target, text, os.path.basename(target))
@@ -599,15 +604,24 @@ def _setup_network(spec: NetnsSpec, stage: _Stage) -> int:
     return fd
 
 
-def _setup_mounts(spec: NetnsSpec, stage: _Stage) -> None:
+def _setup_mounts(spec: NetnsSpec, stage: _Stage) -> List[str]:
+    """Private mount tree, then our files over /etc. Returns warnings for the parent."""
     stage.name = "mount"
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    warnings_: List[str] = []
+    files = []
     if spec.manage_resolv_conf:
-        stage.name = "resolv.conf"
-        cover_file("/etc/resolv.conf", spec.resolv_conf_text())
+        files.append(("/etc/resolv.conf", spec.resolv_conf_text()))
     if spec.hosts is not None:
-        stage.name = "hosts"
-        cover_file("/etc/hosts", spec.hosts)
+        files.append(("/etc/hosts", spec.hosts))
+    for target, text in files:
+        stage.name = os.path.basename(target)
+        try:
+            cover_file(target, text)
+        except FileNotFoundError as e:
+            # Nothing there to mount over: CMD still runs, without our file.
+            warnings_.append(f"{target} not replaced: {e.strerror}")
+    return warnings_
 
 
 def _close_fds_except(keep: Sequence[int]) -> None:
@@ -627,9 +641,9 @@ def _child_main(sock: socket.socket, parent_pid: int, argv: List[str], spec: Net
     try:
         _child_prologue(sock, parent_pid, stage)
         tun_fd = _setup_network(spec, stage)
-        _setup_mounts(spec, stage)
+        notes = _setup_mounts(spec, stage)
         stage.name = "send tun fd"
-        _send_msg(sock, b"K", fds=[tun_fd])
+        _send_msg(sock, b"K", {"warnings": notes}, fds=[tun_fd])
         os.close(tun_fd)
         stage.name = "chdir"
         if cwd is not None:
@@ -807,11 +821,12 @@ def spawn(argv: Sequence[str], spec: NetnsSpec | None = None, *,
                                         f"{e.strerror}", e.errno) from None
         psock.send(b"M")
         data, fds = _recv(psock, with_fd=True)
-        if data != b"K" or len(fds) != 1:
+        if data[:1] != b"K" or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
             raise _ChildReport(data)
         tun_fd = fds[0]
+        notes = list(json.loads(data[1:].decode()).get("warnings", []))
         os.set_blocking(tun_fd, False)
         # Exec'ing CMD from a slow shared filesystem may take long; the kernel bounds it.
         psock.settimeout(None)
@@ -832,7 +847,9 @@ def spawn(argv: Sequence[str], spec: NetnsSpec | None = None, *,
         raise
     finally:
         psock.close()
-    return NamespaceChild(pid, pidfd, tun_fd, spec)
+    child = NamespaceChild(pid, pidfd, tun_fd, spec)
+    child.warnings = notes
+    return child
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1034,7 +1051,9 @@ def _work_bind(stage: _Stage):
     stage.name = "mount"
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     stage.name = "resolv.conf"
-    target = "/etc/resolv.conf"
+    # Any file in /etc proves the mechanism; resolv.conf is the one we need, when it exists.
+    candidates = ("/etc/resolv.conf", "/etc/hosts", "/etc/passwd")
+    target = next((p for p in candidates if os.path.lexists(p)), candidates[0])
     text = "# nsvpn probe\nnameserver 10.0.2.3\n"
     is_link = os.path.islink(target)
     how = cover_file(target, text)
