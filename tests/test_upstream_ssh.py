@@ -288,6 +288,24 @@ async def test_ssh_tcp_fallback(sshd, nursery, tmp_path, monkeypatch):
 
 @needs_sshd
 @needs_root
+async def test_ssh_long_runtime_dir_falls_back_to_tmp(sshd, nursery, tmp_path, monkeypatch):
+    """sun_path holds 108 bytes: a long $XDG_RUNTIME_DIR must not break the unix socket."""
+    deep = tmp_path / ("x" * 60) / ("y" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(deep))
+    port = await echo_server(nursery)
+    up = make_upstream(sshd)
+    await up.start()
+    try:
+        assert up.socket_path.startswith(f"/tmp/nsvpn-{os.getuid()}-")
+        assert await roundtrip(up, port, b"short path") == b"short path"
+    finally:
+        await up.aclose()
+    assert os.environ["XDG_RUNTIME_DIR"] == str(deep)
+
+
+@needs_sshd
+@needs_root
 async def test_ssh_readiness_is_bounded(sshd, nursery, tmp_path, monkeypatch):
     """A server that accepts TCP but never speaks: start() gives up in time, ssh is gone."""
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))

@@ -4,8 +4,8 @@
   port that other users of the node could borrow. An ssh too old for `-D /path` (see
   UNIX_DYNAMIC_MIN) gets `-D 127.0.0.1:<free port>` and a one-line warning.
 * The user's ssh config, agent and keys apply. `BatchMode=yes` unless stdin is a terminal;
-  then ssh may prompt (it talks to /dev/tty, not to our pipes) and ignores SIGINT, so the
-  terminal's Ctrl-C reaches nsvpn and CMD but not our tunnel.
+  then ssh may prompt (it talks to /dev/tty; its stdin is /dev/null either way) and ignores
+  SIGINT, so the terminal's Ctrl-C reaches nsvpn and CMD but not our tunnel.
 * Readiness = the socket answers a SOCKS5 greeting, bounded (20 s by default, 120 s when ssh
   may prompt). If ssh exits first, start() raises UpstreamError with ssh's own last messages
   ("Permission denied (publickey).").
@@ -54,6 +54,7 @@ BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0  # a run this long resets the backoff
 STDERR_KEEP = 40
+UNIX_PATH_MAX = 100  # sun_path is 108 bytes with the NUL; keep a margin
 OPEN_FAILED_WAIT = 0.25  # how long a closed CONNECT waits for ssh's explanation on stderr
 
 _PR_SET_PDEATHSIG = 1
@@ -263,7 +264,16 @@ class SshUpstream:
             self.force_tcp = True
         else:
             d = self.sockdir or runtime_dir()
-            self.socket_path = os.path.join(d, f"ssh-{os.getpid()}-{self.index}.sock")
+            name = f"ssh-{os.getpid()}-{self.index}.sock"
+            if len(os.path.join(d, name).encode()) > UNIX_PATH_MAX:
+                # A long $XDG_RUNTIME_DIR: the /tmp fallback is short and just as private.
+                saved = os.environ.pop("XDG_RUNTIME_DIR", None)
+                try:
+                    d = runtime_dir()
+                finally:
+                    if saved is not None:
+                        os.environ["XDG_RUNTIME_DIR"] = saved
+            self.socket_path = os.path.join(d, name)
         self._first = trio.Event()
         trio.lowlevel.spawn_system_task(self._supervise, name=f"nsvpn ssh {self.name}")
         await self._first.wait()
@@ -376,7 +386,8 @@ class SshUpstream:
         log.debug("starting %s", " ".join(shlex.quote(a) for a in argv))
         popen = subprocess.Popen(  # noqa: S603 - argv built above, no shell
             argv,
-            stdin=None if self.interactive else subprocess.DEVNULL,
+            # Prompts go to /dev/tty, never through stdin: CMD keeps the terminal's input.
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             close_fds=True,
