@@ -46,7 +46,8 @@ def parse(raw, **kw):
 # --------------------------------------------------------------------------------- checksums
 
 
-@pytest.mark.parametrize("n", [0, 1, 2, 3, 19, 20, 1459, 1460, 65535])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 19, 20, 1459, 1460, 4095, 4096, 4097, 4098, 8193,
+                               65535, 65536])
 def test_checksum_matches_scapy(n):
     rnd = random.Random(n)
     data = bytes(rnd.getrandbits(8) for _ in range(n))

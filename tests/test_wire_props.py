@@ -190,3 +190,12 @@ def test_stack_input_never_raises(packets, vnet, policy):
     c = stack.counters
     assert 0 <= c["tcp_half_open"] <= 2 and c["tcp_flows"] <= 3
     assert c["tcp_half_open"] <= c["tcp_flows"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=4000, max_size=20000), st.integers(0, 7))
+def test_chunked_ones_sum_equals_whole_buffer_sum(data, cut):
+    data = data[cut:]
+    x = int.from_bytes(data, "big") << (8 if len(data) & 1 else 0)
+    assert wire.ones_sum(data) == x % 0xFFFF
+    assert wire.ones_sum(memoryview(data)) == x % 0xFFFF
