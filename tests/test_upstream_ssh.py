@@ -492,3 +492,63 @@ async def test_ssh_upstream_as_unprivileged_user(sshd, nursery):
         assert info["echo_ok"] and info["removed"]
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+PROMPT_CHILD = """
+import sys, trio
+from nsvpn.upstream.ssh import SshUpstream
+from nsvpn.urls import parse_upstream_url
+
+async def main():
+    up = SshUpstream(parse_upstream_url(sys.argv[1]), ssh_opts=sys.argv[2:])
+    print("interactive", up.interactive, flush=True)
+    await up.start()
+    print("READY", flush=True)
+    await up.aclose()
+
+trio.run(main)
+"""
+
+
+@needs_sshd
+@needs_root
+def test_ssh_can_prompt_on_the_terminal(sshd, tmp_path):
+    """With a terminal, ssh may ask (here: the host-key question) and the user's answer works."""
+    import pty
+
+    d = sshd["dir"]
+    known = tmp_path / "known_hosts"
+    env = dict(
+        os.environ,
+        XDG_RUNTIME_DIR=str(tmp_path),
+        PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    argv = [
+        sys.executable, "-c", PROMPT_CHILD, f"ssh://root@127.0.0.1:{sshd['port']}",
+        "-F /dev/null", f"-i {d}/user", "IdentitiesOnly=yes", "StrictHostKeyChecking=ask",
+        f"UserKnownHostsFile={known}",
+    ]  # fmt: skip
+    pid, fd = pty.fork()
+    if pid == 0:  # child: a session with the pty as controlling terminal
+        os.execve(argv[0], argv, env)
+    out = b""
+    answered = False
+    deadline = time.monotonic() + 20
+    try:
+        while b"READY" not in out and time.monotonic() < deadline:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            out += chunk
+            if not answered and b"continue connecting" in out:
+                os.write(fd, b"yes\n")
+                answered = True
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert b"interactive True" in out
+    assert answered, out.decode(errors="replace")
+    assert b"READY" in out, out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert "127.0.0.1" in known.read_text()
