@@ -1,8 +1,16 @@
 """Harness for end-to-end tests in the secluded-node lab (scripts/lab).
 
-The `lab` fixture (tests/conftest.py) gives a `Lab`: the facts of `scripts/lab info --json`
-plus `run()` / `popen()`, which start commands as the unprivileged test user inside a lab
-network namespace with a clean environment (no shell rc files, PATH = nsvpn venv first).
+Fixtures (tests/conftest.py), for tests marked `@pytest.mark.lab`:
+  lab        a `Lab`: the facts of `scripts/lab info --json` (`.info`, plus shortcuts such as
+             `.sha256[name]`, `.servercert`, `.ssh`, `.ocserv`) and `run()` / `popen()`, which
+             start commands as the unprivileged test user inside a lab network namespace with
+             a clean environment (no shell rc files; PATH = $NSVPN_VENV/bin first).
+  nsvpn_lab  the same, after checking that the test user can run the nsvpn installed in
+             $NSVPN_VENV (default /opt/nsvpn-venv) and that it matches the working tree.
+  user_tmp   a scratch directory owned by the test user.
+Example:
+    r = nsvpn_lab.run(["nsvpn", "exec", "--via", "ssh://edge.lab", "--", "curl", "-sS",
+                       "http://remote.lab/1M.bin"], text=False, timeout=60)
 """
 
 from __future__ import annotations
