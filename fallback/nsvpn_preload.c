@@ -1,21 +1,213 @@
 /*
- * nsvpn LD_PRELOAD shim (libc only).
+ * nsvpn LD_PRELOAD shim (libc only): diverts TCP connect() and failed name lookups of an
+ * unmodified program to nsvpn's local front (nsvpn/front.py), which dials the upstream.
  *
- * Built by the package build into nsvpn/_preload*.so. The preload-mode issue fills in the
- * connect()/resolver hooks; for now it only proves that the library loads into a process:
- * `nsvpn probe` runs `true` with it and NSVPN_PROBE_FD=<fd>, and the constructor writes a
- * marker line to that fd.
+ * `nsvpn probe` runs `true` with this library and NSVPN_PROBE_FD=<fd>; the constructor writes a
+ * marker line to that fd (proof that it loads). The hooks are inert unless the front's
+ * settings are in the environment (NSVPN_CTL, NSVPN_FRONT_PORT4, ...; see shim_init()).
+ *
+ * Design (why it looks like this)
+ * -------------------------------
+ * Two channels to the front:
+ *  - the *data* connection: the program's own socket (AF_INET or AF_INET6, unchanged family,
+ *    options, fd number) is connect()ed to the front at 127.0.0.1:PORT4 (AF_INET6 sockets:
+ *    ::ffff:127.0.0.1, or [::1]:PORT6 when IPV6_V6ONLY is set). An AF_INET socket cannot be
+ *    connected to a unix path, and dup2()ing a unix socket over the fd would change its family
+ *    and break getsockopt/TCP options, so the data path stays TCP over loopback.
+ *  - the *control* channel: a unix stream socket in nsvpn's 0700 runtime directory, one short
+ *    request per connection (no shared state: nothing to lock, nothing to fix after fork,
+ *    close_range() or threads). Only the user can reach it, so a claim made over it is
+ *    authenticated by the kernel. The TCP port itself is open to every local user, but the
+ *    front serves a connection only when (a) the control channel claimed it (by its source
+ *    port) and the first 16 bytes on it are the claim's random token, or (b) it speaks SOCKS5
+ *    with the per-session user/password from ALL_PROXY (for SOCKS-aware programs). Another
+ *    user has neither.
+ *
+ * Blocking sockets: connect to the front, write the token, claim "<port> -> destination" and
+ * wait on the control channel for the front's answer: the upstream's real outcome, as errno
+ * (ECONNREFUSED, ENETUNREACH, EHOSTUNREACH, ETIMEDOUT, ...).
+ *
+ * Non-blocking sockets (epoll/poll/select loops, curl multi, asyncio, XrdCl): connect() must not
+ * wait for the upstream, yet the socket must not look writable ("connected") before the
+ * upstream CONNECT succeeded. The loopback handshake itself completes at once, so readiness is
+ * gated in a different way: the shim sets TCP_NOTSENT_LOWAT=1 and writes a padding stream (the
+ * token, then zeros) until the front's receive window is full and bytes stay unsent. A socket
+ * with unsent bytes above its NOTSENT_LOWAT is not writable, for every readiness API alike.
+ * The shim then claims the connection (destination + padding length) and returns EINPROGRESS
+ * without waiting. The front dials; on success it reads and drops exactly the padding, the
+ * window opens, the last padding leaves, and the program's socket becomes writable: the program
+ * sees "connected" exactly when the upstream is. On failure the front resets the connection;
+ * the program sees POLLERR and asks getsockopt(SO_ERROR), which this shim answers with the
+ * front's verdict instead of the kernel's ECONNRESET. The socket's NOTSENT_LOWAT goes back to
+ * its old value when the program first asks SO_ERROR or getpeername after success.
+ * Trade-offs: a program that never calls getsockopt(SO_ERROR) and learns the failure from
+ * read()/write() sees ECONNRESET, not the exact errno; a connect() failure leaves the socket
+ * connected-then-reset instead of unconnected (a second connect() on it is not supported).
+ * getsockname() shows the loopback address of the data connection.
+ *
+ * Fake IPs: when the host resolver cannot answer a name (not found / try again / failure), the
+ * shim asks the front for an address from its fake-IP table (198.18.0.0/15, shared by every
+ * process of the session since it lives in the front); connecting to it makes the front CONNECT
+ * by name. Numeric strings and AI_NUMERICHOST are never faked. getnameinfo/gethostbyaddr of a
+ * fake IP return the name. DNS over UDP is not proxied: the resolver hooks cover libc lookups
+ * (glibc's own resolver sockets are internal calls this shim does not see), and other UDP to
+ * non-direct destinations fails with ENETUNREACH and a line on stderr.
+ *
+ * Rules for the code: libc only, no locks, no malloc on the connect path (getaddrinfo results
+ * must be malloc'ed: that is the API), errno preserved on pass-through paths, every hook falls
+ * back to the real function when the shim is not configured.
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/sockios.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
-#define NSVPN_SHIM_VERSION "nsvpn-shim 0.1"
+#define NSVPN_SHIM_VERSION "nsvpn-shim 0.2"
+#define EXPORT __attribute__((visibility("default")))
 
-__attribute__((visibility("default"))) const char nsvpn_shim_version[] = NSVPN_SHIM_VERSION;
+#ifndef TCP_NOTSENT_LOWAT
+#define TCP_NOTSENT_LOWAT 25
+#endif
 
-__attribute__((constructor)) static void nsvpn_shim_init(void)
+EXPORT const char nsvpn_shim_version[] = NSVPN_SHIM_VERSION;
+
+/* ------------------------------------------------------------------ real functions */
+
+typedef int (*connect_fn)(int, const struct sockaddr *, socklen_t);
+typedef int (*getpeername_fn)(int, struct sockaddr *, socklen_t *);
+typedef int (*getsockopt_fn)(int, int, int, void *, socklen_t *);
+typedef ssize_t (*sendto_fn)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
+typedef ssize_t (*sendmsg_fn)(int, const struct msghdr *, int);
+typedef int (*getaddrinfo_fn)(const char *, const char *, const struct addrinfo *,
+                              struct addrinfo **);
+typedef int (*getnameinfo_fn)(const struct sockaddr *, socklen_t, char *, socklen_t, char *,
+                              socklen_t, int);
+typedef struct hostent *(*ghbn_fn)(const char *);
+typedef struct hostent *(*ghbn2_fn)(const char *, int);
+typedef int (*ghbn_r_fn)(const char *, struct hostent *, char *, size_t, struct hostent **,
+                         int *);
+typedef int (*ghbn2_r_fn)(const char *, int, struct hostent *, char *, size_t,
+                          struct hostent **, int *);
+typedef struct hostent *(*ghba_fn)(const void *, socklen_t, int);
+typedef int (*ghba_r_fn)(const void *, socklen_t, int, struct hostent *, char *, size_t,
+                         struct hostent **, int *);
+
+static connect_fn real_connect;
+static getpeername_fn real_getpeername;
+static getsockopt_fn real_getsockopt;
+static sendto_fn real_sendto;
+static sendmsg_fn real_sendmsg;
+static getaddrinfo_fn real_getaddrinfo;
+static getnameinfo_fn real_getnameinfo;
+static ghbn_fn real_gethostbyname;
+static ghbn2_fn real_gethostbyname2;
+static ghbn_r_fn real_gethostbyname_r;
+static ghbn2_r_fn real_gethostbyname2_r;
+static ghba_fn real_gethostbyaddr;
+static ghba_r_fn real_gethostbyaddr_r;
+
+/* Resolved in the constructor; lazily when another library's constructor calls us first. */
+#define REAL(name)                                                                   \
+    do {                                                                             \
+        if (real_##name == NULL)                                                     \
+            real_##name = (__typeof__(real_##name))dlsym(RTLD_NEXT, #name);          \
+    } while (0)
+
+static void resolve_all(void)
+{
+    REAL(connect);
+    REAL(getpeername);
+    REAL(getsockopt);
+    REAL(sendto);
+    REAL(sendmsg);
+    REAL(getaddrinfo);
+    REAL(getnameinfo);
+    REAL(gethostbyname);
+    REAL(gethostbyname2);
+    REAL(gethostbyname_r);
+    REAL(gethostbyname2_r);
+    REAL(gethostbyaddr);
+    REAL(gethostbyaddr_r);
+}
+
+/* ------------------------------------------------------------------ configuration */
+
+#define MAX_DIRECT 64
+
+struct cidr {
+    int family; /* AF_INET or AF_INET6 */
+    unsigned char addr[16];
+    int prefix;
+};
+
+static struct {
+    int active;
+    unsigned short port4, port6;
+    char ctl[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    struct cidr direct[MAX_DIRECT];
+    int ndirect;
+} cfg;
+
+static int parse_cidr(const char *s, size_t n, struct cidr *out)
+{
+    char buf[64];
+    if (n == 0 || n >= sizeof buf)
+        return -1;
+    memcpy(buf, s, n);
+    buf[n] = '\0';
+    char *slash = strchr(buf, '/');
+    int prefix = -1;
+    if (slash != NULL) {
+        *slash = '\0';
+        char *end = NULL;
+        long p = strtol(slash + 1, &end, 10);
+        if (*end != '\0' || p < 0 || p > 128)
+            return -1;
+        prefix = (int)p;
+    }
+    memset(out, 0, sizeof *out);
+    if (inet_pton(AF_INET, buf, out->addr) == 1) {
+        out->family = AF_INET;
+        out->prefix = prefix < 0 ? 32 : prefix;
+        return out->prefix <= 32 ? 0 : -1;
+    }
+    if (inet_pton(AF_INET6, buf, out->addr) == 1) {
+        out->family = AF_INET6;
+        out->prefix = prefix < 0 ? 128 : prefix;
+        return 0;
+    }
+    return -1;
+}
+
+static unsigned short env_port(const char *name)
+{
+    const char *s = getenv(name);
+    if (s == NULL || *s == '\0')
+        return 0;
+    char *end = NULL;
+    long v = strtol(s, &end, 10);
+    return (*end == '\0' && v > 0 && v < 65536) ? (unsigned short)v : 0;
+}
+
+static void probe_marker(void)
 {
     const char *s = getenv("NSVPN_PROBE_FD");
     if (s == NULL || *s == '\0')
@@ -28,4 +220,1054 @@ __attribute__((constructor)) static void nsvpn_shim_init(void)
     /* Best effort: the probe treats a missing marker as "does not load". */
     ssize_t n = write((int)fd, line, sizeof line - 1);
     (void)n;
+}
+
+__attribute__((constructor)) static void shim_init(void)
+{
+    int saved = errno;
+    resolve_all();
+    probe_marker();
+    const char *ctl = getenv("NSVPN_CTL");
+    cfg.port4 = env_port("NSVPN_FRONT_PORT4");
+    cfg.port6 = env_port("NSVPN_FRONT_PORT6");
+    if (ctl != NULL && *ctl == '/' && strlen(ctl) < sizeof cfg.ctl && cfg.port4 != 0) {
+        strcpy(cfg.ctl, ctl);
+        const char *d = getenv("NSVPN_DIRECT");
+        while (d != NULL && *d != '\0' && cfg.ndirect < MAX_DIRECT) {
+            size_t n = strcspn(d, ", ");
+            if (n > 0 && parse_cidr(d, n, &cfg.direct[cfg.ndirect]) == 0)
+                cfg.ndirect++;
+            d += n;
+            d += strspn(d, ", ");
+        }
+        cfg.active = 1;
+    }
+    errno = saved;
+}
+
+/* ------------------------------------------------------------------ logging */
+
+static int log_lines; /* racy counter: at worst a few extra lines */
+
+static void shim_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void shim_log(const char *fmt, ...)
+{
+    if (log_lines >= 20)
+        return;
+    log_lines++;
+    char buf[320];
+    int n = snprintf(buf, sizeof buf, "nsvpn[%d]: ", (int)getpid());
+    va_list ap;
+    va_start(ap, fmt);
+    int m = vsnprintf(buf + n, sizeof buf - (size_t)n - 1, fmt, ap);
+    va_end(ap);
+    if (m < 0)
+        return;
+    size_t len = (size_t)n + ((size_t)m < sizeof buf - (size_t)n - 1 ? (size_t)m
+                                                                       : sizeof buf - (size_t)n - 2);
+    buf[len++] = '\n';
+    ssize_t w = write(2, buf, len);
+    (void)w;
+}
+
+/* ------------------------------------------------------------------ addresses */
+
+struct dest {
+    int family; /* AF_INET (also for v4-mapped IPv6) or AF_INET6 */
+    unsigned char a[16];
+    unsigned short port;
+};
+
+static const unsigned char v4mapped_prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+
+static int parse_dest(const struct sockaddr *sa, socklen_t len, struct dest *d)
+{
+    memset(d, 0, sizeof *d);
+    if (sa->sa_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        d->family = AF_INET;
+        memcpy(d->a, &in->sin_addr, 4);
+        d->port = ntohs(in->sin_port);
+        return 0;
+    }
+    if (sa->sa_family == AF_INET6 && len >= (socklen_t)sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        const unsigned char *b = in6->sin6_addr.s6_addr;
+        d->port = ntohs(in6->sin6_port);
+        if (memcmp(b, v4mapped_prefix, 12) == 0) {
+            d->family = AF_INET;
+            memcpy(d->a, b + 12, 4);
+        } else {
+            d->family = AF_INET6;
+            memcpy(d->a, b, 16);
+        }
+        return 0;
+    }
+    return -1;
+}
+
+static int prefix_match(const unsigned char *a, const unsigned char *net, int prefix)
+{
+    int full = prefix / 8, rest = prefix % 8;
+    if (memcmp(a, net, (size_t)full) != 0)
+        return 0;
+    if (rest == 0)
+        return 1;
+    unsigned char mask = (unsigned char)(0xff << (8 - rest));
+    return (a[full] & mask) == (net[full] & mask);
+}
+
+static int is_fake4(const unsigned char *a)
+{
+    return a[0] == 198 && (a[1] & 0xfe) == 18; /* 198.18.0.0/15 */
+}
+
+static int is_direct(const struct dest *d)
+{
+    if (d->family == AF_INET) {
+        if (is_fake4(d->a))
+            return 0;
+        if (d->a[0] == 127 || d->a[0] == 0 || d->a[0] >= 224) /* loopback, "this", mcast */
+            return 1;
+    } else {
+        static const unsigned char zero[16];
+        if (memcmp(d->a, zero, 15) == 0 && (d->a[15] == 1 || d->a[15] == 0)) /* ::1, :: */
+            return 1;
+        if (d->a[0] == 0xff || (d->a[0] == 0xfe && (d->a[1] & 0xc0) == 0x80))
+            return 1; /* multicast, link-local */
+    }
+    for (int i = 0; i < cfg.ndirect; i++)
+        if (cfg.direct[i].family == d->family &&
+            prefix_match(d->a, cfg.direct[i].addr, cfg.direct[i].prefix))
+            return 1;
+    return 0;
+}
+
+static void dest_text(const struct dest *d, char *out, size_t n)
+{
+    if (inet_ntop(d->family, d->a, out, (socklen_t)n) == NULL)
+        snprintf(out, n, "?");
+}
+
+/* ------------------------------------------------------------------ control channel */
+
+static void hex(const unsigned char *b, size_t n, char *out)
+{
+    static const char digits[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[b[i] >> 4];
+        out[2 * i + 1] = digits[b[i] & 15];
+    }
+    out[2 * n] = '\0';
+}
+
+/*
+ * One request line, one answer line, on a fresh unix connection. timeout_ms < 0: wait until the
+ * front answers (it always answers or closes: its dial is bounded). Returns the answer length
+ * (without newline) or -1. errno is preserved.
+ */
+static int ctl_request(const char *req, char *resp, size_t resp_size, int timeout_ms)
+{
+    int saved = errno, ret = -1;
+    REAL(connect);
+    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (s < 0)
+        goto out;
+    struct sockaddr_un un;
+    memset(&un, 0, sizeof un);
+    un.sun_family = AF_UNIX;
+    memcpy(un.sun_path, cfg.ctl, sizeof cfg.ctl);
+    while (real_connect(s, (struct sockaddr *)&un, sizeof un) < 0) {
+        if (errno != EINTR)
+            goto out;
+    }
+    size_t len = strlen(req), off = 0;
+    while (off < len) {
+        ssize_t w = send(s, req + off, len - off, MSG_NOSIGNAL);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            goto out;
+        off += (size_t)w;
+    }
+    size_t got = 0;
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        int wait = timeout_ms;
+        if (timeout_ms >= 0) {
+            struct timespec t1;
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            long el = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+            if (el >= timeout_ms)
+                goto out;
+            wait = (int)(timeout_ms - el);
+        }
+        struct pollfd p = {.fd = s, .events = POLLIN};
+        int r = poll(&p, 1, wait);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            goto out;
+        ssize_t n = recv(s, resp + got, resp_size - 1 - got, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            goto out;
+        got += (size_t)n;
+        char *nl = memchr(resp, '\n', got);
+        if (nl != NULL) {
+            *nl = '\0';
+            ret = (int)(nl - resp);
+            goto out;
+        }
+        if (got >= resp_size - 1)
+            goto out;
+    }
+out:
+    if (s >= 0)
+        close(s);
+    errno = saved;
+    return ret;
+}
+
+/* A name fit to be sent in a control line and to be faked. */
+static int fakeable_name(const char *name)
+{
+    if (name == NULL || *name == '\0' || strlen(name) > 253)
+        return 0;
+    for (const char *p = name; *p; p++)
+        if (*p <= ' ' || *p >= 127)
+            return 0;
+    unsigned char tmp[16];
+    struct in_addr ia;
+    if (inet_pton(AF_INET6, name, tmp) == 1 || inet_aton(name, &ia) != 0)
+        return 0; /* numeric strings are never faked */
+    return 1;
+}
+
+/* Ask the front for an address for a name the host resolver could not answer. */
+static int fake_lookup(const char *name, unsigned char ip4[4])
+{
+    if (!cfg.active || !fakeable_name(name))
+        return -1;
+    char req[300], resp[128];
+    snprintf(req, sizeof req, "F %s\n", name);
+    if (ctl_request(req, resp, sizeof resp, 15000) < 2 || resp[0] != 'A')
+        return -1;
+    struct in_addr ia;
+    if (inet_pton(AF_INET, resp + 2, &ia) != 1)
+        return -1;
+    memcpy(ip4, &ia, 4);
+    return 0;
+}
+
+/* The name behind a fake IP (IPv4 or v4-mapped), or -1. */
+static int fake_reverse(const void *addr, int family, char *name, size_t n)
+{
+    const unsigned char *a = addr;
+    if (!cfg.active)
+        return -1;
+    if (family == AF_INET6) {
+        if (memcmp(a, v4mapped_prefix, 12) != 0)
+            return -1;
+        a += 12;
+    } else if (family != AF_INET) {
+        return -1;
+    }
+    if (!is_fake4(a))
+        return -1;
+    char req[64], resp[300];
+    snprintf(req, sizeof req, "N %u.%u.%u.%u\n", a[0], a[1], a[2], a[3]);
+    if (ctl_request(req, resp, sizeof resp, 5000) < 2 || resp[0] != 'H')
+        return -1;
+    if (strlen(resp + 2) + 1 > n)
+        return -2;
+    strcpy(name, resp + 2);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ proxied sockets */
+
+#define MAX_FDS 65536
+enum { ST_NONE = 0, ST_PENDING = 1, ST_OK = 2 };
+
+/* Per-fd memory of proxied sockets; validated by the socket's inode and local port so that an
+ * fd closed behind our back (close_range, raw syscalls) and reused never inherits an entry. */
+struct proxied {
+    unsigned long ino;
+    unsigned int claim;
+    unsigned short lport;
+    unsigned char state;
+    unsigned char listener; /* 4 or 6 */
+    int old_lowat;
+    socklen_t orig_len;
+    struct sockaddr_in6 orig; /* what the program passed to connect() (fits sockaddr_in too) */
+};
+static struct proxied table[MAX_FDS];
+
+static unsigned long fd_inode(int fd)
+{
+    struct stat st;
+    return fstat(fd, &st) == 0 ? (unsigned long)st.st_ino : 0;
+}
+
+static unsigned short local_port(int fd)
+{
+    struct sockaddr_storage ss;
+    socklen_t l = sizeof ss;
+    if (getsockname(fd, (struct sockaddr *)&ss, &l) < 0)
+        return 0;
+    if (ss.ss_family == AF_INET)
+        return ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    if (ss.ss_family == AF_INET6)
+        return ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+    return 0;
+}
+
+static struct proxied *lookup(int fd)
+{
+    if (fd < 0 || fd >= MAX_FDS || table[fd].state == ST_NONE)
+        return NULL;
+    struct proxied *p = &table[fd];
+    if (p->ino != fd_inode(fd) || p->lport != local_port(fd)) {
+        p->state = ST_NONE;
+        return NULL;
+    }
+    return p;
+}
+
+static int unsent_bytes(int fd)
+{
+    int n = 0;
+    return ioctl(fd, SIOCOUTQNSD, &n) == 0 ? n : -1;
+}
+
+/* Pending -> connected once the front let the padding through (the upstream is connected). */
+static int settle(int fd, struct proxied *p)
+{
+    if (p->state != ST_PENDING)
+        return 0;
+    if (unsent_bytes(fd) != 0)
+        return -1;
+    int v = p->old_lowat;
+    setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &v, sizeof v);
+    p->state = ST_OK;
+    return 0;
+}
+
+/* The front's verdict about a reset claim (the errno of the upstream's answer). */
+static int claim_verdict(const struct proxied *p, int fallback)
+{
+    char req[48], resp[64];
+    snprintf(req, sizeof req, "S %u\n", p->claim);
+    if (ctl_request(req, resp, sizeof resp, 5000) >= 3 && resp[0] == 'R') {
+        int e = atoi(resp + 2);
+        if (e > 0)
+            return e;
+    }
+    return fallback;
+}
+
+static int front_address(int fd, int family, struct sockaddr_in6 *out, socklen_t *len,
+                         unsigned char *listener)
+{
+    memset(out, 0, sizeof *out);
+    if (family == AF_INET) {
+        struct sockaddr_in *in = (struct sockaddr_in *)out;
+        in->sin_family = AF_INET;
+        in->sin_port = htons(cfg.port4);
+        in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        *len = sizeof *in;
+        *listener = 4;
+        return 0;
+    }
+    int v6only = 0;
+    socklen_t l = sizeof v6only;
+    REAL(getsockopt);
+    real_getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, &l);
+    out->sin6_family = AF_INET6;
+    *len = sizeof *out;
+    if (!v6only) {
+        out->sin6_port = htons(cfg.port4);
+        memcpy(out->sin6_addr.s6_addr, v4mapped_prefix, 12);
+        out->sin6_addr.s6_addr[12] = 127;
+        out->sin6_addr.s6_addr[15] = 1;
+        *listener = 4;
+        return 0;
+    }
+    if (cfg.port6 == 0)
+        return -1;
+    out->sin6_port = htons(cfg.port6);
+    out->sin6_addr = in6addr_loopback;
+    *listener = 6;
+    return 0;
+}
+
+static int make_token(unsigned char tok[16])
+{
+    long n = syscall(SYS_getrandom, tok, 16, 0);
+    if (n != 16) {
+        int f = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+        if (f < 0)
+            return -1;
+        n = read(f, tok, 16);
+        close(f);
+        if (n != 16)
+            return -1;
+    }
+    tok[0] = 0; /* marks "shim connection" to the front (a SOCKS5 greeting starts with 5) */
+    return 0;
+}
+
+static int send_all(int fd, const void *buf, size_t n)
+{
+    const char *b = buf;
+    while (n > 0) {
+        ssize_t w = send(fd, b, n, MSG_NOSIGNAL);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0)
+            return -1;
+        b += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+static int wait_fd(int fd, short ev, int ms)
+{
+    struct pollfd p = {.fd = fd, .events = ev};
+    for (;;) {
+        int r = poll(&p, 1, ms);
+        if (r < 0 && errno == EINTR)
+            continue;
+        return r;
+    }
+}
+
+/*
+ * Fill the front's receive window so that bytes stay unsent: with NOTSENT_LOWAT=1 the socket
+ * is then not writable until the front drains them. Returns the bytes written (the padding
+ * length the front must drop), or -1.
+ */
+static long stuff_window(int fd, const unsigned char tok[16], int *old_lowat)
+{
+    static const char zeros[16384];
+    int one = 1, old_nodelay = 0;
+    socklen_t l = sizeof old_nodelay;
+    real_getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &old_nodelay, &l);
+    l = sizeof *old_lowat;
+    *old_lowat = 0;
+    real_getsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, old_lowat, &l);
+    /* Nagle would hold small segments back for a moment: "unsent" must mean "window full". */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &one, sizeof one) < 0)
+        return -1;
+    long total = 0;
+    ssize_t w;
+    do
+        w = send(fd, tok, 16, MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (w < 0 && errno == EINTR);
+    if (w != 16)
+        return -1;
+    total = 16;
+    int idle = 0;
+    while (total < (16L << 20)) {
+        w = send(fd, zeros, sizeof zeros, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w > 0) {
+            total += w;
+            continue;
+        }
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            if (unsent_bytes(fd) > 0)
+                break; /* the window is full: bytes wait for the front */
+            /* send buffer full of in-flight bytes (tiny SO_SNDBUF): wait for ACKs */
+            if (++idle > 200)
+                break;
+            wait_fd(fd, POLLOUT, 5);
+            continue;
+        }
+        return -1;
+    }
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &old_nodelay, sizeof old_nodelay);
+    return total;
+}
+
+static int proxy_connect(int fd, int sock_family, const struct sockaddr *sa, socklen_t salen,
+                         const struct dest *d)
+{
+    struct sockaddr_in6 front;
+    socklen_t flen;
+    unsigned char listener;
+    if (front_address(fd, sock_family, &front, &flen, &listener) < 0) {
+        shim_log("IPv6-only socket and no IPv6 loopback front: cannot proxy");
+        errno = ENETUNREACH;
+        return -1;
+    }
+    int fl = fcntl(fd, F_GETFL);
+    int nonblock = fl >= 0 && (fl & O_NONBLOCK);
+    int r = real_connect(fd, (struct sockaddr *)&front, flen);
+    if (r < 0 && errno == EINPROGRESS) {
+        /* loopback: the handshake completes within microseconds */
+        if (wait_fd(fd, POLLOUT, 5000) <= 0) {
+            errno = ETIMEDOUT;
+            return -1;
+        }
+        int err = 0;
+        socklen_t l = sizeof err;
+        real_getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &l);
+        r = err ? -1 : 0;
+        if (err)
+            errno = err;
+    }
+    if (r < 0) {
+        if (errno == ECONNREFUSED) {
+            shim_log("the nsvpn front is not running (is nsvpn still up?)");
+            errno = ENETUNREACH;
+        }
+        return -1;
+    }
+    unsigned short lport = local_port(fd);
+    unsigned char tok[16];
+    char tokhex[33], host[INET6_ADDRSTRLEN], req[200], resp[64];
+    if (make_token(tok) < 0) {
+        errno = ECONNABORTED;
+        return -1;
+    }
+    hex(tok, 16, tokhex);
+    dest_text(d, host, sizeof host);
+
+    struct proxied *p = (fd < MAX_FDS) ? &table[fd] : NULL;
+    if (p != NULL) {
+        p->state = ST_NONE;
+        p->ino = fd_inode(fd);
+        p->lport = lport;
+        p->listener = listener;
+        p->orig_len = salen < sizeof p->orig ? salen : (socklen_t)sizeof p->orig;
+        memcpy(&p->orig, sa, p->orig_len);
+        p->old_lowat = 0;
+    }
+
+    if (!nonblock) {
+        if (send_all(fd, tok, 16) < 0)
+            return -1;
+        snprintf(req, sizeof req, "C b %u %u 16 %s %s %u\n", listener, lport, tokhex, host,
+                 d->port);
+        if (ctl_request(req, resp, sizeof resp, -1) < 3 || resp[0] != 'R') {
+            shim_log("no answer from the nsvpn front for %s port %u", host, d->port);
+            errno = ECONNABORTED;
+            return -1;
+        }
+        int e = atoi(resp + 2);
+        if (e != 0) {
+            errno = e;
+            return -1;
+        }
+        if (p != NULL)
+            p->state = ST_OK;
+        return 0;
+    }
+
+    int old_lowat = 0;
+    long pad = stuff_window(fd, tok, &old_lowat);
+    if (pad < 0) {
+        errno = ECONNABORTED;
+        return -1;
+    }
+    snprintf(req, sizeof req, "C a %u %u %ld %s %s %u\n", listener, lport, pad, tokhex, host,
+             d->port);
+    if (ctl_request(req, resp, sizeof resp, 15000) < 3 || resp[0] != 'K') {
+        shim_log("no answer from the nsvpn front for %s port %u", host, d->port);
+        errno = ECONNABORTED;
+        return -1;
+    }
+    if (p != NULL) {
+        p->claim = (unsigned int)strtoul(resp + 2, NULL, 10);
+        p->old_lowat = old_lowat;
+        p->state = ST_PENDING;
+    }
+    errno = EINPROGRESS;
+    return -1;
+}
+
+static int socket_type(int fd)
+{
+    int type = 0;
+    socklen_t l = sizeof type;
+    REAL(getsockopt);
+    if (real_getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &l) < 0)
+        return -1;
+    return type;
+}
+
+static int socket_family(int fd)
+{
+    struct sockaddr_storage ss;
+    socklen_t l = sizeof ss;
+    if (getsockname(fd, (struct sockaddr *)&ss, &l) < 0)
+        return -1;
+    return ss.ss_family;
+}
+
+static void log_udp(const struct dest *d)
+{
+    char host[INET6_ADDRSTRLEN];
+    dest_text(d, host, sizeof host);
+    shim_log("UDP to %s port %u is not carried by the tunnel (preload mode): ENETUNREACH", host,
+             d->port);
+}
+
+EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
+{
+    REAL(connect);
+    if (!cfg.active || sa == NULL || (sa->sa_family != AF_INET && sa->sa_family != AF_INET6))
+        return real_connect(fd, sa, len);
+    int saved = errno;
+    struct dest d;
+    int type = socket_type(fd);
+    if (type < 0 || parse_dest(sa, len, &d) < 0) {
+        errno = saved;
+        return real_connect(fd, sa, len);
+    }
+    if (type == SOCK_DGRAM) {
+        if (is_direct(&d)) {
+            errno = saved;
+            return real_connect(fd, sa, len);
+        }
+        log_udp(&d);
+        errno = ENETUNREACH;
+        return -1;
+    }
+    if (type != SOCK_STREAM || is_direct(&d)) {
+        errno = saved;
+        return real_connect(fd, sa, len);
+    }
+    struct proxied *p = lookup(fd);
+    if (p != NULL) {
+        /* connect() again on a socket we already proxied: report its progress */
+        if (p->state == ST_PENDING && settle(fd, p) < 0) {
+            int err = 0;
+            socklen_t l = sizeof err;
+            real_getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &l);
+            if (err != 0) {
+                p->state = ST_NONE;
+                errno = claim_verdict(p, err);
+                return -1;
+            }
+            errno = EALREADY;
+            return -1;
+        }
+        errno = EISCONN;
+        return -1;
+    }
+    int fam = socket_family(fd);
+    if (fam != AF_INET && fam != AF_INET6) {
+        errno = saved;
+        return real_connect(fd, sa, len);
+    }
+    return proxy_connect(fd, fam, sa, len, &d);
+}
+
+static int is_front_peer(const struct sockaddr *sa, socklen_t len, unsigned char *listener)
+{
+    struct dest d;
+    if (parse_dest(sa, len, &d) < 0)
+        return 0;
+    if (d.family == AF_INET && d.a[0] == 127 && d.a[1] == 0 && d.a[2] == 0 && d.a[3] == 1 &&
+        d.port == cfg.port4) {
+        *listener = 4;
+        return 1;
+    }
+    if (d.family == AF_INET6 && cfg.port6 != 0 && d.port == cfg.port6 &&
+        memcmp(d.a, &in6addr_loopback, 16) == 0) {
+        *listener = 6;
+        return 1;
+    }
+    return 0;
+}
+
+static void copy_out(struct sockaddr *sa, socklen_t *len, const void *src, socklen_t srclen)
+{
+    memcpy(sa, src, *len < srclen ? *len : srclen);
+    *len = srclen;
+}
+
+EXPORT int getpeername(int fd, struct sockaddr *sa, socklen_t *len)
+{
+    REAL(getpeername);
+    int r = real_getpeername(fd, sa, len);
+    if (r < 0 || !cfg.active || sa == NULL || len == NULL)
+        return r;
+    unsigned char listener;
+    int saved = errno;
+    if (!is_front_peer(sa, *len, &listener))
+        return r;
+    struct proxied *p = lookup(fd);
+    if (p != NULL) {
+        if (p->state == ST_PENDING && settle(fd, p) < 0) {
+            errno = ENOTCONN; /* what a socket in SYN_SENT says */
+            return -1;
+        }
+        copy_out(sa, len, &p->orig, p->orig_len);
+        errno = saved;
+        return 0;
+    }
+    /* a socket we did not connect in this process image (exec, dup): ask the front */
+    char req[48], resp[128], host[64];
+    unsigned port = 0;
+    snprintf(req, sizeof req, "P %u %u\n", listener, local_port(fd));
+    if (ctl_request(req, resp, sizeof resp, 5000) < 3 || resp[0] != 'D' ||
+        sscanf(resp + 2, "%63s %u", host, &port) != 2) {
+        errno = saved;
+        return r;
+    }
+    int fam = sa->sa_family;
+    struct sockaddr_in6 out;
+    memset(&out, 0, sizeof out);
+    unsigned char a[16];
+    if (fam == AF_INET) {
+        struct sockaddr_in *in = (struct sockaddr_in *)&out;
+        if (inet_pton(AF_INET, host, a) != 1) {
+            errno = saved;
+            return r;
+        }
+        in->sin_family = AF_INET;
+        in->sin_port = htons((unsigned short)port);
+        memcpy(&in->sin_addr, a, 4);
+        copy_out(sa, len, in, sizeof *in);
+    } else {
+        out.sin6_family = AF_INET6;
+        out.sin6_port = htons((unsigned short)port);
+        if (inet_pton(AF_INET, host, a) == 1) {
+            memcpy(out.sin6_addr.s6_addr, v4mapped_prefix, 12);
+            memcpy(out.sin6_addr.s6_addr + 12, a, 4);
+        } else if (inet_pton(AF_INET6, host, out.sin6_addr.s6_addr) != 1) {
+            errno = saved;
+            return r;
+        }
+        copy_out(sa, len, &out, sizeof out);
+    }
+    errno = saved;
+    return 0;
+}
+
+EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+{
+    REAL(getsockopt);
+    int r = real_getsockopt(fd, level, name, val, len);
+    if (r < 0 || level != SOL_SOCKET || name != SO_ERROR || !cfg.active || val == NULL ||
+        len == NULL || *len < sizeof(int))
+        return r;
+    if (fd < 0 || fd >= MAX_FDS || table[fd].state != ST_PENDING)
+        return r;
+    int saved = errno;
+    struct proxied *p = lookup(fd);
+    if (p == NULL) {
+        errno = saved;
+        return r;
+    }
+    int err = *(int *)val;
+    if (err != 0) {
+        /* the front reset the connection: report why the upstream refused it */
+        *(int *)val = claim_verdict(p, err);
+        p->state = ST_NONE;
+    } else {
+        settle(fd, p); /* still pending: 0 is what a socket in SYN_SENT says too */
+    }
+    errno = saved;
+    return r;
+}
+
+static int udp_blocked(int fd, const struct sockaddr *sa, socklen_t len)
+{
+    if (!cfg.active || sa == NULL || (sa->sa_family != AF_INET && sa->sa_family != AF_INET6))
+        return 0;
+    struct dest d;
+    if (parse_dest(sa, len, &d) < 0 || is_direct(&d))
+        return 0;
+    int saved = errno;
+    int type = socket_type(fd);
+    errno = saved;
+    if (type != SOCK_DGRAM)
+        return 0;
+    log_udp(&d);
+    return 1;
+}
+
+EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *sa,
+                      socklen_t len)
+{
+    REAL(sendto);
+    if (udp_blocked(fd, sa, len)) {
+        errno = ENETUNREACH;
+        return -1;
+    }
+    return real_sendto(fd, buf, n, flags, sa, len);
+}
+
+EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    REAL(sendmsg);
+    if (msg != NULL && udp_blocked(fd, msg->msg_name, msg->msg_namelen)) {
+        errno = ENETUNREACH;
+        return -1;
+    }
+    return real_sendmsg(fd, msg, flags);
+}
+
+/* ------------------------------------------------------------------ name resolution */
+
+EXPORT int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints,
+                       struct addrinfo **res)
+{
+    REAL(getaddrinfo);
+    int r = real_getaddrinfo(node, service, hints, res);
+    if (r == 0 || !cfg.active || node == NULL)
+        return r;
+    if (r != EAI_NONAME && r != EAI_AGAIN && r != EAI_FAIL)
+        return r;
+    int family = hints ? hints->ai_family : AF_UNSPEC;
+    int flags = hints ? hints->ai_flags : (AI_V4MAPPED | AI_ADDRCONFIG);
+    /* fake IPs are IPv4: an IPv6-only request gets one only as v4-mapped, as glibc would */
+    if ((flags & AI_NUMERICHOST) || (family != AF_UNSPEC && family != AF_INET &&
+                                     !(family == AF_INET6 && (flags & AI_V4MAPPED))))
+        return r;
+    int saved = errno;
+    unsigned char ip[4];
+    if (fake_lookup(node, ip) < 0) {
+        errno = saved;
+        return r;
+    }
+    char text[64];
+    if (family == AF_INET6)
+        snprintf(text, sizeof text, "::ffff:%u.%u.%u.%u", ip[0], ip[1], ip[2], ip[3]);
+    else
+        snprintf(text, sizeof text, "%u.%u.%u.%u", ip[0], ip[1], ip[2], ip[3]);
+    struct addrinfo h;
+    memset(&h, 0, sizeof h);
+    if (hints != NULL)
+        h = *hints;
+    h.ai_family = family;
+    h.ai_flags = (flags | AI_NUMERICHOST) & ~(AI_CANONNAME | AI_ADDRCONFIG | AI_V4MAPPED | AI_ALL);
+    h.ai_addr = NULL;
+    h.ai_canonname = NULL;
+    h.ai_next = NULL;
+    struct addrinfo *out = NULL;
+    if (real_getaddrinfo(text, service, &h, &out) != 0) {
+        errno = saved;
+        return r;
+    }
+    if ((flags & AI_CANONNAME) && out != NULL) {
+        char *c = strdup(node);
+        if (c != NULL) {
+            free(out->ai_canonname);
+            out->ai_canonname = c;
+        }
+    }
+    *res = out;
+    errno = saved;
+    return 0;
+}
+
+/* Lay out a hostent for one address in buf; -1 when buf is too small. */
+static int fill_hostent(const char *name, int af, const unsigned char ip4[4], struct hostent *he,
+                        char *buf, size_t buflen)
+{
+    size_t alen = af == AF_INET6 ? 16 : 4;
+    size_t nlen = strlen(name) + 1;
+    uintptr_t start = (uintptr_t)buf;
+    uintptr_t ptrs = (start + sizeof(char *) - 1) & ~(uintptr_t)(sizeof(char *) - 1);
+    size_t need = (ptrs - start) + 3 * sizeof(char *) + 16 + nlen;
+    if (buf == NULL || buflen < need)
+        return -1;
+    char **list = (char **)ptrs;
+    unsigned char *addr = (unsigned char *)(list + 3);
+    char *nm = (char *)addr + 16;
+    if (af == AF_INET6) {
+        memcpy(addr, v4mapped_prefix, 12);
+        memcpy(addr + 12, ip4, 4);
+    } else {
+        memcpy(addr, ip4, 4);
+    }
+    memcpy(nm, name, nlen);
+    list[0] = (char *)addr; /* h_addr_list = {addr, NULL} */
+    list[1] = NULL;
+    list[2] = NULL; /* h_aliases = {NULL} */
+    he->h_name = nm;
+    he->h_aliases = &list[2];
+    he->h_addrtype = af;
+    he->h_length = (int)alen;
+    he->h_addr_list = list;
+    return 0;
+}
+
+static __thread struct hostent tls_he;
+static __thread char tls_buf[512];
+
+static int fake_worthy(int herr)
+{
+    return herr == HOST_NOT_FOUND || herr == TRY_AGAIN || herr == NO_RECOVERY;
+}
+
+static struct hostent *fake_hostent_static(const char *name, int af)
+{
+    unsigned char ip[4];
+    if (af != AF_INET || fake_lookup(name, ip) < 0) /* fake IPs are IPv4 */
+        return NULL;
+    if (fill_hostent(name, af, ip, &tls_he, tls_buf, sizeof tls_buf) < 0)
+        return NULL;
+    h_errno = 0;
+    return &tls_he;
+}
+
+EXPORT struct hostent *gethostbyname(const char *name)
+{
+    REAL(gethostbyname);
+    struct hostent *he = real_gethostbyname(name);
+    if (he != NULL || !cfg.active || !fake_worthy(h_errno))
+        return he;
+    int saved = errno, herr = h_errno;
+    he = fake_hostent_static(name, AF_INET);
+    if (he == NULL)
+        h_errno = herr;
+    errno = saved;
+    return he;
+}
+
+EXPORT struct hostent *gethostbyname2(const char *name, int af)
+{
+    REAL(gethostbyname2);
+    struct hostent *he = real_gethostbyname2(name, af);
+    if (he != NULL || !cfg.active || !fake_worthy(h_errno))
+        return he;
+    int saved = errno, herr = h_errno;
+    he = fake_hostent_static(name, af);
+    if (he == NULL)
+        h_errno = herr;
+    errno = saved;
+    return he;
+}
+
+static int fake_r(const char *name, int af, struct hostent *ret, char *buf, size_t buflen,
+                  struct hostent **result, int *h_errnop)
+{
+    unsigned char ip[4];
+    if (af != AF_INET || fake_lookup(name, ip) < 0) /* fake IPs are IPv4 */
+        return -1;
+    if (fill_hostent(name, af, ip, ret, buf, buflen) < 0) {
+        *result = NULL;
+        if (h_errnop)
+            *h_errnop = NETDB_INTERNAL;
+        return ERANGE;
+    }
+    *result = ret;
+    if (h_errnop)
+        *h_errnop = 0;
+    return 0;
+}
+
+EXPORT int gethostbyname_r(const char *name, struct hostent *ret, char *buf, size_t buflen,
+                           struct hostent **result, int *h_errnop)
+{
+    REAL(gethostbyname_r);
+    int r = real_gethostbyname_r(name, ret, buf, buflen, result, h_errnop);
+    if ((r == 0 && *result != NULL) || r == ERANGE || !cfg.active || h_errnop == NULL ||
+        !fake_worthy(*h_errnop))
+        return r;
+    int saved = errno;
+    int f = fake_r(name, AF_INET, ret, buf, buflen, result, h_errnop);
+    errno = saved;
+    return f < 0 ? r : f;
+}
+
+EXPORT int gethostbyname2_r(const char *name, int af, struct hostent *ret, char *buf,
+                            size_t buflen, struct hostent **result, int *h_errnop)
+{
+    REAL(gethostbyname2_r);
+    int r = real_gethostbyname2_r(name, af, ret, buf, buflen, result, h_errnop);
+    if ((r == 0 && *result != NULL) || r == ERANGE || !cfg.active || h_errnop == NULL ||
+        !fake_worthy(*h_errnop))
+        return r;
+    int saved = errno;
+    int f = fake_r(name, af, ret, buf, buflen, result, h_errnop);
+    errno = saved;
+    return f < 0 ? r : f;
+}
+
+EXPORT struct hostent *gethostbyaddr(const void *addr, socklen_t len, int type)
+{
+    REAL(gethostbyaddr);
+    char name[256];
+    if (addr != NULL && ((type == AF_INET && len == 4) || (type == AF_INET6 && len == 16))) {
+        int saved = errno;
+        if (fake_reverse(addr, type, name, sizeof name) == 0) {
+            const unsigned char *a = addr;
+            if (type == AF_INET6)
+                a += 12;
+            if (fill_hostent(name, type, a, &tls_he, tls_buf, sizeof tls_buf) == 0) {
+                errno = saved;
+                h_errno = 0;
+                return &tls_he;
+            }
+        }
+        errno = saved;
+    }
+    return real_gethostbyaddr(addr, len, type);
+}
+
+EXPORT int gethostbyaddr_r(const void *addr, socklen_t len, int type, struct hostent *ret,
+                           char *buf, size_t buflen, struct hostent **result, int *h_errnop)
+{
+    REAL(gethostbyaddr_r);
+    char name[256];
+    if (addr != NULL && ((type == AF_INET && len == 4) || (type == AF_INET6 && len == 16))) {
+        int saved = errno;
+        if (fake_reverse(addr, type, name, sizeof name) == 0) {
+            const unsigned char *a = addr;
+            if (type == AF_INET6)
+                a += 12;
+            errno = saved;
+            if (fill_hostent(name, type, a, ret, buf, buflen) < 0) {
+                *result = NULL;
+                if (h_errnop)
+                    *h_errnop = NETDB_INTERNAL;
+                return ERANGE;
+            }
+            *result = ret;
+            if (h_errnop)
+                *h_errnop = 0;
+            return 0;
+        }
+        errno = saved;
+    }
+    return real_gethostbyaddr_r(addr, len, type, ret, buf, buflen, result, h_errnop);
+}
+
+EXPORT int getnameinfo(const struct sockaddr *sa, socklen_t salen, char *host, socklen_t hostlen,
+                       char *serv, socklen_t servlen, int flags)
+{
+    REAL(getnameinfo);
+    if (cfg.active && sa != NULL && host != NULL && hostlen > 0 && !(flags & NI_NUMERICHOST)) {
+        const void *a = NULL;
+        if (sa->sa_family == AF_INET && salen >= (socklen_t)sizeof(struct sockaddr_in))
+            a = &((const struct sockaddr_in *)sa)->sin_addr;
+        else if (sa->sa_family == AF_INET6 && salen >= (socklen_t)sizeof(struct sockaddr_in6))
+            a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+        if (a != NULL) {
+            int saved = errno;
+            int f = fake_reverse(a, sa->sa_family, host, hostlen);
+            errno = saved;
+            if (f == -2)
+                return EAI_OVERFLOW;
+            if (f == 0) {
+                if (serv != NULL && servlen > 0)
+                    return real_getnameinfo(sa, salen, NULL, 0, serv, servlen, flags);
+                return 0;
+            }
+        }
+    }
+    return real_getnameinfo(sa, salen, host, hostlen, serv, servlen, flags);
 }

@@ -1,0 +1,512 @@
+"""The local front of the preload modes: where the shim's (and SOCKS clients') connections land.
+
+Two doors, both only usable by the user who runs nsvpn:
+
+* a TCP listener on 127.0.0.1 (and [::1] when the host has IPv6 loopback). Every local user
+  can connect to it, so it serves a connection only when
+  - the control channel *claimed* it (the shim's path, see fallback/nsvpn_preload.c): a claim
+    names the connection by its source port and carries a random token that must be the first
+    16 bytes on it; or
+  - it speaks SOCKS5 with user/password = (``username``, per-session ``secret``) (RFC 1929):
+    the path of SOCKS-aware programs that get ``ALL_PROXY=socks5h://user:secret@...``.
+* a unix stream socket (``ctl_path``) in nsvpn's 0700 runtime directory: the control channel.
+  One request line, one answer line per connection:
+
+  ``C <a|b> <4|6> <srcport> <padding> <token-hex> <ip> <port>``
+      claim. ``b`` (blocking): the answer ``R <errno>`` comes after the upstream dial (0 = ok).
+      ``a`` (non-blocking): answered at once with ``K <id>``; on success the front drops the
+      padding so the program's socket turns writable, on failure it resets the connection and
+      keeps the errno for ``S <id>`` (-> ``R <errno>``, or ``P`` while still pending).
+  ``F <name>``  an address for a name the host resolver could not answer -> ``A <ip>``
+                (a fake IP; or the real one via ``dns_server`` over the upstream).
+  ``N <ip>``    the name behind a fake IP -> ``H <name>`` or ``E``.
+  ``P <4|6> <srcport>`` the original destination of a live connection -> ``D <ip> <port>``.
+
+Destinations: fake IPs are CONNECTed by name through the upstream; loopback and the direct
+networks are dialled with host sockets; everything else goes through the upstream pool.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import hmac
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import trio
+
+from . import socks
+from .dns import FakeIpTable, relay_tcp
+from .upstream.base import DialError
+from .upstream.direct import DirectUpstream
+
+log = logging.getLogger("nsvpn.front")
+
+USERNAME = "nsvpn"
+TOKEN_LEN = 16
+CLAIM_WAIT = 10.0  # a claimed connection and its claim must meet within this time
+HANDSHAKE_TIMEOUT = 10.0
+RELAY_CHUNK = 256 * 1024
+VERDICTS_KEPT = 4096
+CTL_LINE_MAX = 600
+
+Key = Tuple[int, int]  # (listener 4|6, client source port)
+
+
+@dataclass
+class Claim:
+    id: int
+    blocking: bool
+    key: Key
+    padding: int
+    token: bytes
+    host: str
+    port: int
+    answer: Optional[trio.SocketStream] = None  # blocking claims: where the verdict goes
+
+
+@dataclass
+class FrontStats:
+    flows: int = 0
+    active: int = 0
+    failed: int = 0
+    bytes_up: int = 0  # program -> far side
+    bytes_down: int = 0
+    by_reason: Dict[str, int] = field(default_factory=dict)
+
+
+def _linger_close(sock: trio.socket.SocketType) -> None:
+    """Close with RST: the program's socket sees an error, not an orderly EOF."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+def _parse_dns_server(spec: str) -> Tuple[str, int]:
+    s = spec.strip()
+    if s.startswith("["):
+        host, _, rest = s[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else 53
+    if s.count(":") == 1:
+        host, port = s.split(":")
+        return host, int(port)
+    return s, 53
+
+
+class Front:
+    def __init__(
+        self,
+        pool,
+        *,
+        runtime_dir: str,
+        direct: Sequence[str] = (),
+        fakes: Optional[FakeIpTable] = None,
+        dns_server: Optional[str] = None,
+        connect_timeout: float = 20.0,
+        secret: Optional[str] = None,
+    ) -> None:
+        self.pool = pool
+        self.direct_up = DirectUpstream()
+        self.direct = [ipaddress.ip_network(c, strict=False) for c in direct]
+        self.fakes = fakes if fakes is not None else FakeIpTable()
+        self.dns_server = _parse_dns_server(dns_server) if dns_server else None
+        self.connect_timeout = connect_timeout
+        self.username = USERNAME
+        self.secret = secret or secrets.token_urlsafe(24)
+        self.ctl_path = os.path.join(runtime_dir, "ctl")
+        self.port4 = 0
+        self.port6 = 0
+        self.stats = FrontStats()
+        self._next_id = 1
+        self._claims: Dict[Key, Claim] = {}
+        self._claim_events: Dict[Key, trio.Event] = {}
+        self._pending: Dict[int, Claim] = {}
+        self._verdicts: "collections.OrderedDict[int, int]" = collections.OrderedDict()
+        self._peers: Dict[Key, Tuple[str, int]] = {}
+        self._nursery: Optional[trio.Nursery] = None
+
+    # ------------------------------------------------------------------ public
+
+    def socks_url(self) -> str:
+        return f"socks5h://{self.username}:{self.secret}@127.0.0.1:{self.port4}"
+
+    def shim_env(self) -> Dict[str, str]:
+        return {
+            "NSVPN_CTL": self.ctl_path,
+            "NSVPN_FRONT_PORT4": str(self.port4),
+            "NSVPN_FRONT_PORT6": str(self.port6),
+        }
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Listen (TCP on loopback + the unix control socket) until cancelled."""
+        listeners: List[Tuple[trio.socket.SocketType, int]] = []
+        l4 = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        await l4.bind(("127.0.0.1", 0))
+        l4.listen(512)
+        self.port4 = l4.getsockname()[1]
+        listeners.append((l4, 4))
+        try:
+            l6 = trio.socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            l6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await l6.bind(("::1", 0))
+            l6.listen(512)
+            self.port6 = l6.getsockname()[1]
+            listeners.append((l6, 6))
+        except OSError:
+            self.port6 = 0
+        ctl = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)
+        try:
+            await ctl.bind(self.ctl_path)
+        finally:
+            os.umask(old)
+        ctl.listen(512)
+        try:
+            async with trio.open_nursery() as n:
+                self._nursery = n
+                for sock, tag in listeners:
+                    n.start_soon(self._accept_loop, sock, tag, n)
+                n.start_soon(self._ctl_loop, ctl, n)
+                task_status.started()
+        finally:
+            for sock, _ in listeners:
+                sock.close()
+            ctl.close()
+            try:
+                os.unlink(self.ctl_path)
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------------ routing
+
+    def _route(self, host: str) -> Tuple[str, str]:
+        """("upstream"|"direct", what to dial) for a requested host (IP literal or name)."""
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return "upstream", host
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if self.fakes.is_fake(str(ip)):
+            name = self.fakes.name_for(str(ip))
+            if name is None:
+                raise DialError(errno.EHOSTUNREACH, f"{ip}: unknown fake IP (stale cache?)")
+            return "upstream", name
+        if ip.is_loopback or any(ip in net for net in self.direct):
+            return "direct", str(ip)
+        return "upstream", str(ip)
+
+    async def _dial(self, host: str, port: int) -> trio.abc.Stream:
+        how, target = self._route(host)
+        up = self.direct_up if how == "direct" else self.pool
+        with trio.move_on_after(self.connect_timeout + 1.0):
+            try:
+                return await up.dial_tcp(target, port, timeout=self.connect_timeout)
+            except DialError:
+                raise
+            except OSError as exc:
+                raise DialError(exc.errno or errno.ECONNABORTED, str(exc)) from None
+        raise DialError(errno.ETIMEDOUT, f"{target}:{port}: no answer in time")
+
+    def _count_failure(self, exc: DialError) -> None:
+        self.stats.failed += 1
+        self.stats.by_reason[exc.reason] = self.stats.by_reason.get(exc.reason, 0) + 1
+
+    # ------------------------------------------------------------------ TCP side
+
+    async def _accept_loop(self, listener, tag: int, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                sock, addr = await listener.accept()
+            except OSError as exc:  # EMFILE and friends: do not spin
+                log.warning("front accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(self._handle_tcp, sock, (tag, addr[1]))
+
+    async def _peek(self, sock, n: int, deadline: float) -> bytes:
+        """The first n bytes without consuming them (they stay in the kernel's buffer, so a
+        non-blocking client's receive window stays full)."""
+        while True:
+            with trio.move_on_at(deadline):
+                data = await sock.recv(n, socket.MSG_PEEK)
+                if len(data) >= n or not data:
+                    return data
+                await trio.sleep(0.002)  # readable but short: more is on its way
+                continue
+            return b""
+
+    async def _handle_tcp(self, sock, key: Key) -> None:
+        deadline = trio.current_time() + CLAIM_WAIT
+        try:
+            first = await self._peek(sock, 1, deadline)
+            if first == b"\x00":
+                await self._serve_claimed(sock, key, deadline)
+                return
+            if first == bytes((socks.VERSION,)):
+                await self._serve_socks(sock)
+                return
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("front connection %s: %s", key, exc)
+        sock.close()
+
+    async def _wait_claim(self, key: Key, deadline: float) -> Optional[Claim]:
+        claim = self._claims.pop(key, None)
+        if claim is not None:
+            return claim
+        ev = self._claim_events.setdefault(key, trio.Event())
+        with trio.move_on_at(deadline):
+            await ev.wait()
+        self._claim_events.pop(key, None)
+        return self._claims.pop(key, None)
+
+    async def _serve_claimed(self, sock, key: Key, deadline: float) -> None:
+        claim = await self._wait_claim(key, deadline)
+        if claim is None:
+            sock.close()
+            return
+        token = await self._peek(sock, TOKEN_LEN, deadline)
+        if not hmac.compare_digest(token, claim.token):
+            log.warning("front: connection from port %s does not carry its claim's token", key[1])
+            await self._answer(claim, errno.ECONNABORTED)
+            _linger_close(sock)
+            return
+        self._peers[key] = (claim.host, claim.port)
+        self.stats.flows += 1
+        try:
+            try:
+                upstream = await self._dial(claim.host, claim.port)
+            except DialError as exc:
+                self._count_failure(exc)
+                log.info("connect %s port %s failed: %s", claim.host, claim.port, exc)
+                await self._answer(claim, exc.errno or errno.ECONNABORTED)
+                _linger_close(sock)
+                return
+            await self._answer(claim, 0)
+            left = claim.padding
+            while left > 0:
+                data = await sock.recv(min(left, RELAY_CHUNK))
+                if not data:
+                    await upstream.aclose()
+                    sock.close()
+                    return
+                left -= len(data)
+            await self._relay(trio.SocketStream(sock), upstream)
+        finally:
+            self._peers.pop(key, None)
+
+    async def _expire_claim(self, claim: Claim) -> None:
+        """A claim whose connection never shows up (the program died in between)."""
+        await trio.sleep(CLAIM_WAIT)
+        if self._claims.get(claim.key) is claim:
+            del self._claims[claim.key]
+            await self._answer(claim, errno.ECONNABORTED)
+
+    async def _answer(self, claim: Claim, err: int) -> None:
+        self._pending.pop(claim.id, None)
+        if claim.blocking:
+            if claim.answer is not None:
+                try:
+                    await claim.answer.send_all(f"R {err}\n".encode())
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+                await claim.answer.aclose()
+                claim.answer = None
+            return
+        self._verdicts[claim.id] = err
+        while len(self._verdicts) > VERDICTS_KEPT:
+            self._verdicts.popitem(last=False)
+
+    async def _serve_socks(self, sock) -> None:
+        stream = trio.SocketStream(sock)
+        hs = socks.ServerHandshake(
+            credentials=(self.username, self.secret), commands=(socks.CMD_CONNECT,)
+        )
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
+            while hs.request is None:
+                data = await stream.receive_some(4096)
+                if not data:
+                    await stream.aclose()
+                    return
+                try:
+                    hs.receive_data(data)
+                except socks.SocksError as exc:
+                    out = hs.data_to_send()
+                    if out:
+                        await stream.send_all(out)
+                    log.info("front: SOCKS client rejected: %s", exc)
+                    await stream.aclose()
+                    return
+                out = hs.data_to_send()
+                if out:
+                    await stream.send_all(out)
+        if scope.cancelled_caught or hs.request is None:
+            await stream.aclose()
+            return
+        req = hs.request
+        self.stats.flows += 1
+        try:
+            upstream = await self._dial(req.host, req.port)
+        except DialError as exc:
+            self._count_failure(exc)
+            await stream.send_all(socks.ServerHandshake.reply(socks.errno_reply(exc.errno)))
+            await stream.aclose()
+            return
+        await stream.send_all(socks.ServerHandshake.reply(socks.REP_SUCCEEDED))
+        if hs.leftover:
+            await upstream.send_all(hs.leftover)
+            self.stats.bytes_up += len(hs.leftover)
+        await self._relay(stream, upstream)
+
+    async def _relay(self, client: trio.abc.Stream, upstream: trio.abc.Stream) -> None:
+        self.stats.active += 1
+
+        async def pump(src, dst, up: bool, cancel: trio.CancelScope) -> None:
+            try:
+                while True:
+                    data = await src.receive_some(RELAY_CHUNK)
+                    if not data:
+                        break
+                    await dst.send_all(data)
+                    if up:
+                        self.stats.bytes_up += len(data)
+                    else:
+                        self.stats.bytes_down += len(data)
+                try:
+                    await dst.send_eof()
+                except (AttributeError, trio.BrokenResourceError, trio.ClosedResourceError,
+                        OSError):
+                    cancel.cancel()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                cancel.cancel()
+
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(pump, client, upstream, True, n.cancel_scope)
+                n.start_soon(pump, upstream, client, False, n.cancel_scope)
+        finally:
+            self.stats.active -= 1
+            with trio.CancelScope(shield=True):
+                for s in (client, upstream):
+                    try:
+                        await s.aclose()
+                    except Exception:  # closing a broken stream may complain; it is closed
+                        pass
+
+    # ------------------------------------------------------------------ control channel
+
+    async def _ctl_loop(self, listener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                log.warning("front control accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(self._handle_ctl, trio.SocketStream(sock))
+
+    async def _handle_ctl(self, stream: trio.SocketStream) -> None:
+        keep = False
+        try:
+            buf = b""
+            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                while b"\n" not in buf and len(buf) < CTL_LINE_MAX:
+                    data = await stream.receive_some(CTL_LINE_MAX)
+                    if not data:
+                        break
+                    buf += data
+            line = buf.split(b"\n", 1)[0].decode("ascii", "replace").split()
+            if not line:
+                return
+            answer, keep = await self._ctl_request(line, stream)
+            if answer is not None:
+                await stream.send_all(answer.encode() + b"\n")
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ValueError) as exc:
+            log.debug("front control request failed: %s", exc)
+        finally:
+            if not keep:
+                await stream.aclose()
+
+    async def _ctl_request(self, words: List[str], stream) -> Tuple[Optional[str], bool]:
+        op = words[0]
+        if op == "C" and len(words) == 8:
+            mode, listener, lport, pad, tok, host, port = words[1:]
+            token = bytes.fromhex(tok)
+            if mode not in ("a", "b") or len(token) != TOKEN_LEN:
+                return "E", False
+            key = (int(listener), int(lport))
+            claim = Claim(self._next_id, mode == "b", key, int(pad), token, host, int(port))
+            self._next_id += 1
+            if claim.blocking:
+                claim.answer = stream
+            else:
+                self._pending[claim.id] = claim
+            self._claims[key] = claim
+            ev = self._claim_events.get(key)
+            if ev is not None:
+                ev.set()
+            elif self._nursery is not None:
+                self._nursery.start_soon(self._expire_claim, claim)
+            if claim.blocking:
+                return None, True
+            return f"K {claim.id}", False
+        if op == "S" and len(words) == 2:
+            cid = int(words[1])
+            if cid in self._verdicts:
+                return f"R {self._verdicts[cid]}", False
+            return ("P" if cid in self._pending else "R 0"), False
+        if op == "F" and len(words) == 2:
+            ip = await self._address_for(words[1])
+            return (f"A {ip}" if ip else "E"), False
+        if op == "N" and len(words) == 2:
+            name = self.fakes.name_for(words[1])
+            return (f"H {name}" if name else "E"), False
+        if op == "P" and len(words) == 3:
+            peer = self._peers.get((int(words[1]), int(words[2])))
+            return (f"D {peer[0]} {peer[1]}" if peer else "E"), False
+        return "E", False
+
+    async def _address_for(self, name: str) -> Optional[str]:
+        if self.dns_server is not None:
+            ip = await self._ask_dns_server(name)
+            if ip is not None:
+                return ip
+        try:
+            return self.fakes.ip_for(name)
+        except ValueError:
+            return None
+
+    async def _ask_dns_server(self, name: str) -> Optional[str]:
+        import dns.message
+        import dns.rdatatype
+
+        assert self.dns_server is not None
+        try:
+            query = dns.message.make_query(name, dns.rdatatype.A)
+        except Exception:  # dnspython raises several kinds for bad names
+            return None
+
+        async def dial(host: str, port: int, timeout: float) -> trio.abc.Stream:
+            return await self._dial(host, port)
+
+        wire = await relay_tcp(dial, self.dns_server, query.to_wire())
+        if wire is None:
+            return None
+        try:
+            msg = dns.message.from_wire(wire)
+        except Exception:
+            return None
+        for rrset in msg.answer:
+            if rrset.rdtype == dns.rdatatype.A:
+                for rd in rrset:
+                    return rd.address
+        return None
