@@ -44,7 +44,8 @@ Choices that differ from the first sketch, and why:
   tun orphans skbs, so socket back-pressure does not stop CMD from overrunning it.
 
 Limits: descendants of CMD that CMD leaves behind are not killed by PDEATHSIG (that needs a PID
-namespace and an init); a terminal's Ctrl-C reaches CMD directly and is forwarded once more.
+namespace and an init); a terminal's Ctrl-C reaches CMD directly and is forwarded once more;
+run by real root, CMD is uid 0 inside and keeps its capabilities there (identity map of 0).
 """
 
 from __future__ import annotations
@@ -230,14 +231,20 @@ class NamespaceChild:
     def poll(self) -> int | None:
         """Exit status (128+N for signal N) if CMD has exited, else None; reaps it."""
         if self._status is None:
-            pid, st = os.waitpid(self.pid, os.WNOHANG)
+            try:
+                pid, st = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped behind our back (SIGCHLD set to SIG_IGN)
+                pid, st = self.pid, 255 << 8
             if pid:
                 self._reaped(st)
         return self.exit_status()
 
     def wait_blocking(self) -> int:
         if self._status is None:
-            _, st = os.waitpid(self.pid, 0)
+            try:
+                _, st = os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                st = 255 << 8
             self._reaped(st)
         return self.exit_status()  # type: ignore[return-value]
 
@@ -317,6 +324,7 @@ RTM_NEWADDR = 20
 RTM_NEWROUTE = 24
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
+NLM_F_REPLACE = 0x100
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
 IFF_UP = 0x1
@@ -400,7 +408,8 @@ class _Rtnl:
         if gateway:
             body += _rta(RTA_GATEWAY, ipaddress.ip_address(gateway).packed)
         via = f" via {gateway}" if gateway else ""
-        self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body, f"add route {dest}{via}")
+        # REPLACE: a pushed route may repeat the kernel's own subnet route, or another one
+        self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body, f"add route {dest}{via}")
 
 
 # ----------------------------------------------------------------------------------------------
