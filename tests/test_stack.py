@@ -256,6 +256,7 @@ def test_unreachable_quotes_syn(code, icmp_code):
     assert bytes(p[ICMP].payload) == raw
     assert (p[TCPerror].seq, p[TCPerror].sport) == (555, 40000)
     assert st.counters["tcp_flows"] == 0 and st.counters["tcp_half_open"] == 0
+    assert [e.kind for e in st.pop_events()] == ["closed"]
     st.input_packet(raw, 1.0)  # the app retries: a fresh flow
     assert len(events_of(st, NewTcpFlow)) == 1
 
@@ -320,8 +321,9 @@ def test_accept_timeout_sends_unreachable():
     st.on_timer(5.0)
     p = checked(st.output_packets()[0])
     assert (p[ICMP].type, p[ICMP].code) == (3, 1)
-    (ev,) = st.pop_events()
-    assert isinstance(ev, TcpFlowEvent) and ev.kind == "timeout"
+    evs = st.pop_events()
+    assert [(type(e), e.kind) for e in evs] == [(TcpFlowEvent, "timeout"),
+                                                (TcpFlowEvent, "closed")]
     assert st.counters["tcp_flows"] == 0 and st.next_deadline() is None
 
 
@@ -517,3 +519,45 @@ def test_vnet_gso_respects_peer_mss():
     for pkt in big:
         vh = struct.unpack("=BBHHHH", pkt[:10])
         assert vh[1] == wire.VNET_GSO_TCPV4 and vh[3] == 1000
+
+
+def test_time_wait_expires_and_port_reuse_replaces_it():
+    def establish(st, now):
+        st.input_packet(syn(seq=1000), now)
+        (ev,) = events_of(st, NewTcpFlow)
+        st.accept(ev.flow, now)
+        sa = checked(st.output_packets()[0])
+        st.input_packet(tcp("A", 1001, sa[TCP].seq + 1), now)
+        st.pop_events()
+        return ev.flow, sa[TCP].seq + 1
+
+    st = Stack()
+    flow, snd = establish(st, 0.0)
+    st.tcp_shutdown(flow, 0.1)  # we close first, so we end in TIME_WAIT
+    st.output_packets()
+    st.input_packet(tcp("FA", 1001, snd + 1), 0.2)
+    st.output_packets()
+    st.pop_events()
+    assert flow.conn.state == "TIME_WAIT" and st.counters["tcp_flows"] == 1
+    # the timer retires it
+    kinds = []
+    for _ in range(5):
+        d = st.next_deadline()
+        assert d is not None and d < 0.2 + 5
+        st.on_timer(d)
+        kinds += [e.kind for e in st.pop_events()]
+        if "closed" in kinds:
+            break
+    assert kinds == ["closed"] and st.counters["tcp_flows"] == 0 and flow.removed
+    # again, but this time the app reuses the port while we linger
+    flow, snd = establish(st, 10.0)
+    st.tcp_shutdown(flow, 10.1)
+    st.output_packets()
+    st.input_packet(tcp("FA", 1001, snd + 1), 10.2)
+    st.output_packets()
+    st.pop_events()
+    assert flow.conn.state == "TIME_WAIT"
+    st.input_packet(syn(seq=99999), 10.3)
+    evs = st.pop_events()
+    assert [type(e) for e in evs] == [TcpFlowEvent, NewTcpFlow]
+    assert evs[0].flow is flow and evs[0].kind == "closed" and evs[1].flow is not flow

@@ -586,6 +586,9 @@ class Stack:
             self._touch(flow)
         return n
 
+    def tcp_send_space(self, flow: TcpFlow) -> int:
+        return 0 if flow.removed else flow.conn.send_space()
+
     def tcp_recv(self, flow: TcpFlow, max_bytes: int = -1) -> bytes:
         if flow.removed:
             return b""
@@ -637,6 +640,10 @@ class Stack:
         if flow.removed:
             return
         flow.removed = True
+        if flow.conn.state != CLOSED:
+            # Gone without the connection reaching CLOSED itself (unreachable, accept
+            # timeout, TIME_WAIT cut short): still give the relay its 'closed'.
+            self._events.append(TcpFlowEvent(flow, "closed"))
         if self._tcp.get(flow.key) is flow:
             del self._tcp[flow.key]
         if not flow.established:
