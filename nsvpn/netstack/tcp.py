@@ -12,6 +12,20 @@ up to three duplicate ACKs per batch so the peer's fast retransmit works). A con
 reported 'closed' may still hold one final RST in `poll_output` (after `abort`/`refuse`) and
 unread data for `recv`.
 
+API notes beyond the agreed shape (additions only, nothing renamed):
+- `recv()` returns bytes *or a bytearray* (when the whole buffer is handed over, no copy).
+- 'closed' means no further segment will be processed; the final RST of `abort`/`refuse`
+  is still in the next `poll_output`, and unread data stays readable with `recv`.
+- A pure SYN for a connection in TIME_WAIT closes it silently ('closed'), so the owner can
+  treat the next SYN as a new connection (stack.py also does this itself).
+- `TcpConfig.initial_cwnd_segments` (10) and `TcpConfig.congestion_control` (True; False =
+  no cwnd limit, for the local-kernel side). `cwnd` property, `stats` dict
+  (retransmits, fast_retransmits, rto_expiries, timeouts, dup_acks, ooo_segments,
+  ooo_dropped, unacceptable, challenge_acks, segments_in, segments_out) and
+  `check_invariants()` (raises AssertionError; tests call it after every step).
+- The payload of outgoing segments is normally a memoryview of an immutable bytes chunk of
+  the send buffer: it stays valid as long as anybody holds it.
+
 Internally every sequence number is an unbounded "absolute" Python int (the ISN plus bytes
 since), so comparisons are plain `<`; 32-bit wire values are unwrapped against the nearest
 reference (RCV.NXT for seq, SND.UNA for ack) and wrapped with `& 0xFFFFFFFF` on output.
@@ -83,6 +97,7 @@ _RECEIVING = frozenset((ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2))
 _SENDING = frozenset((SYN_SENT, SYN_RECEIVED_PENDING, SYN_RECEIVED, ESTABLISHED, CLOSE_WAIT))
 
 MAX_OOO_INTERVALS = 64  # bounds bookkeeping however the peer scatters its segments
+PERSIST_MIN = 0.5  # seconds between zero-window probes at least
 DEFAULT_PEER_MSS = 536  # RFC 9293 default when the SYN carries no MSS option
 SMALL_CHUNK = 16384  # send() merges writes into the last chunk while it is this small
 CHUNK_MERGE_LIMIT = 65536
@@ -1235,7 +1250,10 @@ class TcpConnection:
             elif nxt < data_end:
                 # data waiting but nothing in flight: persist timer keeps us from stalling
                 if self._persist_deadline is None:
-                    iv = min(self._rto * (1 << min(self._persist_backoff, 16)), cfg.rto_max)
+                    # >= 0.5 s: Linux answers out-of-window pure ACKs (our probe) at most
+                    # every 500 ms per socket (tcp_invalid_ratelimit)
+                    base = self._rto if self._rto > PERSIST_MIN else PERSIST_MIN
+                    iv = min(base * (1 << min(self._persist_backoff, 16)), cfg.rto_max)
                     self._persist_deadline = now + iv
 
         if sent_any:
