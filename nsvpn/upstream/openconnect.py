@@ -82,7 +82,8 @@ def add_openconnect_args(parser: argparse.ArgumentParser) -> None:
     """Options for `--via openconnect://...` (cli.py adds them to exec/socks parsers)."""
     g = parser.add_argument_group("openconnect upstream")
     g.add_argument("--oc-opt", action="append", default=[], metavar="OPT",
-                   help="pass OPT to openconnect verbatim, one argument each (repeatable), "
+                   help="pass OPT to openconnect verbatim, one argument each (repeatable; write "
+                        "--oc-opt=OPT since OPT starts with a dash), "
                         "e.g. --oc-opt=--servercert=pin-sha256:... --oc-opt=--authgroup=G")
     pw = g.add_mutually_exclusive_group()
     pw.add_argument("--passwd-file", metavar="FILE",
