@@ -1,0 +1,358 @@
+"""Trio glue for namespace mode: TUN fd <-> userspace stack <-> upstream streams.
+
+Everything protocol-shaped lives in the sans-IO cores (netstack, dns, routing); this module only
+moves bytes and wakes tasks:
+
+* one reader task drains the TUN in batches and feeds the stack; after every stack call the
+  relay flushes the packets the stack produced (so ACKs are coalesced per batch) and dispatches
+  its events;
+* one timer task sleeps until the stack's next deadline (the deadline is tightened whenever a
+  stack call produces an earlier one);
+* one task per TCP flow: dial the upstream first (the app's handshake completes only when the
+  upstream said yes: refused -> RST, unreachable -> ICMP), then two pumps, one per direction,
+  whose waits are the flow's "readable"/"writable" events. Backpressure is the TCP window: a
+  slow upstream stops `tcp_recv`, the receive buffer fills, the advertised window closes;
+* UDP: DNS at the DNS address, host sockets for direct networks, ICMP port unreachable for the
+  rest (ssh -D carries no UDP, and a quick error beats an app waiting for a timeout).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+from typing import Callable, Dict, Optional, Tuple
+
+import trio
+
+from . import routing
+from .netstack import stack as nstack
+from .upstream.base import DialError
+
+log = logging.getLogger("nsvpn.relay")
+
+READ_BATCH = 128  # packets drained per wake-up before yielding to other tasks
+PUMP_CHUNK = 256 * 1024
+DIAL_TIMEOUT = 20.0
+UDP_IDLE = 60.0
+
+Dialer = Callable[[str, int, float], "trio.abc.Stream"]
+
+
+class _Flow:
+    """Trio-side companion of a stack TcpFlow: wake-ups for the two pumps."""
+
+    __slots__ = ("flow", "readable", "writable", "connected", "done", "reset", "eof")
+
+    def __init__(self, flow: object) -> None:
+        self.flow = flow
+        self.readable = trio.Event()
+        self.writable = trio.Event()
+        self.connected = trio.Event()
+        self.done = trio.Event()  # reset / timeout / closed from the app side
+        self.reset = False
+        self.eof = False  # the app sent FIN (all its data is readable before it)
+
+    def wake(self, kind: str) -> None:
+        if kind == "data":
+            self.readable.set()
+        elif kind == "eof":
+            self.eof = True
+            self.readable.set()
+        elif kind == "send_space":
+            self.writable.set()
+        elif kind == "connected":
+            self.connected.set()
+        elif kind in ("reset", "timeout", "closed"):
+            if kind != "closed":
+                self.reset = True
+            self.done.set()
+            self.readable.set()
+            self.writable.set()
+            self.connected.set()
+
+
+class Relay:
+    def __init__(
+        self,
+        tun_fd: int,
+        stack: "nstack.Stack",
+        router: routing.Router,
+        *,
+        dial_upstream: Callable[..., object],
+        dial_direct: Callable[..., object],
+        dns_service: Optional[object] = None,
+    ) -> None:
+        self.fd = tun_fd
+        self.stack = stack
+        self.router = router
+        self.dial_upstream = dial_upstream
+        self.dial_direct = dial_direct
+        self.dns = dns_service
+        self.flows: Dict[int, _Flow] = {}
+        self.udp: Dict[Tuple, "_UdpFlow"] = {}
+        self._timer_scope: Optional[trio.CancelScope] = None
+        self._nursery: Optional[trio.Nursery] = None
+        self.write_errors = 0
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _after_stack(self) -> None:
+        """Flush packets, dispatch events, tighten the timer: after *every* stack call."""
+        st = self.stack
+        write = os.write
+        fd = self.fd
+        for pkt in st.output_packets():
+            try:
+                write(fd, pkt)
+            except OSError:  # queue full / namespace gone: TCP retransmits, UDP is lossy
+                self.write_errors += 1
+        for ev in st.pop_events():
+            self._dispatch(ev)
+        scope = self._timer_scope
+        if scope is not None:
+            d = st.next_deadline()
+            if d is not None and d < scope.deadline:
+                scope.deadline = d
+
+    def _dispatch(self, ev: object) -> None:
+        if isinstance(ev, nstack.TcpFlowEvent):
+            f = self.flows.get(id(ev.flow))
+            if f is not None:
+                f.wake(ev.kind)
+        elif isinstance(ev, nstack.NewTcpFlow):
+            f = _Flow(ev.flow)
+            self.flows[id(ev.flow)] = f
+            assert self._nursery is not None
+            self._nursery.start_soon(self._tcp_flow, f)
+        elif isinstance(ev, nstack.UdpDatagram):
+            self._udp_in(ev)
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as n:
+            self._nursery = n
+            n.start_soon(self._timer_loop)
+            n.start_soon(self._tun_reader)
+            task_status.started()
+
+    async def _tun_reader(self) -> None:
+        fd = self.fd
+        read = os.read
+        st = self.stack
+        bufsize = 65536 + 64
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            now = trio.current_time()
+            for _ in range(READ_BATCH):
+                try:
+                    pkt = read(fd, bufsize)
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    if e.errno == errno.EBADFD or e.errno == errno.EIO:
+                        return  # the namespace (and its TUN) is gone
+                    raise
+                st.input_packet(pkt, now)
+            self._after_stack()
+            await trio.lowlevel.checkpoint_if_cancelled()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            d = self.stack.next_deadline()
+            with trio.CancelScope(deadline=d if d is not None else math.inf) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
+            now = trio.current_time()
+            d = self.stack.next_deadline()
+            if d is not None and d <= now:
+                self.stack.on_timer(now)
+                self._after_stack()
+
+    # -- TCP ------------------------------------------------------------------------------
+    async def _dial(self, decision: routing.Decision) -> trio.abc.Stream:
+        if decision.action == routing.DIRECT:
+            return await self.dial_direct(decision.host, decision.port, DIAL_TIMEOUT)
+        return await self.dial_upstream(decision.host, decision.port, DIAL_TIMEOUT)
+
+    async def _tcp_flow(self, f: _Flow) -> None:
+        flow = f.flow
+        st = self.stack
+        try:
+            ip, port = flow.dst[0], flow.dst[1]
+            d = self.router.decide(ip, port, "tcp")
+            if d.action == routing.REFUSE:
+                st.refuse(flow, trio.current_time())
+                self._after_stack()
+                return
+            if d.action == routing.UNREACHABLE:
+                st.unreachable(flow, trio.current_time(), "host")
+                self._after_stack()
+                return
+            if d.action == routing.DNS:
+                if self.dns is None:
+                    st.refuse(flow, trio.current_time())
+                    self._after_stack()
+                    return
+                st.accept(flow, trio.current_time())
+                self._after_stack()
+                await self.dns.serve_tcp_flow(self, f)
+                return
+            try:
+                stream = await self._dial(d)
+            except DialError as e:
+                log.debug("dial %s:%s failed: %s", d.host, d.port, e)
+                now = trio.current_time()
+                if e.errno == errno.ECONNREFUSED:
+                    st.refuse(flow, now)
+                elif e.errno == errno.ENETUNREACH:
+                    st.unreachable(flow, now, "net")
+                elif e.errno == errno.EHOSTUNREACH:
+                    st.unreachable(flow, now, "host")
+                else:  # timeout, upstream down: fail fast rather than leave the SYN hanging
+                    st.refuse(flow, now)
+                self._after_stack()
+                return
+            async with stream:
+                st.accept(flow, trio.current_time())
+                self._after_stack()
+                await f.connected.wait()
+                if f.reset:
+                    return
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._pump_to_upstream, f, stream, n.cancel_scope)
+                    n.start_soon(self._pump_from_upstream, f, stream, n.cancel_scope)
+        finally:
+            self.flows.pop(id(flow), None)
+
+    async def _pump_to_upstream(self, f: _Flow, stream: trio.abc.Stream,
+                                scope: trio.CancelScope) -> None:
+        """namespace app -> upstream. Reading from the stack opens the window."""
+        st = self.stack
+        flow = f.flow
+        conn = flow.conn
+        while True:
+            if conn.recv_available():
+                data = st.tcp_recv(flow, PUMP_CHUNK)
+                self._after_stack()  # window update
+                try:
+                    await stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    st.tcp_abort(flow, trio.current_time())
+                    self._after_stack()
+                    scope.cancel()
+                    return
+                continue
+            if f.reset:
+                scope.cancel()
+                return
+            if f.eof:
+                try:
+                    await stream.send_eof()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, AttributeError):
+                    pass
+                return
+            f.readable = trio.Event()
+            if conn.recv_available() or f.eof or f.reset:
+                continue
+            await f.readable.wait()
+
+    async def _pump_from_upstream(self, f: _Flow, stream: trio.abc.Stream,
+                                  scope: trio.CancelScope) -> None:
+        """upstream -> namespace app, never more than the stack's send buffer has room for."""
+        st = self.stack
+        flow = f.flow
+        conn = flow.conn
+        while True:
+            space = conn.send_space()
+            if space <= 0:
+                if f.reset:
+                    scope.cancel()
+                    return
+                f.writable = trio.Event()
+                if conn.send_space() <= 0 and not f.reset:
+                    await f.writable.wait()
+                continue
+            try:
+                data = await stream.receive_some(min(space, PUMP_CHUNK))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = None
+            if f.reset:
+                scope.cancel()
+                return
+            if data is None:  # upstream broke: the app sees a reset, never a clean EOF
+                st.tcp_abort(flow, trio.current_time())
+                self._after_stack()
+                scope.cancel()
+                return
+            if not data:
+                st.tcp_shutdown(flow, trio.current_time())
+                self._after_stack()
+                await f.done.wait()
+                return
+            st.tcp_send(flow, data, trio.current_time())
+            self._after_stack()
+
+    # -- UDP ------------------------------------------------------------------------------
+    def _udp_in(self, ev: object) -> None:
+        src, dst, payload = ev.src, ev.dst, bytes(ev.payload)
+        d = self.router.decide(dst[0], dst[1], "udp")
+        if d.action == routing.DNS and self.dns is not None:
+            assert self._nursery is not None
+            self._nursery.start_soon(self.dns.serve_udp, self, src, dst, payload)
+            return
+        if d.action == routing.DIRECT:
+            key = (src, dst)
+            u = self.udp.get(key)
+            if u is None:
+                u = _UdpFlow(self, src, dst, (d.host, d.port))
+                self.udp[key] = u
+                assert self._nursery is not None
+                self._nursery.start_soon(u.run)
+            u.send(payload)
+            return
+        # Upstreams here carry no UDP (ssh -D): tell the app at once.
+        self.stack.udp_unreachable(ev)
+        self._after_stack()
+
+    def send_udp(self, src, dst, payload: bytes) -> None:
+        self.stack.send_udp(src, dst, payload)
+        self._after_stack()
+
+
+class _UdpFlow:
+    """One app UDP 4-tuple mapped to a host socket (direct networks only), idle-timed."""
+
+    def __init__(self, relay: Relay, src, dst, target: Tuple[str, int]) -> None:
+        self.relay = relay
+        self.src = src
+        self.dst = dst
+        self.target = target
+        self.sock = trio.socket.socket(
+            trio.socket.AF_INET6 if ":" in target[0] else trio.socket.AF_INET,
+            trio.socket.SOCK_DGRAM,
+        )
+        self.last = trio.current_time()
+
+    def send(self, payload: bytes) -> None:
+        self.last = trio.current_time()
+        try:
+            self.sock._sock.sendto(payload, self.target)  # non-blocking; UDP may drop
+        except OSError:
+            pass
+
+    async def run(self) -> None:
+        try:
+            while True:
+                with trio.move_on_at(self.last + UDP_IDLE):
+                    data = await self.sock.recv(65535)
+                    self.last = trio.current_time()
+                    self.relay.send_udp(self.dst, self.src, data)
+                    continue
+                if trio.current_time() >= self.last + UDP_IDLE:
+                    return
+        except OSError:
+            return
+        finally:
+            self.sock.close()
+            self.relay.udp.pop((self.src, self.dst), None)

@@ -1,0 +1,158 @@
+"""`nsvpn exec`: pick the mode, bring the upstream up, run CMD in its namespace, relay, exit.
+
+Order matters: the upstream is started (and must be ready) *before* CMD exists, so a wrong ssh
+key ends nsvpn with ssh's reason and CMD never runs; the namespace child is forked from trio's
+main thread before the relay starts any worker thread; nothing outlives nsvpn (ssh is stopped
+on every exit path, CMD has PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import trio
+
+from . import config as cfg
+from . import namespace, routing
+from .cli import EXIT_SETUP, EXIT_UPSTREAM, EXIT_USAGE
+
+log = logging.getLogger("nsvpn")
+
+
+def _err(msg: str) -> None:
+    sys.stderr.write(f"nsvpn: {msg}\n")
+    sys.stderr.flush()
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s nsvpn %(levelname)s %(name)s: %(message)s")
+
+
+def build_upstreams(vias: List[str], args: argparse.Namespace):
+    """URLs -> upstream objects; ValueError with a user-facing message on bad input."""
+    from .upstream.pool import UpstreamPool
+    from .upstream.socks5 import Socks5Upstream
+    from .upstream.ssh import SshUpstream
+    from .urls import OpenconnectUpstreamUrl, Socks5UpstreamUrl, SshUpstreamUrl, parse_upstream_url
+
+    ups = []
+    for i, text in enumerate(vias):
+        url = parse_upstream_url(text)
+        if isinstance(url, SshUpstreamUrl):
+            ups.append(SshUpstream(url, ssh_opts=args.ssh_opt, index=i))
+        elif isinstance(url, Socks5UpstreamUrl):
+            ups.append(Socks5Upstream.from_url(url))
+        elif isinstance(url, OpenconnectUpstreamUrl):
+            raise ValueError(f"{url}: openconnect upstreams are not supported yet")
+        else:  # pragma: no cover - parse_upstream_url knows only these
+            raise ValueError(f"{text}: unsupported upstream")
+    return UpstreamPool(ups)
+
+
+def choose_mode(requested: str) -> Optional[str]:
+    """'ns' when namespaces work; otherwise an error naming the probe's reason."""
+    if requested == "preload":
+        _err("preload mode is not available yet in this version; use --mode ns")
+        return None
+    trials = [namespace.trial_userns()]
+    if trials[0].ok:
+        trials += [namespace.trial_tun(), namespace.trial_bind_mount()]
+    bad = [t for t in trials if not t.ok]
+    if bad:
+        why = "; ".join(f"{t.name}: {t.detail}" for t in bad)
+        _err(f"namespace mode is unusable here ({why}); the preload fallback is not available "
+             "yet in this version (`nsvpn probe` shows details)")
+        return None
+    return "ns"
+
+
+def direct_networks(args: argparse.Namespace) -> List[str]:
+    nets: List[str] = []
+    if not args.no_direct:
+        from .upstream.direct import host_networks
+
+        nets += [str(n) for n in host_networks()]
+    nets += list(args.direct)
+    return nets
+
+
+def run_exec(args: argparse.Namespace, argv: List[str]) -> int:
+    _setup_logging(args.verbose)
+    try:
+        fc = cfg.load_file(Path(args.config) if args.config else None,
+                           explicit=bool(args.config))
+        vias = cfg.resolve_via(args.via, dict(os.environ), fc)
+        pool = build_upstreams(vias.value, args)
+        direct = direct_networks(args)
+        for c in args.direct:
+            routing.Router(direct=[c])  # validates the CIDR
+    except cfg.ConfigError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    mode = choose_mode(args.mode)
+    if mode is None:
+        return EXIT_SETUP
+    return trio.run(_run_ns, args, argv, pool, direct)
+
+
+async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[str]) -> int:
+    from .dns import DnsService, FakeIpTable
+    from .netstack.stack import Stack, StackConfig
+    from .relay import Relay
+    from .upstream.base import UpstreamError
+    from .upstream.direct import DirectUpstream
+
+    try:
+        await pool.start()
+    except UpstreamError as e:
+        _err(f"upstream failed: {e}")
+        await pool.aclose()
+        return EXIT_UPSTREAM
+    try:
+        stack_cfg = StackConfig(vnet_hdr=True)
+        # The TUN queue must hold a full advertised window (tun orphans skbs: no backpressure).
+        spec = namespace.NetnsSpec(mtu=stack_cfg.mtu, vnet_hdr=True,
+                                   window=stack_cfg.tcp.rcv_buf)
+        stack_cfg.tun_queue_len = spec.queue_len()
+        fakes = FakeIpTable()
+        router = routing.Router(direct=direct, allow_host_loopback=args.allow_host_loopback,
+                                fake_ip_lookup=fakes.name_for)
+        try:
+            child = namespace.spawn(argv, spec)
+        except namespace.SpawnError as e:
+            _err(str(e))
+            code = getattr(e, "exit_code", None)
+            return code if code in (126, 127) else EXIT_SETUP
+        direct_up = DirectUpstream()
+        stack = Stack(stack_cfg)
+        dns = DnsService(fakes, upstream=pool, dns_server=args.dns_server)
+
+        async def dial_upstream(host: str, port: int, timeout: float):
+            return await pool.dial_tcp(host, port, timeout=timeout)
+
+        async def dial_direct(host: str, port: int, timeout: float):
+            return await direct_up.dial_tcp(host, port, timeout=timeout)
+
+        relay = Relay(child.tun_fd, stack, router, dial_upstream=dial_upstream,
+                      dial_direct=dial_direct, dns_service=dns)
+        try:
+            async with trio.open_nursery() as n:
+                await n.start(relay.run)
+                status = await namespace.supervise(child)
+                n.cancel_scope.cancel()
+        finally:
+            child.close()
+        return status
+    finally:
+        with trio.CancelScope(shield=True):
+            await pool.aclose()
