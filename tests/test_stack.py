@@ -561,3 +561,104 @@ def test_time_wait_expires_and_port_reuse_replaces_it():
     evs = st.pop_events()
     assert [type(e) for e in evs] == [TcpFlowEvent, NewTcpFlow]
     assert evs[0].flow is flow and evs[0].kind == "closed" and evs[1].flow is not flow
+
+
+# --------------------------------------------------------------------------------- lossy link
+
+
+def _lossy_run(seed: int, nflows: int, size: int, loss: float, dup: float, jitter: float):
+    """Client stack (active opens) <-> server stack (passive) over a simulated link that
+    drops, duplicates, delays and reorders packets; virtual time, seeded."""
+    import heapq
+
+    rnd = random.Random(seed)
+    client = Stack(StackConfig(mtu=1500))
+    server = Stack(StackConfig(mtu=1500))
+    peer = {id(client): server, id(server): client}
+    wire_q: list = []
+    tie = [0]
+    now = 0.0
+
+    def transmit(src):
+        for p in src.output_packets():
+            if rnd.random() < loss:
+                continue
+            for _ in range(2 if rnd.random() < dup else 1):
+                tie[0] += 1
+                heapq.heappush(wire_q, (now + 0.002 + rnd.random() * jitter, tie[0], p,
+                                        peer[id(src)]))
+
+    up = {}
+    down = {}
+    got = {}
+    sent = {}
+    flows_c = []
+    for i in range(nflows):
+        f = client.open_tcp(("10.0.2.100", 0), ("10.0.2.50", 1000 + i), now)
+        flows_c.append(f)
+        up[f.src[1]] = rnd.randbytes(size)
+        down[f.src[1]] = rnd.randbytes(size)
+    server_flows = {}
+    closed = set()
+    while now < 300.0:
+        for st_ in (client, server):
+            for ev in st_.pop_events():
+                if isinstance(ev, NewTcpFlow):
+                    server.accept(ev.flow, now)
+                    server_flows[ev.flow.src[1]] = ev.flow
+                elif isinstance(ev, TcpFlowEvent):
+                    if ev.kind == "closed":
+                        closed.add((id(st_), ev.flow.id))
+                    assert ev.kind not in ("reset", "timeout"), ev
+        for st_, flows, data in ((client, flows_c, up),
+                                 (server, list(server_flows.values()), down)):
+            for f in flows:
+                port = f.src[1]
+                k = (id(st_), port)
+                off = sent.get(k, 0)
+                if off < size and f.conn.state in ("ESTABLISHED", "CLOSE_WAIT"):
+                    off += st_.tcp_send(f, data[port][off:off + 65536], now)
+                    sent[k] = off
+                    if off == size:
+                        st_.tcp_shutdown(f, now)
+                chunk = st_.tcp_recv(f, -1)
+                if chunk:
+                    got.setdefault(k, bytearray()).extend(chunk)
+        for st_ in (client, server):
+            d = st_.next_deadline()
+            if d is not None and d <= now:
+                st_.on_timer(now)
+            transmit(st_)
+        if len(closed) == 2 * nflows:
+            break
+        # advance virtual time to the next thing that happens
+        nxt = [now + 0.05]
+        if wire_q:
+            nxt.append(wire_q[0][0])
+        for st_ in (client, server):
+            d = st_.next_deadline()
+            if d is not None:
+                nxt.append(d)
+        now = max(now, min(nxt))
+        while wire_q and wire_q[0][0] <= now:
+            _, _, p, dst = heapq.heappop(wire_q)
+            dst.input_packet(p, now)
+    return client, server, up, down, got, flows_c, server_flows, closed, now
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_many_flows_over_a_lossy_reordering_link(seed):
+    nflows, size = 8, 200_000
+    client, server, up, down, got, flows_c, server_flows, closed, now = _lossy_run(
+        seed, nflows, size, loss=0.03, dup=0.02, jitter=0.01)
+    assert len(closed) == 2 * nflows, f"stuck at t={now}: {client.counters} {server.counters}"
+    for f in flows_c:
+        port = f.src[1]
+        assert bytes(got[(id(server), port)]) == up[port]
+        assert bytes(got[(id(client), port)]) == down[port]
+    for st_ in (client, server):
+        c = st_.counters
+        assert c["tcp_flows"] == 0 and c["tcp_half_open"] == 0
+        # duplicates that arrive after close draw RSTs; nothing else may be dropped
+        assert set(c["drops"]) <= {"tcp_no_flow", "tcp_rst_no_flow"}
+    assert client.next_deadline() is None and server.next_deadline() is None
