@@ -87,9 +87,10 @@ def check_preload() -> Check:
 
 
 def _tool_version(name: str, args: List[str]) -> Check:
-    path = shutil.which(name)
+    # Debian installs openconnect in /usr/sbin, which is not in a normal user's PATH.
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if path is None:
-        return Check(False, f"{name} not found in PATH")
+        return Check(False, f"{name} not found in PATH, /usr/sbin or /sbin")
     try:
         p = subprocess.run([path, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, timeout=5)
