@@ -44,8 +44,9 @@ Choices that differ from the first sketch, and why:
   tun orphans skbs, so socket back-pressure does not stop CMD from overrunning it.
 
 Limits: descendants of CMD that CMD leaves behind are not killed by PDEATHSIG (that needs a PID
-namespace and an init); a terminal's Ctrl-C reaches CMD directly and is forwarded once more;
-run by real root, CMD is uid 0 inside and keeps its capabilities there (identity map of 0).
+namespace and an init; their network is gone with the TUN anyway). A terminal's Ctrl-C reaches
+CMD directly, so SIGINT is not forwarded while we are the terminal's foreground group. Run by
+real root, CMD is uid 0 inside and keeps its capabilities there (identity map of 0).
 """
 
 from __future__ import annotations
@@ -300,7 +301,29 @@ async def forward_signals(child: NamespaceChild, signals: Sequence[int] = FORWAR
         if task_status is not None:
             task_status.started()
         async for sig in batches:
+            if sig == signal.SIGINT and _terminal_signals_child(child):
+                continue  # the terminal's Ctrl-C already reached CMD: don't deliver it twice
             child.signal(sig)
+
+
+def _terminal_signals_child(child: NamespaceChild) -> bool:
+    """True when CMD shares our process group and that group is a terminal's foreground.
+
+    Then the tty driver sends SIGINT to CMD itself. The price: in that situation a `kill -INT`
+    from elsewhere is not forwarded (SIGTERM still is).
+    """
+    try:
+        if os.getpgid(child.pid) != os.getpgrp():
+            return False
+    except OSError:
+        return False
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+                return True
+        except OSError:
+            continue
+    return False
 
 
 async def supervise(child: NamespaceChild) -> int:
