@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import sys
 from typing import Dict, List, Sequence
@@ -50,10 +51,13 @@ class BridgeStats:
         self.to_tun_pkts = 0
         self.to_tun_bytes = 0
         self.dropped = 0
+        self.tun_waits = 0  # times a reader found nothing and went to sleep
+        self.vpn_waits = 0
 
     def __str__(self) -> str:
         return (f"to VPN {self.to_vpn_pkts} pkts/{self.to_vpn_bytes} B, to TUN "
-                f"{self.to_tun_pkts} pkts/{self.to_tun_bytes} B, dropped {self.dropped}")
+                f"{self.to_tun_pkts} pkts/{self.to_tun_bytes} B, dropped {self.dropped}, "
+                f"waits TUN {self.tun_waits} VPN {self.vpn_waits}")
 
 
 def _err(msg: str) -> None:
@@ -106,6 +110,7 @@ async def tun_to_vpn(tun_fd: int, oc: OpenconnectUpstream, stats: BridgeStats) -
             try:
                 n = readv(tun_fd, [buf])
             except BlockingIOError:
+                stats.tun_waits += 1
                 await trio.lowlevel.wait_readable(tun_fd)
                 break
             sess = oc.session
@@ -128,6 +133,7 @@ async def _vpn_session_to_tun(sess: VpnSession, tun_fd: int, stats: BridgeStats)
             try:
                 n = recv_into(buf)
             except BlockingIOError:
+                stats.vpn_waits += 1
                 await trio.lowlevel.wait_readable(sess.sock)
                 break
             if n == 0:
@@ -184,8 +190,9 @@ async def bridge(child: namespace.NamespaceChild, oc: OpenconnectUpstream,
         status = await child.wait()
         n.cancel_scope.cancel()
     child.close()
-    log.info("bridge: %s", stats)
-    if failed and status == 0:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    log.info("bridge: %s; nsvpn CPU %.2f s user %.2f s sys", stats, ru.ru_utime, ru.ru_stime)
+    if failed:  # CMD was ended by us, its status would only say "SIGTERM"
         return EXIT_UPSTREAM
     return status
 

@@ -359,3 +359,89 @@ def test_sigterm_to_nsvpn_stops_everything(oc_lab):
     assert rc == 128 + signal.SIGTERM, p.output()  # CMD got the SIGTERM and died of it
     time.sleep(0.3)
     assert not _leftovers(lab, p.pid)
+
+
+@pytest.mark.lab
+def test_new_address_after_reconnect_ends_the_session(oc_lab):
+    """openconnect is killed; before nsvpn's restart logs in again (1 s backoff) another
+    client of the same user takes the address: the namespace cannot follow a new one, so
+    nsvpn ends CMD and exits with a clear message."""
+    lab = oc_lab
+    p = lab.popen(_bridge_argv(lab, "echo UP; sleep 30; echo CMD-END", extra=["-v"]),
+                  timeout=60)
+    try:
+        lab.wait_for(lambda: "UP" in p.output(), timeout=20, what="the tunnel")
+        addr = re.search(r"address (\d+\.\d+\.\d+\.\d+)/", p.output()).group(1)
+        r = subprocess.run(["pgrep", "-f", f"^openconnect .*/oc-{p.pid}-"],
+                           capture_output=True, text=True)
+        os.kill(int(r.stdout.split()[0]), signal.SIGKILL)
+        oc = lab.ocserv
+        intruder = lab.popen(
+            f"exec openconnect --script-tun --script 'echo GOT=$INTERNAL_IP4_ADDRESS; "
+            f"exec sleep 60' --user {oc['user']} --passwd-on-stdin --non-inter "
+            f"--servercert={_pin(lab)} {oc['host']} < {oc['password_file']}", timeout=60)
+        rc = p.wait(30)
+        got = _marker(intruder.output(), "GOT")
+    finally:
+        p.stop()
+    out = p.output()
+    assert got == addr, "ocserv gave the intruder another address; the test premise failed"
+    assert rc == 3, out
+    assert f"instead of {addr}" in out and "cannot change its address" in out, out
+    assert "CMD-END" not in out
+    intruder.stop()
+    time.sleep(0.3)
+    assert not _leftovers(lab, p.pid)
+
+
+@pytest.mark.lab
+def test_interactive_password_prompt_on_a_terminal(oc_lab):
+    """No --passwd-file/--passwd-fd and a terminal: nsvpn prompts (getpass on /dev/tty) and
+    feeds the answer to openconnect's stdin; the typed password is not echoed."""
+    import fcntl
+    import select
+    import termios
+
+    lab = oc_lab
+    master, slave = os.openpty()
+    os.fchown(slave, *_ids(lab))
+
+    def ctty() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    argv = lab.argv(_bridge_argv(lab, "echo RESULT=$((6*7))", passwd=[]))
+    p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, preexec_fn=ctty,
+                         env=lab.env_for(lab.user), cwd=lab.info["users"]["primary"]["home"])
+    os.close(slave)
+    seen = b""
+    sent = False
+    deadline = time.monotonic() + 40
+    try:
+        while time.monotonic() < deadline and b"RESULT=" not in seen:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: every slave fd closed
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            if not sent and b"VPN password for labuser@" in seen:
+                time.sleep(0.2)  # getpass turns echo off right after printing the prompt
+                os.write(master, lab.ocserv["password"].encode() + b"\n")
+                sent = True
+        rc = p.wait(20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
+    text = seen.decode(errors="replace")
+    assert sent, text
+    assert rc == 0, text
+    assert "RESULT=42" in text
+    assert lab.ocserv["password"] not in text  # not echoed
+    time.sleep(0.3)
+    assert not _leftovers(lab, p.pid)

@@ -246,6 +246,7 @@ class OpenconnectUpstream:
         self._helper_conn: socket.socket | None = None
         self.socket_path: str | None = None
         self._generation = 0
+        self._end_cause: str | None = None
         self._changed = trio.Event()
         self._closing = False
         self._scope: trio.CancelScope | None = None
@@ -552,6 +553,7 @@ class OpenconnectUpstream:
     async def _run_once(self) -> str | None:
         """One openconnect run: None after a session that ended, else why it never came up."""
         self._output.clear()
+        self._end_cause = None
         proc = self._spawn()
         self._proc = proc
         result: str | None = None
@@ -607,6 +609,7 @@ class OpenconnectUpstream:
                     await proc.exited.wait()
                 if not proc.exited.is_set() and not sess.lost.is_set() and not sess.probe():
                     log.warning("VPNFD refused the probe: openconnect's end is gone")
+                    self._end_cause = "its VPNFD refused the 0-byte probe"
                     break
             self._end_session()
             self._notify()
@@ -625,6 +628,11 @@ class OpenconnectUpstream:
         if rc is None:
             return "still running"
         return f"killed by signal {-rc}" if rc < 0 else f"status {rc}"
+
+    def _ended_message(self) -> str:
+        proc = self._proc
+        status = self._end_cause or (self._status(proc) if proc is not None else "?")
+        return f"openconnect ended ({status}): {self._reason()}"
 
     def _reason(self) -> str:
         return failure_reason(list(self._output), pinned=self._pinned())
@@ -648,7 +656,7 @@ class OpenconnectUpstream:
                         return
                     if trio.current_time() - t0 > STABLE_AFTER:
                         backoff = self.backoff_first
-                    msg = err or f"openconnect ended: {self._reason()}"
+                    msg = err or self._ended_message()
                     sys.stderr.write(f"nsvpn: {self.name}: {msg}; restarting in "
                                      f"{backoff:g} s\n")
                     await trio.sleep(backoff)
