@@ -77,7 +77,7 @@ class Relay:
     def __init__(
         self,
         tun_fd: int,
-        stack: "nstack.Stack",
+        stack: nstack.Stack,
         router: routing.Router,
         *,
         dial_upstream: Callable[..., object],
@@ -91,7 +91,7 @@ class Relay:
         self.dial_direct = dial_direct
         self.dns = dns_service
         self.flows: Dict[int, _Flow] = {}
-        self.udp: Dict[Tuple, "_UdpFlow"] = {}
+        self.udp: Dict[Tuple, _UdpFlow] = {}
         self._timer_scope: Optional[trio.CancelScope] = None
         self._nursery: Optional[trio.Nursery] = None
         self.write_errors = 0
