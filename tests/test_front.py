@@ -1,0 +1,261 @@
+"""The preload front on loopback: SOCKS5 door, control channel, claimed connections.
+
+The upstream is a real dialer (DirectUpstream in an UpstreamPool) and the far side a real
+echo server on 127.0.0.1; fake IPs make the front dial *by name* through the pool.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import pytest
+import trio
+
+from nsvpn import socks
+from nsvpn.front import Front
+from nsvpn.upstream.direct import DirectUpstream
+from nsvpn.upstream.pool import UpstreamPool
+
+
+async def _echo_server(task_status=trio.TASK_STATUS_IGNORED):
+    async def echo(stream):
+        try:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                await stream.send_all(data)
+        except trio.BrokenResourceError:
+            pass
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(echo, listeners)
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture
+async def env(nursery, tmp_path):
+    d = tmp_path / "run"
+    d.mkdir(mode=0o700)
+    front = Front(UpstreamPool([DirectUpstream()]), runtime_dir=str(d), connect_timeout=3.0)
+    await nursery.start(front.serve)
+    port = await nursery.start(_echo_server)
+    return front, port
+
+
+async def ctl(front: Front, line: str) -> str:
+    s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with s:
+        await s.connect(front.ctl_path)
+        await s.send(line.encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = await s.recv(1024)
+            if not chunk:
+                break
+            data += chunk
+    return data.decode().strip()
+
+
+async def _open(front: Front):
+    s = trio.socket.socket()
+    await s.connect(("127.0.0.1", front.port4))
+    return s, s.getsockname()[1]
+
+
+async def _recv_exactly(s, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = await s.recv(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def _token() -> bytes:
+    return b"\x00" + os.urandom(15)
+
+
+async def _socks_connect(front, host, port, user="nsvpn", password=None):
+    stream = await trio.open_tcp_stream("127.0.0.1", front.port4)
+    hs = socks.ClientHandshake(socks.CMD_CONNECT, host, port, username=user,
+                               password=front.secret if password is None else password)
+    await stream.send_all(hs.data_to_send())
+    while hs.reply is None:
+        data = await stream.receive_some(4096)
+        if not data:
+            raise socks.SocksError("closed")
+        hs.receive_data(data)
+        out = hs.data_to_send()
+        if out:
+            await stream.send_all(out)
+    return stream
+
+
+async def test_socks_door_with_secret_relays(env):
+    front, port = env
+    stream = await _socks_connect(front, "127.0.0.1", port)
+    payload = os.urandom(1 << 20)
+    got = bytearray()
+    async with stream:
+        async with trio.open_nursery() as n:
+            n.start_soon(stream.send_all, payload)
+            while len(got) < len(payload):
+                got += await stream.receive_some(65536)
+    assert bytes(got) == payload
+    assert front.stats.flows == 1
+    with trio.fail_after(2):
+        while front.stats.bytes_up < len(payload) or front.stats.active:
+            await trio.sleep(0.01)
+    assert front.stats.bytes_down == len(payload)
+
+
+async def test_socks_door_rejects_wrong_secret_and_no_auth(env):
+    front, port = env
+    with pytest.raises(socks.SocksAuthError):
+        await _socks_connect(front, "127.0.0.1", port, password="guess")
+    stream = await trio.open_tcp_stream("127.0.0.1", front.port4)
+    async with stream:
+        await stream.send_all(socks.build_greeting([socks.METHOD_NO_AUTH]))
+        assert await stream.receive_some(16) == b"\x05\xff"
+
+
+async def test_socks_refused_reply(env):
+    front, _ = env
+    with pytest.raises(socks.SocksReplyError) as ei:
+        await _socks_connect(front, "127.0.0.1", _closed_port())
+    assert ei.value.reply_code == socks.REP_CONNECTION_REFUSED
+
+
+async def test_fake_ip_and_reverse(env):
+    front, _ = env
+    a = await ctl(front, "F only-far-side.example")
+    assert a.startswith("A 198.18.")
+    assert await ctl(front, "F ONLY-far-side.example.") == a  # stable, normalized
+    ip = a.split()[1]
+    assert await ctl(front, f"N {ip}") == "H only-far-side.example"
+    assert await ctl(front, "N 10.1.2.3") == "E"
+    assert await ctl(front, "bogus") == "E"
+
+
+async def test_blocking_claim_success_and_peer(env):
+    front, port = env
+    s, lport = await _open(front)
+    with s:
+        tok = _token()
+        await s.send(tok)
+        assert await ctl(front, f"C b 4 {lport} 16 {tok.hex()} 127.0.0.1 {port}") == "R 0"
+        assert await ctl(front, f"P 4 {lport}") == f"D 127.0.0.1 {port}"
+        await s.send(b"hello")
+        assert await _recv_exactly(s, 5) == b"hello"
+    assert await ctl(front, "P 4 1") == "E"
+
+
+async def test_blocking_claim_refused(env):
+    front, _ = env
+    s, lport = await _open(front)
+    with s:
+        tok = _token()
+        await s.send(tok)
+        closed = _closed_port()
+        assert await ctl(front, f"C b 4 {lport} 16 {tok.hex()} 127.0.0.1 {closed}") == \
+            f"R {errno.ECONNREFUSED}"
+        with pytest.raises(ConnectionResetError):
+            while await s.recv(10):
+                pass
+
+
+async def test_claim_with_wrong_token_is_not_served(env):
+    front, port = env
+    s, lport = await _open(front)
+    with s:
+        await s.send(_token())
+        other = _token()
+        assert await ctl(front, f"C b 4 {lport} 16 {other.hex()} 127.0.0.1 {port}") == \
+            f"R {errno.ECONNABORTED}"
+    assert front.stats.flows == 0
+
+
+async def test_async_claim_drops_padding_then_relays(env):
+    front, port = env
+    s, lport = await _open(front)
+    with s:
+        tok = _token()
+        pad = tok + bytes(50000 - 16)
+        await s.send(pad)
+        await s.send(b"app-data")
+        r = await ctl(front, f"C a 4 {lport} {len(pad)} {tok.hex()} 127.0.0.1 {port}")
+        assert r.startswith("K ")
+        assert await _recv_exactly(s, 8) == b"app-data"  # the padding never reached the echo
+        assert await ctl(front, f"S {r.split()[1]}") == "R 0"
+
+
+async def test_async_claim_failure_verdict(env):
+    front, _ = env
+    s, lport = await _open(front)
+    with s:
+        tok = _token()
+        await s.send(tok)
+        r = await ctl(front, f"C a 4 {lport} 16 {tok.hex()} 127.0.0.1 {_closed_port()}")
+        cid = r.split()[1]
+        with pytest.raises(ConnectionResetError):
+            while await s.recv(10):
+                pass
+        assert await ctl(front, f"S {cid}") == f"R {errno.ECONNREFUSED}"
+
+
+async def test_claim_to_fake_ip_dials_by_name(env):
+    """A fake IP is CONNECTed by name through the pool (here: a dialer that resolves
+    'localhost' itself)."""
+    front, port = env
+    ip = (await ctl(front, "F localhost")).split()[1]
+    s, lport = await _open(front)
+    with s:
+        tok = _token()
+        await s.send(tok)
+        assert await ctl(front, f"C b 4 {lport} 16 {tok.hex()} {ip} {port}") == "R 0"
+        assert await ctl(front, f"P 4 {lport}") == f"D {ip} {port}"
+        await s.send(b"by-name")
+        assert await _recv_exactly(s, 7) == b"by-name"
+
+
+async def test_unknown_fake_ip_is_unreachable(env):
+    front, port = env
+    s, lport = await _open(front)
+    with s:
+        tok = _token()
+        await s.send(tok)
+        assert await ctl(front, f"C b 4 {lport} 16 {tok.hex()} 198.19.255.1 {port}") == \
+            f"R {errno.EHOSTUNREACH}"
+
+
+async def test_unclaimed_shim_connection_is_dropped(env, monkeypatch):
+    import nsvpn.front as front_mod
+
+    monkeypatch.setattr(front_mod, "CLAIM_WAIT", 0.3)
+    front, _ = env
+    s, _lport = await _open(front)
+    with s:
+        await s.send(_token())
+        with trio.fail_after(3):
+            try:
+                assert await s.recv(10) == b""
+            except ConnectionResetError:
+                pass
+    assert front.stats.flows == 0
+
+
+async def test_ctl_socket_is_private(env):
+    front, _ = env
+    assert os.stat(front.ctl_path).st_mode & 0o077 == 0
