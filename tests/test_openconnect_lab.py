@@ -125,6 +125,35 @@ async def test_password_sources(tmp_path):
     assert await _upstream()._obtain_password() is None  # no terminal: no prompt
 
 
+async def test_start_reports_a_missing_or_failing_openconnect(tmp_path):
+    from nsvpn.upstream.base import UpstreamError
+
+    oc = _upstream(openconnect=str(tmp_path / "no-such-openconnect"), sockdir=str(tmp_path))
+    with pytest.raises(UpstreamError, match="cannot run .*no-such-openconnect"):
+        await oc.start()
+    fake = tmp_path / "fake-openconnect"
+    fake.write_text("#!/bin/sh\necho 'Some progress'\necho 'Login failed.' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    oc = _upstream(openconnect=str(fake), sockdir=str(tmp_path), password=b"pw")
+    with pytest.raises(UpstreamError, match=r"exited \(status 1\): Some progress / Login failed"):
+        await oc.start()
+    assert not any(p.name.endswith(".sock") for p in tmp_path.iterdir())  # cleaned up
+
+
+async def test_ready_timeout_is_bounded(tmp_path):
+    from nsvpn.upstream.base import UpstreamError
+
+    fake = tmp_path / "hanging-openconnect"
+    fake.write_text("#!/bin/sh\necho 'POST https://x/'\nexec sleep 60\n")
+    fake.chmod(0o755)
+    oc = _upstream(openconnect=str(fake), sockdir=str(tmp_path), ready_timeout=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(UpstreamError, match="within 1 s"):
+        await oc.start()
+    assert time.monotonic() - t0 < 6
+    assert oc._proc is not None and oc._proc.popen.returncode is not None  # stopped
+
+
 # ------------------------------------------------------------------------- the lab
 
 
@@ -445,3 +474,20 @@ def test_interactive_password_prompt_on_a_terminal(oc_lab):
     assert lab.ocserv["password"] not in text  # not echoed
     time.sleep(0.3)
     assert not _leftovers(lab, p.pid)
+
+
+@pytest.mark.lab
+def test_sigkill_of_nsvpn_leaves_nothing_behind(oc_lab):
+    """nsvpn SIGKILLed: openconnect gets its PDEATHSIG (SIGTERM), SIGHUPs the helper, which
+    also sees EOF on nsvpn's socket; CMD gets its own PDEATHSIG."""
+    lab = oc_lab
+    p = lab.popen(_bridge_argv(lab, "echo UP; exec sleep 60"), timeout=60)
+    try:
+        lab.wait_for(lambda: "UP" in p.output(), timeout=20, what="the tunnel")
+        assert _leftovers(lab, p.pid)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(10)
+        lab.wait_for(lambda: not _leftovers(lab, p.pid), timeout=5,
+                     what="openconnect and the helper to exit")
+    finally:
+        p.stop()
