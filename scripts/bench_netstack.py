@@ -220,7 +220,7 @@ class Result:
 
 
 def transfer(link: KernelLink, direction: str, nbytes: int, *, do_hash: bool = True,
-             seed: int = 1, timeout: float = 600.0, batch: int = 64,
+             seed: int = 1, timeout: float = 600.0, batch: int = 16,
              stack_config=None, remote: str = REMOTE_ADDR) -> Result:
     """Move `nbytes` through the stack: 'up' = kernel client sends, 'down' = stack sends.
     Returns a Result; raises on timeout or a client failure."""
@@ -350,6 +350,10 @@ def main() -> int:
     ap.add_argument("--direction", choices=["up", "down", "both"], default="both")
     ap.add_argument("--hash", action="store_true", help="also sha256-check (costs CPU)")
     ap.add_argument("--netns", default="nsvpn-bench")
+    ap.add_argument("--batch", type=int, default=16, help="packets read per batch")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="StackConfig(verify_checksums=False) for the plain framing")
+    ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (creates a network namespace and a TUN)", file=sys.stderr)
@@ -362,8 +366,10 @@ def main() -> int:
     for mtu in mtus:
         for vnet in vnets:
             with KernelLink(args.netns, mtu=mtu, vnet=vnet) as link:
-                for d in dirs:
-                    r = transfer(link, d, nbytes, do_hash=args.hash)
+                for d in [d for d in dirs for _ in range(args.repeat)]:
+                    cfg = link.stack_config(verify_checksums=not args.no_verify)
+                    r = transfer(link, d, nbytes, do_hash=args.hash, batch=args.batch,
+                                 stack_config=cfg)
                     check = ""
                     if args.hash:
                         fields = r.client_line.split()
