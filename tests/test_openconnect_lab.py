@@ -8,6 +8,7 @@ wired). The first tests need no lab: argv/credential handling and the VPNFD prob
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import signal
@@ -491,3 +492,79 @@ def test_sigkill_of_nsvpn_leaves_nothing_behind(oc_lab):
                      what="openconnect and the helper to exit")
     finally:
         p.stop()
+
+
+PROBE_SCRIPT = r'''
+import os, signal, socket, struct, sys, time, trio
+from nsvpn.upstream.openconnect import OpenconnectUpstream
+from nsvpn.urls import parse_upstream_url
+
+def csum(b):
+    b += bytes(len(b) % 2)
+    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    t = (t >> 16) + (t & 0xFFFF)
+    return ~(t + (t >> 16)) & 0xFFFF
+
+def echo_request(src, dst, seq):
+    icmp = struct.pack("!BBHHH", 8, 0, 0, 4242, seq) + b"nsvpn-probe-test"
+    icmp = icmp[:2] + struct.pack("!H", csum(icmp)) + icmp[4:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), seq, 0, 64, 1, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    return ip[:10] + struct.pack("!H", csum(ip)) + ip[12:] + icmp
+
+def echo_reply_seen(sock, seq, timeout=3.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            d = sock.recv(65536)
+        except BlockingIOError:
+            time.sleep(0.01)
+            continue
+        if d[:1] == b"\x45" and d[9] == 1 and d[20] == 0 and d[26:28] == struct.pack("!H", seq):
+            return True
+    return False
+
+async def main():
+    url, pwfile, pin, remote = sys.argv[1:5]
+    oc = OpenconnectUpstream(parse_upstream_url(url), passwd_file=pwfile,
+                             oc_opts=["--servercert=" + pin], probe_interval=3600)
+    sess = await oc.start()
+    vpn = socket.socket(fileno=os.dup(sess.fd))  # our own copy, outside the supervisor's
+    vpn.setblocking(False)
+    src = sess.env.address4
+    print("DGRAM", vpn.type == socket.SOCK_DGRAM and vpn.family == socket.AF_UNIX)
+    vpn.send(b"")
+    vpn.send(echo_request(src, remote, 1))
+    print("ALIVE_PROBE_OK_AND_PING", echo_reply_seen(vpn, 1))
+    vpn.send(b"")
+    vpn.send(echo_request(src, remote, 2))
+    print("STILL_WORKS_AFTER_PROBES", echo_reply_seen(vpn, 2))
+    os.kill(oc.pid, signal.SIGKILL)
+    await trio.sleep(0.3)
+    try:
+        vpn.send(b"")
+        print("DEAD_PROBE", "accepted")
+    except OSError as e:
+        print("DEAD_PROBE", os.strerror(e.errno))
+    await oc.aclose()
+
+trio.run(main)
+'''
+
+
+@pytest.mark.lab
+def test_vpnfd_facts_with_the_real_openconnect(oc_lab):
+    """The facts the supervision relies on, checked against openconnect itself: VPNFD is
+    an AF_UNIX datagram socket carrying raw IP packets; a 0-byte datagram is ignored while
+    openconnect lives; after its death the same probe fails with ECONNREFUSED."""
+    lab = oc_lab
+    oc = lab.ocserv
+    py = os.path.join(lab.venv, "bin", "python")
+    r = lab.run([py, "-c", PROBE_SCRIPT, f"openconnect://{oc['user']}@{oc['host']}",
+                 oc["password_file"], _pin(lab), lab.remote_ip], timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "DGRAM True" in out, out
+    assert "ALIVE_PROBE_OK_AND_PING True" in out, out
+    assert "STILL_WORKS_AFTER_PROBES True" in out, out
+    assert f"DEAD_PROBE {os.strerror(errno.ECONNREFUSED)}" in out, out
