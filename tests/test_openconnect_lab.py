@@ -568,3 +568,26 @@ def test_vpnfd_facts_with_the_real_openconnect(oc_lab):
     assert "ALIVE_PROBE_OK_AND_PING True" in out, out
     assert "STILL_WORKS_AFTER_PROBES True" in out, out
     assert f"DEAD_PROBE {os.strerror(errno.ECONNREFUSED)}" in out, out
+
+
+@pytest.mark.lab
+def test_internal_reconnect_keeps_the_same_vpnfd(oc_lab):
+    """openconnect's own reconnect (SIGUSR2 forces one) does not rerun the script: the same
+    VPNFD carries on and a transfer in flight completes across the gap."""
+    lab = oc_lab
+    script = (f"echo UP; echo SHA=$(curl -sS --limit-rate 20M http://{lab.remote_ip}/100M.bin"
+              " | sha256sum | cut -d' ' -f1)")
+    p = lab.popen(_bridge_argv(lab, script, extra=["-v"]), timeout=90)
+    try:
+        lab.wait_for(lambda: "UP" in p.output(), timeout=20, what="the tunnel")
+        time.sleep(1)
+        r = subprocess.run(["pgrep", "-f", f"^openconnect .*/oc-{p.pid}-"],
+                           capture_output=True, text=True)
+        os.kill(int(r.stdout.split()[0]), signal.SIGUSR2)
+        assert p.wait(60) == 0, p.output()
+    finally:
+        p.stop()
+    out = p.output()
+    assert "User requested reconnect" in out, out
+    assert _marker(out, "SHA") == lab.sha256["100M.bin"]
+    assert "generation 2" not in out and "restarting in" not in out, out

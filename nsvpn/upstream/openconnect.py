@@ -13,7 +13,9 @@
   end, one raw IPv4/IPv6 packet per datagram (the server also sends IPv6 link-local packets
   there); at exit openconnect SIGHUPs the script's group. A 0-byte datagram written to VPNFD
   is accepted and ignored while openconnect lives (pings keep flowing between probes) and
-  fails with ECONNREFUSED once it is gone: `VpnSession.probe()`.
+  fails with ECONNREFUSED once it is gone (ENOTCONN on later sends): `VpnSession.probe()`.
+  openconnect's own reconnects (network blips, SIGUSR2) keep the script and VPNFD: only a gap
+  in packets, kernel TCP in the namespace carries on.
 * Readiness = the helper (nsvpn.oc_attach) delivered VPNFD over our private unix socket
   (0700 directory, SO_PEERCRED uid check), bounded by `ready_timeout`. If openconnect exits
   first, start() raises UpstreamError with openconnect's own lines ("Login failed. / Failed
