@@ -64,7 +64,9 @@ class VpnEnv:
         """IPv4 routes into the tunnel: the split-include list, else a default route.
 
         Routes equal to the address's own (connected) network are left out: the kernel
-        already has that one once the address is set.
+        already has that one once the address is set. With a split list, the pushed DNS
+        servers get host routes when no included network covers them: inside the namespace
+        the tunnel is the only way to reach the resolvers the VPN told us to use.
         """
         if not self.split_inc4:
             return ["0.0.0.0/0"]
@@ -73,6 +75,11 @@ class VpnEnv:
         for r in self.split_inc4:
             if ipaddress.IPv4Network(r) != own and r not in out:
                 out.append(r)
+        covered = [own] + [ipaddress.IPv4Network(r) for r in out]
+        for dns in self.dns4:
+            ip = ipaddress.IPv4Address(dns)
+            if not any(ip in net for net in covered):
+                out.append(f"{dns}/32")
         return out
 
     def routes6(self) -> List[str]:

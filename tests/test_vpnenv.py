@@ -57,7 +57,15 @@ def test_full_tunnel_from_real_openconnect():
 def test_split_include_from_real_openconnect():
     e = parse_vpn_env(SPLIT)
     assert e.split_inc4 == ["172.31.2.0/24"]
-    assert e.routes4() == ["172.31.2.0/24"]
+    assert e.routes4() == ["172.31.2.0/24"]  # the DNS server is inside the included net
+
+
+def test_split_include_adds_host_routes_for_uncovered_dns_servers():
+    env = dict(SPLIT, INTERNAL_IP4_DNS="10.200.0.53 172.31.2.2 10.77.0.1")
+    assert parse_vpn_env(env).routes4() == ["172.31.2.0/24", "10.200.0.53/32"]
+    # no split list: the default route covers every server already
+    env = dict(FULL_TUNNEL, INTERNAL_IP4_DNS="10.200.0.53")
+    assert parse_vpn_env(env).routes4() == ["0.0.0.0/0"]
 
 
 def test_relevant_env_drops_unrelated_variables():
