@@ -130,7 +130,7 @@ class Front:
         self._claims: Dict[Key, Claim] = {}
         self._claim_events: Dict[Key, trio.Event] = {}
         self._pending: Dict[int, Claim] = {}
-        self._verdicts: "collections.OrderedDict[int, int]" = collections.OrderedDict()
+        self._verdicts: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._peers: Dict[Key, Tuple[str, int]] = {}
         self._nursery: Optional[trio.Nursery] = None
 

@@ -99,8 +99,10 @@ EPOLL_CLIENT = r"""
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
                           return t.tv_sec + t.tv_nsec / 1e9; }
 static void text(struct sockaddr *sa, char *out) {
-    if (sa->sa_family == AF_INET) inet_ntop(AF_INET, &((struct sockaddr_in *)sa)->sin_addr, out, 64);
-    else inet_ntop(AF_INET6, &((struct sockaddr_in6 *)sa)->sin6_addr, out, 64);
+    if (sa->sa_family == AF_INET)
+        inet_ntop(AF_INET, &((struct sockaddr_in *)sa)->sin_addr, out, 64);
+    else
+        inet_ntop(AF_INET6, &((struct sockaddr_in6 *)sa)->sin6_addr, out, 64);
 }
 int main(int argc, char **argv) {
     int fam = argc > 4 && !strcmp(argv[4], "6") ? AF_INET6 : AF_INET;
@@ -125,7 +127,8 @@ int main(int argc, char **argv) {
     getpeername(fd, (struct sockaddr *)&ss, &l); text((struct sockaddr *)&ss, t);
     printf("peer %s %d\n", t, ntohs(((struct sockaddr_in *)&ss)->sin_port));
     if (argc < 4) return 0;
-    char req[512]; snprintf(req, sizeof req, "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n", argv[3], argv[1]);
+    char req[512];
+    snprintf(req, sizeof req, "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n", argv[3], argv[1]);
     if (write(fd, req, strlen(req)) < 0) return 3;
     ev.events = EPOLLIN; epoll_ctl(ep, EPOLL_CTL_MOD, fd, &ev);
     long total = 0; char buf[65536];
@@ -282,7 +285,7 @@ def test_nonblocking_connect_does_not_wait_for_upstream(lab, preload, epoll_clie
 
 def test_blocking_errno_mapping(lab, preload):
     closed = lab.info["closed"]
-    r = preload(["python3", "-c", BLOCKING_ERRNOS, f"remote.lab:80",
+    r = preload(["python3", "-c", BLOCKING_ERRNOS, "remote.lab:80",
                  f"{closed['host']}:{closed['port']}", "10.99.0.1:80"])
     assert r.returncode == 0, r.stderr
     lines = [line.split() for line in r.stdout.splitlines()]
