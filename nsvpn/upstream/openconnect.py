@@ -589,6 +589,7 @@ class OpenconnectUpstream:
                 else:
                     result = self.fatal
                 await self._stop_process()
+                n.cancel_scope.cancel()  # a stray holder of its stdout must not keep us here
                 return result
             if self.first_env is not None and sess.env.address4 != self.first_env.address4:
                 sess.close()
@@ -597,6 +598,7 @@ class OpenconnectUpstream:
                     f"{sess.env.address4} instead of {self.first_env.address4}; the "
                     "namespace cannot change its address, so the session ends here")
                 await self._stop_process()
+                n.cancel_scope.cancel()
                 return self.fatal
             if self.first_env is None:
                 self.first_env = sess.env
