@@ -312,7 +312,8 @@ class Stack:
     # --------------------------------------------------------------------------- input
 
     def input_packet(self, pkt, now: float) -> None:
-        """Process one packet read from the TUN (with its virtio_net_hdr if configured)."""
+        """Process one packet read from the TUN (with its virtio_net_hdr if configured).
+        Nothing keeps a reference to `pkt` afterwards: the caller may reuse its buffer."""
         self._now = now
         drops = self.drops
         mv = pkt if isinstance(pkt, memoryview) else memoryview(pkt)
