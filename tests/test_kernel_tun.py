@@ -76,7 +76,8 @@ def netns_python(code: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run(link, stack: Stack, proc: subprocess.Popen, on_event, timeout: float = 20.0) -> str:
+def run(link, stack: Stack, proc: subprocess.Popen, on_event, timeout: float = 20.0,
+        on_tick=None) -> str:
     """Move packets between the TUN and `stack` until `proc` exits; returns its stdout."""
     fd = link.fd
     end = time.monotonic() + timeout
@@ -93,6 +94,8 @@ def run(link, stack: Stack, proc: subprocess.Popen, on_event, timeout: float = 2
             stack.input_packet(pkt, now)
         for ev in stack.pop_events():
             on_event(stack, ev, now)
+        if on_tick is not None:
+            on_tick(stack, now)
         d = stack.next_deadline()
         if d is not None and d <= now:
             stack.on_timer(now)
@@ -227,3 +230,63 @@ def test_rst_for_unknown_connection_seen_by_the_kernel():
         out = run(link, stack, netns_python(code), on_event)
     assert out.strip() == "ECONNRESET"
     assert stack.counters["rst_out"] >= 1
+
+
+@pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
+def test_many_concurrent_echo_flows(vnet):
+    """16 kernel connections at once through the stack, which echoes every byte back."""
+    code = """
+        import hashlib, os, socket, threading
+        results = []
+        def one(i):
+            data = os.urandom(2 << 20)
+            s = socket.create_connection(("10.0.2.50", 6000 + i), timeout=20)
+            got = bytearray()
+            def reader():
+                while True:
+                    b = s.recv(1 << 16)
+                    if not b:
+                        break
+                    got.extend(b)
+            t = threading.Thread(target=reader)
+            t.start()
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            t.join()
+            results.append(bytes(got) == data)
+        ts = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        print(sum(results))
+    """
+    pending: dict = {}
+
+    def on_event(stack, ev, now):
+        if isinstance(ev, NewTcpFlow):
+            stack.accept(ev.flow, now)
+            pending[ev.flow.id] = b""
+        elif isinstance(ev, TcpFlowEvent) and ev.flow.id in pending:
+            f = ev.flow
+            buf = pending[f.id] + stack.tcp_recv(f, -1)
+            buf = buf[stack.tcp_send(f, buf, now):]
+            pending[f.id] = buf
+            if ev.kind == "eof" or f.conn.state == "CLOSE_WAIT":
+                if not buf:
+                    stack.tcp_shutdown(f, now)
+
+    def on_tick(stack, now):  # keep echoing what did not fit the send buffer yet
+        for f in stack.tcp_flows():
+            buf = pending.get(f.id)
+            if buf:
+                buf = buf[stack.tcp_send(f, buf, now):]
+                pending[f.id] = buf
+                if not buf and f.conn.state == "CLOSE_WAIT":
+                    stack.tcp_shutdown(f, now)
+
+    with bench.KernelLink(NETNS, mtu=1500, vnet=vnet) as link:
+        stack = Stack(link.stack_config())
+        out = run(link, stack, netns_python(code), on_event, timeout=60.0, on_tick=on_tick)
+    assert out.strip() == "16"
+    assert stack.counters["tcp_flows_total"] == 16
