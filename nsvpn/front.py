@@ -79,6 +79,7 @@ class FrontStats:
     failed: int = 0
     bytes_up: int = 0  # program -> far side
     bytes_down: int = 0
+    padding_max: int = 0  # largest readiness padding a non-blocking shim connect needed
     by_reason: Dict[str, int] = field(default_factory=dict)
 
 
@@ -292,6 +293,7 @@ class Front:
                 _linger_close(sock)
                 return
             await self._answer(claim, 0)
+            self.stats.padding_max = max(self.stats.padding_max, claim.padding)
             left = claim.padding
             while left > 0:
                 data = await sock.recv(min(left, RELAY_CHUNK))

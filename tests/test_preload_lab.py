@@ -283,6 +283,30 @@ def test_nonblocking_connect_does_not_wait_for_upstream(lab, preload, epoll_clie
     assert refused["ready"][1] == "111" and float(refused["ready"][2]) >= 1.4, refused
 
 
+# connect() called again on a pending non-blocking socket: EALREADY while the upstream dial
+# runs, EISCONN once it stands (the idiom of code that polls connect() instead of SO_ERROR)
+RECONNECT = r"""
+import errno, select, socket, sys, time
+s = socket.socket()
+s.setblocking(False)
+seen = [errno.errorcode.get(s.connect_ex((sys.argv[1], 80)), "0")]
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    e = errno.errorcode.get(s.connect_ex((sys.argv[1], 80)), "0")
+    if e != seen[-1]:
+        seen.append(e)
+    if e == "EISCONN":
+        break
+    select.select([], [s], [], 0.05)
+print(" ".join(seen))
+"""
+
+
+def test_connect_again_on_pending_socket(lab, preload):
+    r = preload(["python3", "-c", RECONNECT, lab.remote_ip], delay=0.5)
+    assert r.stdout.split() == ["EINPROGRESS", "EALREADY", "EISCONN"], r
+
+
 def test_blocking_errno_mapping(lab, preload):
     closed = lab.info["closed"]
     r = preload(["python3", "-c", BLOCKING_ERRNOS, "remote.lab:80",
@@ -319,6 +343,9 @@ def test_xrdcp_sha256(lab, preload, user_tmp):
     assert r.returncode == 0, r.stderr
     from labenv import sha256_file
     assert sha256_file(dst) == lab.sha256["1M.bin"]
+    r = preload(["xrdfs", "root://xrootd.lab", "ls", "-l", "/data"], timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "1M.bin" in r.stdout
 
 
 def test_fork_exec_and_exit_status(lab, preload):
