@@ -7,7 +7,11 @@ Kernel TCP/UDP/ICMP run inside the namespace, so every protocol works; nsvpn onl
 datagrams: each TUN read is one IP packet, each VPNFD datagram one IP packet, no header.
 
 The copy loops drain up to BATCH packets per wake-up through one preallocated 64 KiB buffer
-per direction (no allocation per packet), then yield to trio. While openconnect restarts,
+per direction (no allocation per packet), then yield to trio. Measured on the lab (2 cores):
+~6 packets per wake-up on downloads, ~10 us of nsvpn CPU per packet (mostly the TUN write,
+which runs the namespace's receive path); throughput equals vpnns' (openconnect/ocserv and
+DTLS receive-buffer drops bound both). A dedicated VPN->TUN reader thread was tried and was no
+faster. While openconnect restarts,
 packets from CMD are dropped (TCP inside retransmits) and VPN->TUN resumes on the new VPNFD.
 If the upstream fails for good (e.g. the server changed our address), CMD gets SIGTERM
 (SIGKILL 5 s later) and nsvpn ends with the reason.
