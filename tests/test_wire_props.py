@@ -199,3 +199,38 @@ def test_chunked_ones_sum_equals_whole_buffer_sum(data, cut):
     x = int.from_bytes(data, "big") << (8 if len(data) & 1 else 0)
     assert wire.ones_sum(data) == x % 0xFFFF
     assert wire.ones_sum(memoryview(data)) == x % 0xFFFF
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(_stack_packets(), st.lists(st.tuples(st.integers(0, 80),
+                                                               st.integers(0, 255)),
+                                                     max_size=2)), max_size=12),
+       st.booleans(), st.booleans())
+def test_fast_path_behaves_like_general_path(packets, vnet, verify):
+    """Stack._fast (one-step IPv4/TCP parse for known flows) changes nothing observable."""
+    from nsvpn.netstack.stack import NewTcpFlow, Stack, StackConfig
+
+    def run(fast: bool):
+        stack = Stack(StackConfig(vnet_hdr=vnet, verify_checksums=verify))
+        stack._fast = fast
+        stack._secret = b"s" * 16
+        trace = []
+        for i, (raw, flips) in enumerate(packets):
+            buf = bytearray(raw)
+            for pos, val in flips:
+                if pos < len(buf):
+                    buf[pos] = val
+            if vnet:
+                buf[0:0] = wire.VNET_PLAIN
+            stack.input_packet(bytes(buf), i * 0.1)
+            for ev in stack.pop_events():
+                if isinstance(ev, NewTcpFlow):
+                    stack.accept(ev.flow, i * 0.1)
+                trace.append((type(ev).__name__, getattr(ev, "kind", None),
+                              getattr(getattr(ev, "flow", None), "id", None)))
+            trace.append(stack.output_packets())
+            for f in stack.tcp_flows():
+                trace.append(bytes(stack.tcp_recv(f, -1)))
+        return trace, stack.counters
+
+    assert run(True) == run(False)

@@ -35,6 +35,7 @@ from .tcp import CLOSED, TIME_WAIT, TcpConfig, TcpConnection
 Addr = Tuple[str, int]
 
 VNET_HDR_LEN = wire.VNET_HDR_LEN
+_fast_tcp4 = wire.parse_tcp4_fast
 _SKIP_VERIFY = wire.VNET_F_NEEDS_CSUM | wire.VNET_F_DATA_VALID
 _MAX_IP_PAYLOAD = 65535
 
@@ -272,6 +273,7 @@ class Stack:
         cfg = self.config = config or StackConfig()
         self._vnet = cfg.vnet_hdr
         self._verify = cfg.verify_checksums
+        self._fast = True  # tests switch the hot path off to compare it with the general one
         self._gso_mtu = cfg.mtu if (cfg.vnet_hdr and cfg.gso) else 0
         self._local = {_pton(a) for a in (cfg.gateway, cfg.dns, cfg.gateway6, cfg.dns6) if a}
         net = ipaddress.ip_network(cfg.net, strict=False)
@@ -330,6 +332,19 @@ class Stack:
             if flags & _SKIP_VERIFY:
                 verify = False
             mv = mv[VNET_HDR_LEN:]
+        if self._fast and len(mv) >= 40 and mv[0] == 0x45:
+            # Hot path: a segment for an existing flow. Anything else (new flows, faults,
+            # other protocols) takes the general path below, which counts drops.
+            res = _fast_tcp4(mv, verify, gso)
+            if res is not None:
+                seg = res[4]
+                flow = self._tcp.get(res[:4])
+                if flow is not None and not seg.flags & SYN:
+                    flow.conn.on_segment(seg, now)
+                    if not flow.dirty:
+                        flow.dirty = True
+                        self._dirty.append(flow)
+                    return
         ip = wire.parse_ip(mv, drops, gso)
         if ip is None:
             return
