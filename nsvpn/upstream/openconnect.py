@@ -330,6 +330,8 @@ class OpenconnectUpstream:
 
     # -- credentials ----------------------------------------------------------------------
     async def _obtain_password(self) -> bytes | None:
+        # Blocking reads, before anything else runs: a worker thread would keep a Ctrl-C
+        # waiting until the user pressed Enter.
         if self.passwd_file is not None:
             path = os.path.expanduser(self.passwd_file)
             try:
@@ -343,7 +345,7 @@ class OpenconnectUpstream:
             chunks = []
             try:
                 while True:
-                    b = await trio.to_thread.run_sync(os.read, fd, 65536)
+                    b = os.read(fd, 65536)
                     if not b:
                         break
                     chunks.append(b)
@@ -359,8 +361,8 @@ class OpenconnectUpstream:
             return read_password_line(b"".join(chunks), f"--passwd-fd {fd}")
         if self.interactive and self.url.user:
             prompt = f"VPN password for {self.url.user}@{self.url.host}: "
-            try:
-                pw = await trio.to_thread.run_sync(getpass.getpass, prompt)
+            try:  # in trio's thread on purpose: Ctrl-C must interrupt the prompt
+                pw = getpass.getpass(prompt)
             except (EOFError, OSError):
                 raise UpstreamError("no VPN password entered") from None
             return pw.encode()
