@@ -379,6 +379,13 @@ def test_retransmission_timeout_backoff_and_give_up():
     c.send(b"r" * 3000)
     out = c.poll_output(0.0)
     assert len(data_segs(out)) == 3
+    # first a tail loss probe: the last 1448 bytes again, well before the RTO
+    t = c.next_deadline()
+    assert t < 0.1
+    c.on_timer(t)
+    (probe,) = c.poll_output(t)
+    assert probe.seq == ISS + 1 + 3000 - 1448 and len(probe.payload) == 1448
+    assert c.stats["tail_probes"] == 1
     deadlines = []
     for _ in range(4):
         t = c.next_deadline()
@@ -389,8 +396,9 @@ def test_retransmission_timeout_backoff_and_give_up():
         assert len(out) == 1
     # RTT was measured on the handshake (~0 s) -> RTO at rto_min, then doubling
     gaps = [b - a for a, b in zip([0.0] + deadlines, deadlines)]
+    assert gaps[0] == pytest.approx(0.2)  # RTT ~0 measured on the handshake: RTO = rto_min
     assert gaps[1] == pytest.approx(2 * gaps[0]) and gaps[2] == pytest.approx(2 * gaps[1])
-    assert c.stats["retransmits"] == 4
+    assert c.stats["retransmits"] == 5
     c.on_timer(c.next_deadline())
     assert c.state == "CLOSED" and c.pop_events() == ["timeout", "closed"]
 
@@ -399,7 +407,10 @@ def test_rto_retransmit_then_ack_resumes_and_go_back_n():
     c = passive()
     c.send(b"k" * 5000)
     c.poll_output(0.0)
+    c.on_timer(c.next_deadline())  # tail loss probe
+    assert len(c.poll_output(0.01)) == 1
     t = c.next_deadline()
+    assert t == pytest.approx(0.2)
     c.on_timer(t)
     (r,) = c.poll_output(t)
     assert r.seq == ISS + 1
@@ -680,3 +691,20 @@ def test_sack_blocks_only_on_pure_acks():
     c.send(b"y" * 10)
     out = c.poll_output(0.1)
     assert out and all(not s.sack_blocks for s in out if s.payload)
+
+
+def test_tail_loss_probe_sends_new_data_if_allowed_and_once_per_flight():
+    c = passive(TcpConfig(snd_buf=1 << 20, initial_cwnd_segments=2))
+    c.send(b"n" * 10000)
+    out = c.poll_output(0.0)
+    assert len(out) == 2  # cwnd-limited
+    t = c.next_deadline()
+    c.on_timer(t)
+    (probe,) = c.poll_output(t)
+    assert probe.seq == ISS + 1 + 2 * 1448  # new data, beyond cwnd by one segment
+    # no second probe for this flight: the next deadline is the RTO
+    assert c.next_deadline() == pytest.approx(0.2)
+    # an ACK re-arms the probe for the next flight
+    c.on_segment(seg(IRS + 1, ISS + 1 + 1448), t + 0.001)
+    c.poll_output(t + 0.001)
+    assert c.next_deadline() < 0.1

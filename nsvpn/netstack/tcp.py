@@ -97,6 +97,9 @@ _RECEIVING = frozenset((ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2))
 _SENDING = frozenset((SYN_SENT, SYN_RECEIVED_PENDING, SYN_RECEIVED, ESTABLISHED, CLOSE_WAIT))
 
 MAX_OOO_INTERVALS = 64  # bounds bookkeeping however the peer scatters its segments
+MAX_SACK_RANGES = 32  # scoreboard bound
+TLP_MIN = 0.01  # seconds, floor of the tail loss probe timeout
+TLP_DELACK = 0.05  # allowance for the peer's delayed ACK when one segment is in flight
 PERSIST_MIN = 0.5  # seconds between zero-window probes at least
 DEFAULT_PEER_MSS = 536  # RFC 9293 default when the SYN carries no MSS option
 SMALL_CHUNK = 16384  # send() merges writes into the last chunk while it is this small
@@ -169,6 +172,7 @@ class TcpConnection:
             "fast_retransmits": 0,
             "timeouts": 0,
             "rto_expiries": 0,
+            "tail_probes": 0,
             "dup_acks": 0,
             "ooo_segments": 0,
             "ooo_dropped": 0,
@@ -206,7 +210,11 @@ class TcpConnection:
         self._dupacks = 0
         self._in_recovery = False
         self._recover = isn
-        self._fast_rexmit_pending = False
+        # Loss recovery: retransmissions allowed now, where the next hole search starts, and
+        # the peer's SACKed ranges above SND.UNA ([start, end] abs, sorted, merged, bounded).
+        self._rexmit_budget = 0
+        self._rexmit_next = isn
+        self._sacked: List[list] = []
 
         # RTT / timers
         self._srtt: float | None = None
@@ -220,6 +228,11 @@ class TcpConnection:
         self._persist_backoff = 0
         self._persist_fire = False
         self._probes = 0
+        # Tail loss probe (RFC 8985, simplified): one probe per flight after ~2 SRTT without
+        # an ACK, so a lost tail (or a lost lone ACK) costs an RTT instead of an RTO.
+        self._tlp_deadline: float | None = None
+        self._tlp_fire = False
+        self._tlp_used = False
         self._tw_deadline: float | None = None
 
         # --- receive side
@@ -373,7 +386,9 @@ class TcpConnection:
         self._dup_to_send = 0
         self._syn_pending = False
         self._probe_pending = False
-        self._fast_rexmit_pending = False
+        self._rexmit_budget = 0
+        self._sacked = []
+        self._tlp_deadline = None
         # Nothing can be sent any more: release the send buffer.
         self._chunks = []
         self._starts = []
@@ -723,13 +738,18 @@ class TcpConnection:
             return False
         self._probes = 0  # the peer is alive
         wnd = seg.window << self._snd_shift
+        blocks = seg.sack_blocks if self._sack_on else None
         if ack > snd_una:
             self._ack_advance(ack, now, seg)
+            if blocks and self._snd_max > self._snd_una:
+                self._take_sack(blocks)
         elif ack == snd_una:
+            if blocks and snd_max > snd_una:
+                self._take_sack(blocks)
             if (
                 not seg.payload
                 and not seg.flags & (SYN | FIN)
-                and wnd == self._snd_wnd
+                and (wnd == self._snd_wnd or blocks)
                 and snd_max > snd_una
             ):
                 self._on_dupack(now)
@@ -762,6 +782,8 @@ class TcpConnection:
             self._snd_nxt = ack
         self._retries = 0
         self._persist_backoff = 0
+        self._tlp_deadline = None
+        self._tlp_used = False
         self._free_acked()
 
         # congestion control
@@ -775,7 +797,9 @@ class TcpConnection:
                         self._cwnd = self._smss
             else:
                 # partial ACK: retransmit the next hole, deflate by the amount acked
-                self._fast_rexmit_pending = True
+                self._rexmit_budget += 1
+                if not self._sacked or self._rexmit_next < ack:
+                    self._rexmit_next = ack  # NewReno: the hole is at the new SND.UNA
                 if cfg.congestion_control:
                     self._cwnd = max(self._cwnd - acked + self._smss, self._smss)
         elif cfg.congestion_control:
@@ -786,6 +810,12 @@ class TcpConnection:
             if self._cwnd > cfg.snd_buf * 2 + self._smss:
                 self._cwnd = cfg.snd_buf * 2 + self._smss  # no point growing further
         self._dupacks = 0
+        if self._sacked:
+            sk = self._sacked
+            while sk and sk[0][1] <= ack:
+                sk.pop(0)
+            if sk and sk[0][0] < ack:
+                sk[0][0] = ack
 
         if ack >= self._snd_max:
             self._rto_deadline = None
@@ -820,22 +850,79 @@ class TcpConnection:
             head = 0
         self._head = head
 
+    def _take_sack(self, blocks) -> None:
+        """Merge the peer's SACK blocks into the scoreboard (only sane ones, bounded)."""
+        una = self._snd_una
+        smax = self._snd_max
+        sk = self._sacked
+        for left, right in blocks:
+            left = una + (((left - una) + HALF) & M32) - HALF
+            right = una + (((right - una) + HALF) & M32) - HALF
+            if not una < left < right <= smax:
+                continue  # D-SACK, stale or bogus
+            i = 0
+            n = len(sk)
+            while i < n and sk[i][1] < left:
+                i += 1
+            j = i
+            while j < n and sk[j][0] <= right:
+                left = min(left, sk[j][0])
+                right = max(right, sk[j][1])
+                j += 1
+            if i == j and n >= MAX_SACK_RANGES:
+                continue
+            sk[i:j] = [[left, right]]
+
+    def _sacked_bytes(self) -> int:
+        return sum(e - s for s, e in self._sacked)
+
     def _on_dupack(self, now: float) -> None:
         self.stats["dup_acks"] += 1
         self._dupacks += 1
         if self._in_recovery:
             if self.config.congestion_control:
                 self._cwnd += self._smss  # inflate: each dup ACK means a segment left
+            if self._sacked:
+                self._rexmit_budget += 1  # ... so one more hole may be repaired
             return
-        if self._dupacks == 3 and self._snd_una > self._recover - 1:
-            flight = self._snd_max - self._snd_una
-            self._ssthresh = max(flight // 2, 2 * self._smss)
-            self._recover = self._snd_max
-            self._in_recovery = True
-            if self.config.congestion_control:
-                self._cwnd = self._ssthresh + 3 * self._smss
-            self._fast_rexmit_pending = True
-            self.stats["fast_retransmits"] += 1
+        if self._snd_una < self._recover:
+            return  # still inside the window of the last recovery/RTO (RFC 6582)
+        # 3 duplicate ACKs, or SACKs saying more than 2 segments arrived above a hole
+        if self._dupacks >= 3 or (self._sacked and self._sacked_bytes() > 2 * self._smss):
+            self._enter_recovery()
+
+    def _enter_recovery(self) -> None:
+        flight = self._snd_max - self._snd_una
+        self._ssthresh = max(flight // 2, 2 * self._smss)
+        self._recover = self._snd_max
+        self._in_recovery = True
+        if self.config.congestion_control:
+            self._cwnd = self._ssthresh + 3 * self._smss
+        self._rexmit_budget = 1
+        self._rexmit_next = self._snd_una
+        self.stats["fast_retransmits"] += 1
+
+    def _next_hole(self, start: int):
+        """(seq, end) of the next range to retransmit at or after `start`, or None.
+
+        Without SACK information only SND.UNA itself is known to be missing (NewReno);
+        with it, the holes below the highest SACKed byte are.
+        """
+        una = self._snd_una
+        if start < una:
+            start = una
+        sk = self._sacked
+        if not sk:
+            if start == una and una < self._snd_max:
+                return una, self._snd_max
+            return None
+        pos = start
+        for s, e in sk:
+            if pos < s:
+                return pos, s
+            if pos < e:
+                pos = e
+        return None
 
     def _rtt_update(self, r: float) -> None:
         if r < 0:
@@ -969,7 +1056,7 @@ class TcpConnection:
 
     def next_deadline(self) -> float | None:
         best = self._rto_deadline
-        for d in (self._persist_deadline, self._tw_deadline):
+        for d in (self._persist_deadline, self._tw_deadline, self._tlp_deadline):
             if d is not None and (best is None or d < best):
                 best = d
         return best
@@ -989,6 +1076,13 @@ class TcpConnection:
             self._on_rto(now)
             if self.state == CLOSED:
                 return
+        d = self._tlp_deadline
+        if d is not None and now >= d:
+            self._tlp_deadline = None
+            if self._snd_max > self._snd_una and not self._in_recovery:
+                self._tlp_fire = True
+                self._tlp_used = True
+                self.stats["tail_probes"] += 1
         d = self._persist_deadline
         if d is not None and now >= d:
             self._persist_deadline = None
@@ -1029,6 +1123,10 @@ class TcpConnection:
         self._recover = self._snd_max
         self._in_recovery = False
         self._dupacks = 0
+        self._rexmit_budget = 0
+        self._tlp_deadline = None
+        self._tlp_used = True  # no probe until new data is acknowledged
+        self._sacked = []  # the receiver may have reneged (RFC 2018): resend everything
         self._snd_nxt = self._snd_una  # go back N
 
     # ------------------------------------------------------------------ output
@@ -1151,30 +1249,58 @@ class TcpConnection:
         data_end = self._data_end
         fin_end = data_end + 1 if self._fin_queued else data_end
 
-        # fast retransmit / partial-ACK retransmit: one segment at SND.UNA
-        if self._fast_rexmit_pending:
-            self._fast_rexmit_pending = False
-            una = self._snd_una
-            if una < self._snd_max:
-                end = min(una + smss, data_end, self._snd_max)
+        # loss recovery: retransmit holes (NewReno: SND.UNA; with SACK: below the highest
+        # SACKed byte), one segment per unit of budget
+        if self._rexmit_budget > 0:
+            fin_sent = self._fin_queued and self._snd_max > data_end
+            while self._rexmit_budget > 0:
+                hole = self._next_hole(self._rexmit_next)
+                if hole is None:
+                    break
+                una = hole[0]
+                end = min(una + smss, hole[1], data_end, self._snd_max)
                 flags = ACK
+                if end == data_end and fin_sent:
+                    flags |= FIN | PSH
                 payload = self._slice(una, end) if end > una else b""
-                if end == data_end and self._fin_queued and self._snd_max > data_end:
-                    flags |= FIN
-                if payload or flags & FIN:
-                    out.append(self._mk(una, flags | (PSH if end == data_end else 0),
-                                        wfield, tsv, payload))
-                    self.stats["retransmits"] += 1
-                    self._rtt_seq = None
-                    sent_any = True
-                    if self._rto_deadline is None:
-                        self._rto_deadline = now + self._rto
+                if not payload and not flags & FIN:
+                    break
+                self._rexmit_budget -= 1
+                out.append(self._mk(una, flags, wfield, tsv, payload))
+                self.stats["retransmits"] += 1
+                self._rtt_seq = None
+                sent_any = True
+                self._rexmit_next = end + (1 if flags & FIN else 0)
+                if self._rto_deadline is None:
+                    self._rto_deadline = now + self._rto
+            if not self._in_recovery:
+                self._rexmit_budget = 0
 
         # new data (and retransmissions after go-back-N), then FIN
         if st in (ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1, LAST_ACK, CLOSING):
             nxt = self._snd_nxt
             wnd_end = self._snd_una + self._snd_wnd
             cwnd_end = self._snd_una + self._cwnd
+            if 0 < self._dupacks < 3 and not self._in_recovery:
+                cwnd_end += self._dupacks * smss  # limited transmit (RFC 3042)
+            tlp = self._tlp_fire
+            if tlp:
+                self._tlp_fire = False
+                if nxt < data_end and nxt < wnd_end:
+                    cwnd_end = nxt + smss  # probe with new data (RFC 8985 7.3)
+                else:
+                    lo = self._snd_max - (1 if self._snd_max > data_end else 0) - smss
+                    lo = max(lo, self._snd_una)
+                    hi = min(self._snd_max, data_end)
+                    fl = ACK
+                    if self._fin_queued and self._snd_max > data_end:
+                        fl |= FIN
+                    if hi > lo or fl & FIN:
+                        pl = self._slice(lo, hi) if hi > lo else b""
+                        out.append(self._mk(lo, fl | PSH, wfield, tsv, pl))
+                        self.stats["retransmits"] += 1
+                        self._rtt_seq = None
+                        sent_any = True
             limit = wnd_end if wnd_end < cwnd_end else cwnd_end
             force = self._persist_fire
             self._persist_fire = False
@@ -1247,6 +1373,20 @@ class TcpConnection:
                 if self._rto_deadline is None:
                     self._rto_deadline = now + self._rto
                 self._persist_deadline = None
+                if (
+                    self._tlp_deadline is None
+                    and not self._tlp_used
+                    and not self._in_recovery
+                    and self._srtt is not None
+                ):
+                    pto = 2 * self._srtt
+                    if self._snd_max - self._snd_una <= smss:
+                        pto += TLP_DELACK  # a lone segment may wait for a delayed ACK
+                    if pto < TLP_MIN:
+                        pto = TLP_MIN
+                    t = now + pto
+                    if t < self._rto_deadline:
+                        self._tlp_deadline = t
             elif nxt < data_end:
                 # data waiting but nothing in flight: persist timer keeps us from stalling
                 if self._persist_deadline is None:
