@@ -256,7 +256,10 @@ def main(args: Sequence[str] | None = None) -> int:
     if not isinstance(url, OpenconnectUpstreamUrl):
         p.error(f"{ns.url}: not an openconnect:// URL")
     oc = upstream_from_args(url, ns)
-    return trio.run(lambda: run_vpn_ns(cmd, oc, quiet=ns.quiet, ipv6=ns.ipv6))
+    try:
+        return trio.run(lambda: run_vpn_ns(cmd, oc, quiet=ns.quiet, ipv6=ns.ipv6))
+    except KeyboardInterrupt:  # Ctrl-C before CMD ran (at the prompt, during the login)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":
