@@ -341,11 +341,16 @@ def test_passwd_fd_and_no_password_in_argv_or_environment(oc_lab):
 
 
 @pytest.mark.lab
-def test_openconnect_killed_is_restarted_and_traffic_resumes(oc_lab):
+def test_openconnect_killed_is_restarted_and_traffic_resumes(oc_lab, user_tmp):
+    """openconnect SIGKILLed mid-transfer: nsvpn restarts it (same address from ocserv), a
+    new transfer works, and the kernel TCP flow in flight survives the gap."""
     lab = oc_lab
     url = f"http://{lab.remote_ip}/1M.bin"
+    big = f"http://{lab.remote_ip}/100M.bin"
     script = f"""
 echo SHA1=$(curl -sS {url} | sha256sum | cut -d' ' -f1)
+(curl -sS --limit-rate 15M {big} | sha256sum > {user_tmp}/bg.sha) &
+sleep 1
 echo KILLME
 sleep 1
 for i in $(seq 1 40); do
@@ -354,6 +359,8 @@ for i in $(seq 1 40); do
   sleep 0.5
 done
 echo SHA2=$out
+wait
+echo SHABG=$(cut -d' ' -f1 {user_tmp}/bg.sha)
 """
     p = lab.popen(_bridge_argv(lab, script, extra=["-v"]), timeout=90)
     try:
@@ -369,6 +376,7 @@ echo SHA2=$out
     out = p.output()
     assert _marker(out, "SHA1") == lab.sha256["1M.bin"]
     assert _marker(out, "SHA2") == lab.sha256["1M.bin"], out
+    assert _marker(out, "SHABG") == lab.sha256["100M.bin"], out
     assert "restarting in" in out
     assert "generation 2" in out  # a second VPNFD was delivered and used
     time.sleep(0.3)
