@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ from nsvpn.upstream.openconnect import (
     VpnSession,
     add_openconnect_args,
     failure_reason,
+    login_refused,
     upstream_from_args,
 )
 from nsvpn.urls import parse_upstream_url
@@ -84,6 +86,14 @@ def test_failure_reason_keeps_openconnect_errors():
                  "Failed to complete authentication")
     assert "signer not found" in failure_reason(lines, pinned=False, keep=10)
     assert failure_reason([]) == "(openconnect printed nothing)"
+
+
+def test_login_refused_is_told_apart_from_network_trouble():
+    assert login_refused(["POST https://x/", "Login failed.", "Failed to complete authentication"])
+    assert login_refused(["Account locked"])
+    assert not login_refused(["Failed to connect to 172.31.1.1:443: Connection refused",
+                              "Failed to complete authentication"])
+    assert not login_refused(["Received server disconnect", "Session terminated by server"])
 
 
 async def test_probe_fact_on_a_real_socketpair():
@@ -599,3 +609,30 @@ def test_internal_reconnect_keeps_the_same_vpnfd(oc_lab):
     assert "User requested reconnect" in out, out
     assert _marker(out, "SHA") == lab.sha256["100M.bin"]
     assert "generation 2" not in out and "restarting in" not in out, out
+
+
+@pytest.mark.lab
+def test_server_disconnect_is_followed_by_a_new_login(oc_lab):
+    """ocserv's admin ends our session (occtl disconnect, by its id only: other sessions of
+    the same lab user stay up): openconnect exits, nsvpn logs in again, same address,
+    CMD's traffic carries on."""
+    lab = oc_lab
+    script = (f"echo UP; sleep 5; echo SHA=$(curl -sS -m 20 http://{lab.remote_ip}/1M.bin"
+              " | sha256sum | cut -d' ' -f1)")
+    p = lab.popen(_bridge_argv(lab, script, extra=["-v"]), timeout=90)
+    occtl = ["occtl", "-s", os.path.join(lab.info["state_dir"], "run", "occtl.sock")]
+    try:
+        lab.wait_for(lambda: "UP" in p.output(), timeout=20, what="the tunnel")
+        addr = re.search(r"address (\d+\.\d+\.\d+\.\d+)/", p.output()).group(1)
+        r = lab.run(occtl + ["--json", "show", "users"], netns="edge", user=None)
+        ids = [str(u["ID"]) for u in json.loads(r.stdout) if u.get("IPv4") == addr]
+        assert len(ids) == 1, r.stdout
+        r = lab.run(occtl + ["disconnect", "id", ids[0]], netns="edge", user=None)
+        assert r.returncode == 0, r.stderr
+        assert p.wait(60) == 0, p.output()
+    finally:
+        p.stop()
+    out = p.output()
+    assert "Session terminated by server" in out and "restarting in" in out, out
+    assert "generation 2" in out
+    assert _marker(out, "SHA") == lab.sha256["1M.bin"]

@@ -120,6 +120,15 @@ def read_password_line(data: bytes, what: str) -> bytes:
     return line
 
 
+_AUTH_REFUSED = re.compile(r"Login failed|authentication failed|Invalid (username|password)|"
+                           r"Account (is )?(locked|disabled|expired)|Password expired", re.I)
+
+
+def login_refused(lines: Sequence[str]) -> bool:
+    """Did the server refuse our credentials (as opposed to a network or server problem)?"""
+    return any(_AUTH_REFUSED.search(ln) for ln in lines)
+
+
 def failure_reason(lines: Sequence[str], *, pinned: bool = False, keep: int = 4) -> str:
     """What openconnect said that explains a failure, newest last."""
     out = [ln for ln in lines if ln.strip() and not _NOISE.search(ln)
@@ -659,6 +668,11 @@ class OpenconnectUpstream:
                         self._first.set()
                         return
                     if self._closing or self.fatal is not None:
+                        return
+                    if err and login_refused(self._output):
+                        # Trying the same password again and again can lock the account.
+                        self._set_fatal(f"{self.name}: the server refused the login when "
+                                        f"reconnecting: {err}")
                         return
                     if trio.current_time() - t0 > STABLE_AFTER:
                         backoff = self.backoff_first
