@@ -56,6 +56,13 @@ HANDSHAKE_TIMEOUT = 10.0
 RELAY_CHUNK = 256 * 1024
 VERDICTS_KEPT = 4096
 CTL_LINE_MAX = 600
+# The receive buffer of a connection that is not served yet, set (and so locked) on the
+# listener: a non-blocking shim connect fills it with padding (see the shim) and relies on the
+# window staying shut. With the kernel's autotuned default the window keeps growing for a
+# while (and tuned hosts default to many MB), so readiness would leak out; 64 KiB (the kernel
+# doubles it) means ~170 KB of padding, measured. Raised once the connection is served.
+PADDING_RCVBUF = 64 * 1024
+SERVED_RCVBUF = 4 * 1024 * 1024
 
 Key = Tuple[int, int]  # (listener 4|6, client source port)
 
@@ -90,6 +97,13 @@ def _linger_close(sock: trio.socket.SocketType) -> None:
     except OSError:
         pass
     sock.close()
+
+
+def _set_rcvbuf(sock, size: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    except OSError:  # padding stays bounded by the shim's own limit
+        pass
 
 
 def _parse_dns_server(spec: str) -> Tuple[str, int]:
@@ -151,6 +165,7 @@ class Front:
         """Listen (TCP on loopback + the unix control socket) until cancelled."""
         listeners: List[Tuple[trio.socket.SocketType, int]] = []
         l4 = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        _set_rcvbuf(l4, PADDING_RCVBUF)
         await l4.bind(("127.0.0.1", 0))
         l4.listen(512)
         self.port4 = l4.getsockname()[1]
@@ -158,6 +173,7 @@ class Front:
         try:
             l6 = trio.socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
             l6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            _set_rcvbuf(l6, PADDING_RCVBUF)
             await l6.bind(("::1", 0))
             l6.listen(512)
             self.port6 = l6.getsockname()[1]
@@ -302,6 +318,7 @@ class Front:
                     sock.close()
                     return
                 left -= len(data)
+            _set_rcvbuf(sock, SERVED_RCVBUF)
             await self._relay(trio.SocketStream(sock), upstream)
         finally:
             self._peers.pop(key, None)
@@ -364,6 +381,7 @@ class Front:
             await stream.aclose()
             return
         await stream.send_all(socks.ServerHandshake.reply(socks.REP_SUCCEEDED))
+        _set_rcvbuf(sock, SERVED_RCVBUF)
         if hs.leftover:
             await upstream.send_all(hs.leftover)
             self.stats.bytes_up += len(hs.leftover)
@@ -448,6 +466,8 @@ class Front:
             key = (int(listener), int(lport))
             claim = Claim(self._next_id, mode == "b", key, int(pad), token, host, int(port))
             self._next_id += 1
+            log.debug("claim %d (%s) from port %s: %s port %s, padding %s", claim.id, mode,
+                      lport, host, port, pad)
             if claim.blocking:
                 claim.answer = stream
             else:

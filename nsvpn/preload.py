@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import logging
 import os
 import shutil
 import signal
@@ -28,6 +29,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import trio
 
 from .front import Front
+
+log = logging.getLogger("nsvpn.preload")
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 # Env names the shim reads; a CMD started by another nsvpn session must not mix two sessions.
@@ -262,4 +265,7 @@ async def run_preload(
             n.cancel_scope.cancel()
         return status
     finally:
+        st = front.stats
+        log.info("front: %d flows (%d failed), %d bytes up, %d down, max padding %d",
+                 st.flows, st.failed, st.bytes_up, st.bytes_down, st.padding_max)
         shutil.rmtree(rundir, ignore_errors=True)
