@@ -36,7 +36,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("exec", help="run CMD with connectivity through the upstream")
     ex.add_argument("--via", action="append", default=[], metavar="URL",
-                    help="upstream: ssh://[user@]host[:port], socks5://[user:pass@]host:port; "
+                    help="upstream: ssh://[user@]host[:port], socks5://[user:pass@]host:port, "
+                         "openconnect://[user@]host[:port]; "
                          "repeat for failover (default: $NSVPN_VIA or via= in the config file)")
     ex.add_argument("--mode", choices=("auto", "ns", "preload"), default="auto")
     ex.add_argument("--config", metavar="FILE", help="config file (default "
@@ -52,6 +53,9 @@ def _build_parser() -> argparse.ArgumentParser:
                          "through the upstream (default: fake IPs, resolved by the far side)")
     ex.add_argument("--allow-host-loopback", action="store_true",
                     help="make the host's 127.0.0.1 reachable from CMD as 10.0.2.2")
+    from .upstream.openconnect import add_openconnect_args
+
+    add_openconnect_args(ex)
     ex.add_argument("-q", "--quiet", action="store_true", help="no notices on stderr")
     ex.add_argument("-v", "--verbose", action="count", default=0)
     ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")

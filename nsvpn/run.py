@@ -9,6 +9,7 @@ on every exit path, CMD has PDEATHSIG).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -36,7 +37,11 @@ def _setup_logging(verbose: int) -> None:
 
 
 def build_upstreams(vias: List[str], args: argparse.Namespace):
-    """URLs -> upstream objects; ValueError with a user-facing message on bad input."""
+    """URLs -> upstream objects; ValueError with a user-facing message on bad input.
+
+    An openconnect URL gives the VPN upstream itself (it is not a dialer and cannot be mixed
+    with others in one failover pool); every other scheme gives an UpstreamPool.
+    """
     from .upstream.pool import UpstreamPool
     from .upstream.socks5 import Socks5Upstream
     from .upstream.ssh import SshUpstream
@@ -50,7 +55,12 @@ def build_upstreams(vias: List[str], args: argparse.Namespace):
         elif isinstance(url, Socks5UpstreamUrl):
             ups.append(Socks5Upstream.from_url(url))
         elif isinstance(url, OpenconnectUpstreamUrl):
-            raise ValueError(f"{url}: openconnect upstreams are not supported yet")
+            if len(vias) != 1:
+                raise ValueError(f"{url}: an openconnect upstream cannot be combined with "
+                                 "other --via upstreams")
+            from .upstream.openconnect import upstream_from_args
+
+            return upstream_from_args(url, args)
         else:  # pragma: no cover - parse_upstream_url knows only these
             raise ValueError(f"{text}: unsupported upstream")
     return UpstreamPool(ups)
@@ -102,6 +112,14 @@ def run_exec(args: argparse.Namespace, argv: List[str]) -> int:
     mode = choose_mode(args.mode)
     if mode is None:
         return EXIT_SETUP
+    from .upstream.openconnect import OpenconnectUpstream
+
+    if isinstance(pool, OpenconnectUpstream):
+        from .bridge import run_vpn_ns
+
+        # quiet unless asked: pilot logs are precious
+        return trio.run(functools.partial(run_vpn_ns, argv, pool,
+                                          quiet=args.quiet or args.verbose == 0))
     return trio.run(_run_ns, args, argv, pool, direct)
 
 

@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import struct
@@ -108,8 +109,15 @@ def upstream_from_args(url: OpenconnectUpstreamUrl, args: argparse.Namespace
         passwd_file=getattr(args, "passwd_file", None),
         passwd_fd=getattr(args, "passwd_fd", None),
         ready_timeout=getattr(args, "oc_ready_timeout", None),
-        openconnect=getattr(args, "openconnect", None) or "openconnect",
+        openconnect=find_openconnect(getattr(args, "openconnect", None) or "openconnect"),
     )
+
+
+def find_openconnect(name: str) -> str:
+    """Debian installs openconnect in /usr/sbin, which is not in a normal user's PATH."""
+    if os.sep in name:
+        return name
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin") or name
 
 
 def read_password_line(data: bytes, what: str) -> bytes:
