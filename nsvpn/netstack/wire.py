@@ -45,6 +45,7 @@ _ICMP = struct.Struct("!BBHHH")
 _HH = struct.Struct("!HH")
 _II = struct.Struct("!II")
 _H = struct.Struct("!H")
+_TS_OPT = struct.Struct("!BBBBII")
 
 # IPv6 extension headers we step over; a fragment header (44) is dropped like v4 fragments.
 _V6_SKIP = (0, 43, 60)
@@ -464,8 +465,12 @@ def build_tcp_parts(src: bytes, dst: bytes, sport: int, dport: int, seg: TcpSegm
                     vnet: bool = False, gso_mtu: int = 0, ttl: int = 64):
     """(headers, payload) of the packet build_tcp() makes, for a gathering write (writev)
     that spares copying a large payload once more."""
-    opts = b"" if (seg.mss is None and seg.ts_val is None and seg.wscale is None
-                   and not seg.sack_perm and not seg.sack_blocks) else tcp_options(seg)
+    if seg.mss is None and seg.wscale is None and not seg.sack_perm and not seg.sack_blocks:
+        # Established-state segments: no options or timestamps only.
+        opts = b"" if seg.ts_val is None else _TS_OPT.pack(1, 1, 8, 10, seg.ts_val,
+                                                             seg.ts_ecr or 0)
+    else:
+        opts = tcp_options(seg)
     thl = 20 + len(opts)
     payload = seg.payload
     tcp_len = thl + len(payload)
