@@ -478,3 +478,22 @@ def test_gso_zero_length_fields_taken_from_buffer():
     assert ip is not None and len(ip.payload) == 120
     ip, drops = parse(_fix_ip_ck(raw))
     assert ip is None
+
+
+def test_fast_tcp4_agrees_with_general_parse_and_declines_faults():
+    raw = bytes(IP(src=ip4(A4), dst=ip4(B4)) / TCP(
+        sport=1234, dport=80, seq=7, ack=9, flags="PA", window=1000,
+        options=[("NOP", None), ("NOP", None), ("Timestamp", (5, 6))]) / b"data")
+    src, sport, dst, dport, seg = wire.parse_tcp4_fast(memoryview(raw), True)
+    assert (src, sport, dst, dport) == (A4, 1234, B4, 80)
+    assert (seg.seq, seg.ack, seg.flags, seg.window, seg.ts_val, seg.ts_ecr) == (
+        7, 9, PSH | ACK, 1000, 5, 6)
+    assert bytes(seg.payload) == b"data"
+    bad_ck = bytearray(raw)
+    bad_ck[36] ^= 1
+    assert wire.parse_tcp4_fast(memoryview(bytes(bad_ck)), True) is None
+    assert wire.parse_tcp4_fast(memoryview(bytes(bad_ck)), False) is not None
+    for fault in (raw[:-1], raw[:39], bytes(IP(src=ip4(A4), dst=ip4(B4), flags="MF") / TCP()),
+                  bytes(IP(src=ip4(A4), dst=ip4(B4), options=[b"\x01" * 4]) / TCP()),
+                  bytes(IP(src=ip4(A4), dst=ip4(B4)) / UDP() / (b"x" * 20))):
+        assert wire.parse_tcp4_fast(memoryview(fault), True) is None
