@@ -462,6 +462,24 @@ static int fake_lookup(const char *name, unsigned char ip4[4])
     return 0;
 }
 
+/* A name already in the session's fake table (the host resolver failed on it before, in this
+ * or another process): answer at once instead of waiting for the host resolver again, which
+ * on a node without working DNS costs its full timeout on every lookup. */
+static int known_fake(const char *name, unsigned char ip4[4])
+{
+    if (!cfg.active || !fakeable_name(name))
+        return -1;
+    char req[300], resp[128];
+    snprintf(req, sizeof req, "K %s\n", name);
+    if (ctl_request(req, resp, sizeof resp, 2000) < 2 || resp[0] != 'A')
+        return -1;
+    struct in_addr ia;
+    if (inet_pton(AF_INET, resp + 2, &ia) != 1)
+        return -1;
+    memcpy(ip4, &ia, 4);
+    return 0;
+}
+
 /* The name behind a fake IP (IPv4 or v4-mapped), or -1. */
 static int fake_reverse(const void *addr, int family, char *name, size_t n)
 {
@@ -1020,27 +1038,12 @@ EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 
 /* ------------------------------------------------------------------ name resolution */
 
-EXPORT int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints,
-                       struct addrinfo **res)
+/* getaddrinfo results for a fake IP, built by the real getaddrinfo from the numeric string
+ * (so that service, socktype and the memory layout freeaddrinfo expects are all libc's). */
+static int fake_addrinfo(const char *node, const char *service, const struct addrinfo *hints,
+                         int family, int flags, const unsigned char ip[4],
+                         struct addrinfo **res)
 {
-    REAL(getaddrinfo);
-    int r = real_getaddrinfo(node, service, hints, res);
-    if (r == 0 || !cfg.active || node == NULL)
-        return r;
-    if (r != EAI_NONAME && r != EAI_AGAIN && r != EAI_FAIL)
-        return r;
-    int family = hints ? hints->ai_family : AF_UNSPEC;
-    int flags = hints ? hints->ai_flags : (AI_V4MAPPED | AI_ADDRCONFIG);
-    /* fake IPs are IPv4: an IPv6-only request gets one only as v4-mapped, as glibc would */
-    if ((flags & AI_NUMERICHOST) || (family != AF_UNSPEC && family != AF_INET &&
-                                     !(family == AF_INET6 && (flags & AI_V4MAPPED))))
-        return r;
-    int saved = errno;
-    unsigned char ip[4];
-    if (fake_lookup(node, ip) < 0) {
-        errno = saved;
-        return r;
-    }
     char text[64];
     if (family == AF_INET6)
         snprintf(text, sizeof text, "::ffff:%u.%u.%u.%u", ip[0], ip[1], ip[2], ip[3]);
@@ -1056,10 +1059,8 @@ EXPORT int getaddrinfo(const char *node, const char *service, const struct addri
     h.ai_canonname = NULL;
     h.ai_next = NULL;
     struct addrinfo *out = NULL;
-    if (real_getaddrinfo(text, service, &h, &out) != 0) {
-        errno = saved;
-        return r;
-    }
+    if (real_getaddrinfo(text, service, &h, &out) != 0)
+        return -1;
     if ((flags & AI_CANONNAME) && out != NULL) {
         char *c = strdup(node);
         if (c != NULL) {
@@ -1068,6 +1069,39 @@ EXPORT int getaddrinfo(const char *node, const char *service, const struct addri
         }
     }
     *res = out;
+    return 0;
+}
+
+EXPORT int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints,
+                       struct addrinfo **res)
+{
+    REAL(getaddrinfo);
+    if (!cfg.active || node == NULL || res == NULL)
+        return real_getaddrinfo(node, service, hints, res);
+    int family = hints ? hints->ai_family : AF_UNSPEC;
+    int flags = hints ? hints->ai_flags : (AI_V4MAPPED | AI_ADDRCONFIG);
+    /* fake IPs are IPv4: an IPv6-only request gets one only as v4-mapped, as glibc would */
+    int eligible = !(flags & AI_NUMERICHOST) &&
+                   (family == AF_UNSPEC || family == AF_INET ||
+                    (family == AF_INET6 && (flags & AI_V4MAPPED))) &&
+                   fakeable_name(node);
+    int saved = errno;
+    unsigned char ip[4];
+    if (eligible && known_fake(node, ip) == 0 &&
+        fake_addrinfo(node, service, hints, family, flags, ip, res) == 0) {
+        errno = saved;
+        return 0;
+    }
+    errno = saved;
+    int r = real_getaddrinfo(node, service, hints, res);
+    if (r == 0 || !eligible || (r != EAI_NONAME && r != EAI_AGAIN && r != EAI_FAIL))
+        return r;
+    saved = errno;
+    if (fake_lookup(node, ip) < 0 ||
+        fake_addrinfo(node, service, hints, family, flags, ip, res) != 0) {
+        errno = saved;
+        return r;
+    }
     errno = saved;
     return 0;
 }
@@ -1112,10 +1146,12 @@ static int fake_worthy(int herr)
     return herr == HOST_NOT_FOUND || herr == TRY_AGAIN || herr == NO_RECOVERY;
 }
 
-static struct hostent *fake_hostent_static(const char *name, int af)
+static struct hostent *fake_hostent_static(const char *name, int af, int known_only)
 {
     unsigned char ip[4];
-    if (af != AF_INET || fake_lookup(name, ip) < 0) /* fake IPs are IPv4 */
+    if (af != AF_INET) /* fake IPs are IPv4 */
+        return NULL;
+    if ((known_only ? known_fake(name, ip) : fake_lookup(name, ip)) < 0)
         return NULL;
     if (fill_hostent(name, af, ip, &tls_he, tls_buf, sizeof tls_buf) < 0)
         return NULL;
@@ -1126,11 +1162,17 @@ static struct hostent *fake_hostent_static(const char *name, int af)
 EXPORT struct hostent *gethostbyname(const char *name)
 {
     REAL(gethostbyname);
-    struct hostent *he = real_gethostbyname(name);
+    int saved = errno;
+    struct hostent *he = cfg.active ? fake_hostent_static(name, AF_INET, 1) : NULL;
+    errno = saved;
+    if (he != NULL)
+        return he;
+    he = real_gethostbyname(name);
     if (he != NULL || !cfg.active || !fake_worthy(h_errno))
         return he;
-    int saved = errno, herr = h_errno;
-    he = fake_hostent_static(name, AF_INET);
+    saved = errno;
+    int herr = h_errno;
+    he = fake_hostent_static(name, AF_INET, 0);
     if (he == NULL)
         h_errno = herr;
     errno = saved;
@@ -1140,11 +1182,17 @@ EXPORT struct hostent *gethostbyname(const char *name)
 EXPORT struct hostent *gethostbyname2(const char *name, int af)
 {
     REAL(gethostbyname2);
-    struct hostent *he = real_gethostbyname2(name, af);
+    int saved = errno;
+    struct hostent *he = cfg.active ? fake_hostent_static(name, af, 1) : NULL;
+    errno = saved;
+    if (he != NULL)
+        return he;
+    he = real_gethostbyname2(name, af);
     if (he != NULL || !cfg.active || !fake_worthy(h_errno))
         return he;
-    int saved = errno, herr = h_errno;
-    he = fake_hostent_static(name, af);
+    saved = errno;
+    int herr = h_errno;
+    he = fake_hostent_static(name, af, 0);
     if (he == NULL)
         h_errno = herr;
     errno = saved;
@@ -1152,10 +1200,12 @@ EXPORT struct hostent *gethostbyname2(const char *name, int af)
 }
 
 static int fake_r(const char *name, int af, struct hostent *ret, char *buf, size_t buflen,
-                  struct hostent **result, int *h_errnop)
+                  struct hostent **result, int *h_errnop, int known_only)
 {
     unsigned char ip[4];
-    if (af != AF_INET || fake_lookup(name, ip) < 0) /* fake IPs are IPv4 */
+    if (af != AF_INET || result == NULL) /* fake IPs are IPv4 */
+        return -1;
+    if ((known_only ? known_fake(name, ip) : fake_lookup(name, ip)) < 0)
         return -1;
     if (fill_hostent(name, af, ip, ret, buf, buflen) < 0) {
         *result = NULL;
@@ -1173,12 +1223,18 @@ EXPORT int gethostbyname_r(const char *name, struct hostent *ret, char *buf, siz
                            struct hostent **result, int *h_errnop)
 {
     REAL(gethostbyname_r);
+    int saved = errno;
+    if (cfg.active && fake_r(name, AF_INET, ret, buf, buflen, result, h_errnop, 1) == 0) {
+        errno = saved;
+        return 0;
+    }
+    errno = saved;
     int r = real_gethostbyname_r(name, ret, buf, buflen, result, h_errnop);
     if ((r == 0 && *result != NULL) || r == ERANGE || !cfg.active || h_errnop == NULL ||
         !fake_worthy(*h_errnop))
         return r;
-    int saved = errno;
-    int f = fake_r(name, AF_INET, ret, buf, buflen, result, h_errnop);
+    saved = errno;
+    int f = fake_r(name, AF_INET, ret, buf, buflen, result, h_errnop, 0);
     errno = saved;
     return f < 0 ? r : f;
 }
@@ -1187,12 +1243,18 @@ EXPORT int gethostbyname2_r(const char *name, int af, struct hostent *ret, char 
                             size_t buflen, struct hostent **result, int *h_errnop)
 {
     REAL(gethostbyname2_r);
+    int saved = errno;
+    if (cfg.active && fake_r(name, af, ret, buf, buflen, result, h_errnop, 1) == 0) {
+        errno = saved;
+        return 0;
+    }
+    errno = saved;
     int r = real_gethostbyname2_r(name, af, ret, buf, buflen, result, h_errnop);
     if ((r == 0 && *result != NULL) || r == ERANGE || !cfg.active || h_errnop == NULL ||
         !fake_worthy(*h_errnop))
         return r;
-    int saved = errno;
-    int f = fake_r(name, af, ret, buf, buflen, result, h_errnop);
+    saved = errno;
+    int f = fake_r(name, af, ret, buf, buflen, result, h_errnop, 0);
     errno = saved;
     return f < 0 ? r : f;
 }

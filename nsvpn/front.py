@@ -19,6 +19,8 @@ Two doors, both only usable by the user who runs nsvpn:
       keeps the errno for ``S <id>`` (-> ``R <errno>``, or ``P`` while still pending).
   ``F <name>``  an address for a name the host resolver could not answer -> ``A <ip>``
                 (a fake IP; or the real one via ``dns_server`` over the upstream).
+  ``K <name>``  the fake IP of a name already in the table -> ``A <ip>``, else ``U``
+                (the shim asks first, so only a name's first lookup waits for the host resolver).
   ``N <ip>``    the name behind a fake IP -> ``H <name>`` or ``E``.
   ``P <4|6> <srcport>`` the original destination of a live connection -> ``D <ip> <port>``.
 
@@ -311,13 +313,18 @@ class Front:
             await self._answer(claim, 0)
             self.stats.padding_max = max(self.stats.padding_max, claim.padding)
             left = claim.padding
-            while left > 0:
-                data = await sock.recv(min(left, RELAY_CHUNK))
-                if not data:
-                    await upstream.aclose()
-                    sock.close()
-                    return
-                left -= len(data)
+            try:
+                while left > 0:
+                    data = await sock.recv(min(left, RELAY_CHUNK))
+                    if not data:
+                        break
+                    left -= len(data)
+            except OSError:
+                pass
+            if left > 0:  # the program went away before its connection stood
+                await upstream.aclose()
+                sock.close()
+                return
             _set_rcvbuf(sock, SERVED_RCVBUF)
             await self._relay(trio.SocketStream(sock), upstream)
         finally:
@@ -489,6 +496,10 @@ class Front:
         if op == "F" and len(words) == 2:
             ip = await self._address_for(words[1])
             return (f"A {ip}" if ip else "E"), False
+        if op == "K" and len(words) == 2:
+            # a name the host resolver already failed on gets its fake IP without a retry
+            known = self.fakes.has_name(words[1])
+            return (f"A {self.fakes.ip_for(words[1])}" if known else "U"), False
         if op == "N" and len(words) == 2:
             name = self.fakes.name_for(words[1])
             return (f"H {name}" if name else "E"), False

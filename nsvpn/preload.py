@@ -36,6 +36,7 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR
 # Env names the shim reads; a CMD started by another nsvpn session must not mix two sessions.
 SHIM_VARS = ("NSVPN_CTL", "NSVPN_FRONT_PORT4", "NSVPN_FRONT_PORT6", "NSVPN_DIRECT")
 PT_INTERP = 3
+RES_OPTIONS = "timeout:1 attempts:1"
 _PR_SET_PDEATHSIG = 1
 
 try:
@@ -141,6 +142,10 @@ def build_env(base: Mapping[str, str], shim: str, front: Front, direct_cidrs: Se
     env["LD_PRELOAD"] = (pre + " " + shim).strip() if pre else shim
     env.update(front.shim_env())
     env["NSVPN_DIRECT"] = ",".join(direct_cidrs)
+    # The host resolver is asked first, and compute nodes often have no working DNS: glibc's
+    # default (5 s x 2 tries per server) would stall every first lookup of an outside name
+    # before the shim can hand out its fake IP. A user's own setting wins.
+    env.setdefault("RES_OPTIONS", RES_OPTIONS)
     if socks_env:
         url = front.socks_url()
         env["ALL_PROXY"] = env["all_proxy"] = url

@@ -144,6 +144,9 @@ async def test_fake_ip_and_reverse(env):
     assert a.startswith("A 198.18.")
     assert await ctl(front, "F ONLY-far-side.example.") == a  # stable, normalized
     ip = a.split()[1]
+    assert await ctl(front, "K only-far-side.example") == a  # known: no host lookup again
+    assert await ctl(front, "K never-asked.example") == "U"
+    assert await ctl(front, "F never-asked.example") != a
     assert await ctl(front, f"N {ip}") == "H only-far-side.example"
     assert await ctl(front, "N 10.1.2.3") == "E"
     assert await ctl(front, "bogus") == "E"

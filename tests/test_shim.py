@@ -117,6 +117,9 @@ def test_build_env():
     assert env["NO_PROXY"] == "cvmfs.example,localhost,127.0.0.1,::1"
     assert env["no_proxy"] == "localhost,127.0.0.1,::1"
     assert env["PATH"] == "/bin" and env["HOME"] == "/h"
+    assert env["RES_OPTIONS"] == "timeout:1 attempts:1"
+    assert build_env({"RES_OPTIONS": "rotate"}, "/s.so", _FrontStub(), [])["RES_OPTIONS"] == \
+        "rotate"
     env = build_env({}, "/x/_preload.so", _FrontStub(), [], socks_env=False)
     assert env["LD_PRELOAD"] == "/x/_preload.so" and "ALL_PROXY" not in env
 
