@@ -792,9 +792,10 @@ class TcpConnection:
                 # full ACK: leave fast recovery (RFC 6582)
                 self._in_recovery = False
                 if cfg.congestion_control:
-                    self._cwnd = min(self._ssthresh, max(self._snd_max - ack, 0) + self._smss)
-                    if self._cwnd < self._smss:
-                        self._cwnd = self._smss
+                    # RFC 6582 option 2: deflate to ssthresh. (Option 1 leaves cwnd at one
+                    # segment when the full ACK covers everything, and a lone segment waits
+                    # for the peer's 40 ms delayed ACK.)
+                    self._cwnd = max(self._ssthresh, 2 * self._smss)
             else:
                 # partial ACK: retransmit the next hole, deflate by the amount acked
                 self._rexmit_budget += 1
