@@ -277,3 +277,67 @@ def test_threads_and_closerange(nsvpn_lab, under_shim):
     r = under_shim(THREADS_AND_CLOSERANGE, nsvpn_lab.sha256["1M.bin"])
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["16", "16"]
+
+
+@pytest.fixture
+def big_rmem_ns(nsvpn_lab, user_tmp):
+    """A scratch netns of our own whose TCP default receive buffer is 8 MiB (as on hosts tuned
+    for WAN transfers): loopback, a veth pair with 10.9.9.1/24, microsocks on 127.0.0.1:1080
+    and an HTTP server on 10.9.9.1:8000, all run as the test user."""
+    if shutil.which("microsocks") is None:
+        pytest.skip("microsocks is not installed")
+    ns = f"nsvpn-shimtest-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for cmd in (["link", "set", "lo", "up"],
+                    ["link", "add", "st0", "type", "veth", "peer", "name", "st1"],
+                    ["addr", "add", "10.9.9.1/24", "dev", "st0"],
+                    ["link", "set", "st0", "up"], ["link", "set", "st1", "up"]):
+            subprocess.run(["ip", "-n", ns] + cmd, check=True)
+        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
+                        "net.ipv4.tcp_rmem=4096 8388608 33554432"], check=True)
+        with open(os.path.join(user_tmp, "f.bin"), "wb") as f:
+            f.write(os.urandom(1 << 20))
+        os.chmod(os.path.join(user_tmp, "f.bin"), 0o644)
+        socks = nsvpn_lab.popen(["microsocks", "-i", "127.0.0.1", "-p", "1080"], netns=ns)
+        web = nsvpn_lab.popen(["python3", "-m", "http.server", "-b", "10.9.9.1", "-d", user_tmp,
+                               "8000"], netns=ns)
+        nsvpn_lab.wait_for(lambda: nsvpn_lab.port_open("10.9.9.1", 8000, netns=ns) and
+                           nsvpn_lab.port_open("127.0.0.1", 1080, netns=ns),
+                           timeout=20, what="servers in the scratch netns")
+        yield ns
+        socks.stop()
+        web.stop()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
+
+
+@pytest.mark.lab
+def test_readiness_gate_with_large_default_rcvbuf(nsvpn_lab, user_tmp, big_rmem_ns):
+    """With an 8 MiB default receive buffer the front's window would keep opening while the
+    shim pads it; the listener's locked buffer keeps it shut: the program's socket turns
+    writable only after the (1 s slow) upstream dial, and a refusal still says ECONNREFUSED."""
+    from test_preload_lab import DRIVER, EPOLL_CLIENT
+
+    exe = os.path.join(user_tmp, "epoll_client")
+    with open(exe + ".c", "w") as f:
+        f.write(EPOLL_CLIENT)
+    subprocess.run(["cc", "-O2", "-o", exe, exe + ".c"], check=True)
+    driver = os.path.join(user_tmp, "driver.py")
+    with open(driver, "w") as f:
+        f.write(DRIVER)
+    cfg = {"via": "socks5://127.0.0.1:1080", "direct": [], "delay": 1.0}
+    py = os.path.join(nsvpn_lab.venv, "bin", "python")
+    r = nsvpn_lab.run([py, driver, json.dumps(cfg), "--", "/bin/sh", "-c",
+                       f"{exe} 10.9.9.1 8000 /f.bin; {exe} 10.9.9.1 8001"],
+                      netns=big_rmem_ns, timeout=60)
+    blocks = ["addr " + b for b in r.stdout.split("addr ")[1:]]
+    assert len(blocks) == 2, r
+    ok, refused = ({k: v for k, _, v in (ln.partition(" ") for ln in b.splitlines())}
+                   for b in blocks)
+    assert float(ok["connect"].split()[2]) < 0.3, r
+    n, err, when = ok["ready"].split()
+    assert (n, err) == ("1", "0") and float(when) >= 0.9, r
+    assert int(ok["bytes"]) > 1 << 20, r
+    n, err, when = refused["ready"].split()
+    assert err == "111" and float(when) >= 0.9, r
