@@ -32,7 +32,10 @@
  * upstream CONNECT succeeded. The loopback handshake itself completes at once, so readiness is
  * gated in a different way: the shim sets TCP_NOTSENT_LOWAT=1 and writes a padding stream (the
  * token, then zeros) until the front's receive window is full and bytes stay unsent. A socket
- * with unsent bytes above its NOTSENT_LOWAT is not writable, for every readiness API alike.
+ * with unsent bytes above its NOTSENT_LOWAT is not writable, for every readiness API alike
+ * (epoll, poll, select, level- or edge-triggered). The front locks a small receive buffer on its
+ * listener, so that window is shut for good (~170 KB of padding) instead of growing for a while
+ * as an autotuned buffer's would.
  * The shim then claims the connection (destination + padding length) and returns EINPROGRESS
  * without waiting. The front dials; on success it reads and drops exactly the padding, the
  * window opens, the last padding leaves, and the program's socket becomes writable: the program
@@ -48,7 +51,8 @@
  * Fake IPs: when the host resolver cannot answer a name (not found / try again / failure), the
  * shim asks the front for an address from its fake-IP table (198.18.0.0/15, shared by every
  * process of the session since it lives in the front); connecting to it makes the front CONNECT
- * by name. Numeric strings and AI_NUMERICHOST are never faked. getnameinfo/gethostbyaddr of a
+ * by name. A name already in the table is answered before the host resolver is asked again
+ * (nodes without working DNS would otherwise pay the resolver timeout on every lookup). Numeric strings and AI_NUMERICHOST are never faked. getnameinfo/gethostbyaddr of a
  * fake IP return the name. DNS over UDP is not proxied: the resolver hooks cover libc lookups
  * (glibc's own resolver sockets are internal calls this shim does not see), and other UDP to
  * non-direct destinations fails with ENETUNREACH and a line on stderr.
