@@ -454,3 +454,49 @@ def test_front_round_trip_is_fast(lab, preload, epoll_client):
     dt = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
     print(f"200 sequential requests: {dt:.2f} s")
+
+
+def test_ssh_client_through_the_tunnel(lab, preload):
+    """ssh (ConnectTimeout: a non-blocking connect + poll) to edge's sshd, with no direct
+    networks so that edge is reached through the tunnel too."""
+    ssh = lab.ssh
+    r = preload(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-F", "/dev/null",
+                 "-i", ssh["key"], "-o", f"UserKnownHostsFile={ssh['known_hosts']}",
+                 f"{ssh['user']}@{ssh['ip']}", "echo", "over-the-tunnel"], direct=[])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "over-the-tunnel"
+
+
+CONCURRENT = r"""
+import asyncio, hashlib, sys
+async def one(host, path):
+    r, w = await asyncio.open_connection(host, 80)
+    w.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+    body = (await r.read()).partition(b"\r\n\r\n")[2]
+    w.close()
+    return hashlib.sha256(body).hexdigest()
+async def main():
+    sums = await asyncio.gather(*(one(sys.argv[1], "/1M.bin") for _ in range(100)))
+    print(len(set(sums)), sums[0])
+asyncio.run(main())
+"""
+
+
+def test_100_concurrent_connections(lab, preload):
+    r = preload(["python3", "-c", CONCURRENT, "remote.lab"], timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", lab.sha256["1M.bin"]]
+
+
+def test_signal_forwarding_and_missing_command(lab, preload, user_tmp):
+    r = preload(["/no/such/command"])
+    assert r.returncode == 127 and "not found" in r.stderr
+    py = os.path.join(lab.venv, "bin", "python")
+    mark = os.path.join(user_tmp, "trapped")
+    cfg = {"via": lab.socks5["url"], "direct": []}
+    p = lab.popen([py, os.path.join(user_tmp, "driver.py"), json.dumps(cfg), "--", "/bin/sh",
+                   "-c", f"trap 'exit 7' TERM; touch {mark}; while :; do sleep 0.1; done"],
+                  timeout=60)
+    lab.wait_for(lambda: os.path.exists(mark), timeout=30, what="CMD running")
+    p.send_signal(15)
+    assert p.wait(20) == 7, p.output()
