@@ -708,3 +708,25 @@ def test_tail_loss_probe_sends_new_data_if_allowed_and_once_per_flight():
     c.on_segment(seg(IRS + 1, ISS + 1 + 1448), t + 0.001)
     c.poll_output(t + 0.001)
     assert c.next_deadline() < 0.1
+
+
+def test_shutdown_before_handshake_sends_data_and_fin_after_it():
+    c = TcpConnection.connect(0.0, TcpConfig(), ISS)
+    c.poll_output(0.0)
+    assert c.send(b"GET / HTTP/1.0\r\n\r\n") == 18
+    c.shutdown(0.0)
+    assert c.state == "SYN_SENT" and c.send_space() == 0
+    c.on_segment(TcpSegment(IRS, ISS + 1, SYN | ACK, 65535, mss=1460), 0.01)
+    assert c.state == "FIN_WAIT_1" and c.pop_events() == ["connected"]
+    (d,) = c.poll_output(0.01)
+    assert d.payload == b"GET / HTTP/1.0\r\n\r\n" and d.flags & FIN
+    # passive side: shutdown while the accept is still pending
+    p = TcpConnection.from_syn(syn(), 0.0, TcpConfig(), ISS)
+    p.send(b"hi")
+    p.shutdown(0.0)
+    p.accept(0.0)
+    p.poll_output(0.0)
+    p.on_segment(seg(IRS + 1, ISS + 1), 0.01)
+    assert p.state == "FIN_WAIT_1"
+    (d,) = p.poll_output(0.01)
+    assert d.payload == b"hi" and d.flags & FIN

@@ -484,10 +484,6 @@ class TcpConnection:
     def shutdown(self, now: float) -> None:
         """Half-close: our FIN follows all queued data."""
         st = self.state
-        if st in (SYN_SENT, SYN_RECEIVED_PENDING):
-            # Nothing was ever synchronized: there is no one to send a FIN to.
-            self.abort(now)
-            return
         if self._fin_queued or st not in _SENDING:
             return
         self._fin_queued = True
@@ -495,7 +491,8 @@ class TcpConnection:
             self.state = FIN_WAIT_1
         elif st == CLOSE_WAIT:
             self.state = LAST_ACK
-        # SYN_RECEIVED: state moves on when the handshake completes (see _established).
+        # Before the handshake completes (an app that writes and half-closes at once), the
+        # FIN waits for ESTABLISHED (RFC 9293 3.10.4): see _established.
 
     # ------------------------------------------------------------------ input
 
