@@ -1,0 +1,387 @@
+"""VpnStackUpstream over a socketpair (what VPNFD is), no lab needed.
+
+The far side of the "tunnel" is a second instance of our stack in passive mode playing the
+remote network (a TCP server, a closed port, a host that answers ICMP unreachable, one that is
+silent, a DNS server). The one stand-in is `SessionSource`, which hands out VpnSessions the way
+OpenconnectUpstream does after (re)starts; the real openconnect is covered by
+tests/test_socks_cmd_lab.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import socket
+from typing import List, Optional
+
+import dns.message
+import dns.rcode
+import dns.rrset
+import pytest
+import trio
+
+from nsvpn.netstack import stack as nstack
+from nsvpn.netstack import wire
+from nsvpn.upstream.base import DialError, UpstreamError
+from nsvpn.upstream.openconnect import VpnSession
+from nsvpn.upstream.vpnstack import VpnStackUpstream
+from nsvpn.vpnenv import parse_vpn_env
+
+OUR_IP = "10.10.0.5"
+SERVER = "172.31.2.2"
+DNS_IP = "172.31.2.53"
+UNREACH = "172.31.2.99"
+SILENT = "172.31.2.98"
+EXCLUDED = "127.0.0.1"
+DATA = bytes(range(256)) * 4096 * 4  # 4 MiB
+
+
+def env_for(addr: str = OUR_IP):
+    return parse_vpn_env({
+        "INTERNAL_IP4_ADDRESS": addr, "INTERNAL_IP4_NETMASK": "255.255.255.0",
+        "INTERNAL_IP4_MTU": "1434", "INTERNAL_IP4_DNS": DNS_IP, "CISCO_DEF_DOMAIN": "lab",
+        "CISCO_SPLIT_EXC": "1", "CISCO_SPLIT_EXC_0_ADDR": "127.0.0.0",
+        "CISCO_SPLIT_EXC_0_MASK": "255.0.0.0", "CISCO_SPLIT_EXC_0_MASKLEN": "8",
+    })
+
+
+class SessionSource:
+    """Hands out VpnSessions like OpenconnectUpstream (start / wait_session / fatal)."""
+
+    name = "openconnect://test"
+
+    def __init__(self) -> None:
+        self.session: Optional[VpnSession] = None
+        self.fatal: Optional[str] = None
+        self.gen = 0
+        self._changed = trio.Event()
+        self.closed = False
+
+    def new_session(self, addr: str = OUR_IP) -> socket.socket:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for s in (a, b):
+            s.setblocking(False)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        self.gen += 1
+        self.session = VpnSession(a, env_for(addr), {}, self.gen, 0)
+        self._kick()
+        return b
+
+    def lose(self) -> None:
+        s = self.session
+        s.lost.set()
+        s.close()  # as OpenconnectUpstream does
+        self._kick()
+
+    def _kick(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def start(self) -> VpnSession:
+        assert self.session is not None
+        return self.session
+
+    async def wait_session(self, after: int = 0) -> VpnSession:
+        while True:
+            if self.fatal:
+                raise UpstreamError(self.fatal)
+            if self.closed:
+                raise UpstreamError("closed")
+            s = self.session
+            if s is not None and s.generation > after and not s.lost.is_set():
+                return s
+            await self._changed.wait()
+
+    async def aclose(self) -> None:
+        self.closed = True
+        self._kick()
+
+
+class FarSide:
+    """The remote network behind the VPN server, as a passive stack on the other socket end.
+
+    Port 80 of SERVER sends DATA then closes; port 7 echoes; other SERVER ports refuse;
+    UNREACH answers ICMP host unreachable; SILENT drops everything; DNS_IP:53 answers A
+    queries for remote.lab / www.lab. Every packet from us is kept in `seen`."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.stack = nstack.Stack(nstack.StackConfig(
+            net="172.31.2.0/24", gateway="172.31.2.1", dns="172.31.2.3", mtu=1434,
+            tun_queue_len=1 << 20))
+        self.seen: List[bytes] = []
+        self.dns_queries: List[str] = []
+        self.flows = {}
+        self.nursery: Optional[trio.Nursery] = None
+
+    def flush(self) -> None:
+        for ev in self.stack.pop_events():
+            self.dispatch(ev)
+        for pkt in self.stack.output_packets():
+            try:
+                self.sock.send(pkt)
+            except (BlockingIOError, OSError):
+                pass
+
+    def dispatch(self, ev) -> None:
+        now = trio.current_time()
+        st = self.stack
+        if isinstance(ev, nstack.NewTcpFlow):
+            dst = ev.flow.dst
+            if dst[0] == UNREACH:
+                st.unreachable(ev.flow, now, "host")
+            elif dst[0] == SERVER and dst[1] in (80, 7):
+                st.accept(ev.flow, now)
+                self.flows[id(ev.flow)] = [ev.flow, dst[1], 0, False]
+            else:
+                st.refuse(ev.flow, now)
+        elif isinstance(ev, nstack.TcpFlowEvent):
+            f = self.flows.get(id(ev.flow))
+            if f is not None:
+                if ev.kind in ("connected", "send_space", "data", "eof"):
+                    self.nursery.start_soon(self.serve, f)
+        elif isinstance(ev, nstack.UdpDatagram):
+            q = dns.message.from_wire(ev.payload)
+            name = q.question[0].name.to_text().rstrip(".")
+            self.dns_queries.append(name)
+            r = dns.message.make_response(q)
+            if name in ("remote.lab", "www.lab"):
+                r.answer.append(dns.rrset.from_text(name + ".", 60, "IN", "A", SERVER))
+            else:
+                r.set_rcode(dns.rcode.NXDOMAIN)
+            st.send_udp(ev.dst, ev.src, r.to_wire())
+
+    async def serve(self, f) -> None:
+        flow, port = f[0], f[1]
+        st = self.stack
+        now = trio.current_time()
+        if port == 80:
+            while f[2] < len(DATA):
+                n = st.tcp_send(flow, DATA[f[2]:f[2] + 256 * 1024], now)
+                if not n:
+                    break
+                f[2] += n
+            if f[2] >= len(DATA) and not f[3]:
+                f[3] = True
+                st.tcp_shutdown(flow, now)
+        else:
+            data = st.tcp_recv(flow)
+            if data:
+                st.tcp_send(flow, bytes(data), now)
+            if flow.conn.state == "CLOSE_WAIT" and not f[3]:
+                f[3] = True
+                st.tcp_shutdown(flow, now)
+        self.flush()
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as n:
+            self.nursery = n
+            n.start_soon(self._timers)
+            while True:
+                try:
+                    await trio.lowlevel.wait_readable(self.sock)
+                except (trio.ClosedResourceError, OSError):
+                    return
+                now = trio.current_time()
+                while True:
+                    try:
+                        pkt = self.sock.recv(65536)
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        n.cancel_scope.cancel()
+                        return
+                    self.seen.append(pkt)
+                    ip = wire.parse_ip(pkt, {})
+                    if ip is not None and ip.dst == socket.inet_aton(SILENT):
+                        continue
+                    self.stack.input_packet(pkt, now)
+                self.flush()
+
+    async def _timers(self) -> None:
+        while True:
+            await trio.sleep(0.01)
+            d = self.stack.next_deadline()
+            if d is not None and d <= trio.current_time():
+                self.stack.on_timer(trio.current_time())
+                self.flush()
+
+
+def tcp_segments(pkts: List[bytes]):
+    for p in pkts:
+        ip = wire.parse_ip(p, {})
+        if ip is not None and ip.proto == wire.PROTO_TCP:
+            r = wire.parse_tcp(ip, {}, False)
+            if r is not None:
+                yield r
+
+
+async def _setup(nursery, **kw):
+    src = SessionSource()
+    far = FarSide(src.new_session())
+    nursery.start_soon(far.run)
+    up = VpnStackUpstream(src, **kw)
+    await up.start()
+    return src, far, up
+
+
+async def test_download_with_window_scaling_and_big_windows():
+    async with trio.open_nursery() as n:
+        src, far, up = await _setup(n)
+        s = await up.dial_tcp(SERVER, 80, timeout=5)
+        got = bytearray()
+        while True:
+            d = await s.receive_some(1 << 20)
+            if not d:
+                break
+            got += d
+        await s.aclose()
+        assert hashlib.sha256(got).digest() == hashlib.sha256(DATA).digest()
+        segs = list(tcp_segments(far.seen))
+        syn = [seg for _, _, seg in segs if seg.flags & 0x02][0]
+        assert syn.wscale is not None and syn.wscale >= 7  # 8 MiB needs a shift of 8
+        assert syn.mss == 1434 - 40
+        wins = [seg.window << syn.wscale for _, _, seg in segs if not seg.flags & 0x02]
+        assert max(wins) > 4 << 20, max(wins)  # far beyond lwIP's 65535
+        assert s.conn.config.rcv_buf == 8 << 20
+        await up.aclose()
+        n.cancel_scope.cancel()
+
+
+async def test_echo_and_half_close():
+    async with trio.open_nursery() as n:
+        src, far, up = await _setup(n)
+        s = await up.dial_tcp(SERVER, 7, timeout=5)
+        await s.send_all(b"hello " * 50000)
+        await s.send_eof()
+        got = bytearray()
+        while True:
+            d = await s.receive_some()
+            if not d:
+                break
+            got += d
+        assert bytes(got) == b"hello " * 50000
+        await s.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await s.receive_some()
+        await up.aclose()
+        n.cancel_scope.cancel()
+
+
+async def test_dial_errors():
+    async with trio.open_nursery() as n:
+        src, far, up = await _setup(n)
+        with pytest.raises(DialError) as ei:
+            await up.dial_tcp(SERVER, 9, timeout=5)
+        assert ei.value.errno == errno.ECONNREFUSED and ei.value.final
+        with pytest.raises(DialError) as ei:
+            await up.dial_tcp(UNREACH, 80, timeout=5)
+        assert ei.value.errno == errno.EHOSTUNREACH
+        t0 = trio.current_time()
+        with pytest.raises(DialError) as ei:
+            await up.dial_tcp(SILENT, 80, timeout=1.5)
+        assert ei.value.errno == errno.ETIMEDOUT
+        assert trio.current_time() - t0 < 2.5
+        # nothing is left in the stack's table from those
+        await trio.sleep(0.05)
+        assert up.session.stack.counters["tcp_flows"] == 0
+        await up.aclose()
+        n.cancel_scope.cancel()
+
+
+async def test_names_resolved_by_the_vpn_dns_and_cached():
+    async with trio.open_nursery() as n:
+        src, far, up = await _setup(n)
+        s = await up.dial_tcp("remote.lab", 7, timeout=5)
+        assert s.remote == (SERVER, 7)
+        await s.aclose()
+        s = await up.dial_tcp("REMOTE.lab", 7, timeout=5)
+        await s.aclose()
+        assert far.dns_queries == ["remote.lab"]  # the second came from the cache
+        assert await up.resolve("www") == SERVER  # search domain pushed by the server
+        assert far.dns_queries[-2:] == ["www", "www.lab"]
+        with pytest.raises(DialError) as ei:
+            await up.dial_tcp("nosuch.lab", 80, timeout=5)
+        assert ei.value.errno == errno.EHOSTUNREACH
+        await up.aclose()
+        n.cancel_scope.cancel()
+
+
+async def test_split_exclude_goes_to_host_sockets():
+    listener = trio.socket.socket()
+    await listener.bind((EXCLUDED, 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    async with trio.open_nursery() as n:
+        src, far, up = await _setup(n)
+        assert not up.carries(EXCLUDED) and up.carries(SERVER)
+        s = await up.dial_tcp(EXCLUDED, port, timeout=5)
+        assert isinstance(s, trio.SocketStream)
+        await s.aclose()
+        assert not any(True for _ in tcp_segments(far.seen))
+        await up.aclose()
+        n.cancel_scope.cancel()
+    listener.close()
+
+
+async def test_session_loss_resets_flows_and_restart_serves_new_dials():
+    async with trio.open_nursery() as n:
+        src, far, up = await _setup(n)
+        s = await up.dial_tcp(SERVER, 7, timeout=5)
+        await s.send_all(b"x")
+        assert await s.receive_some() == b"x"
+        src.lose()
+        trio.lowlevel.notify_closing(far.sock)
+        far.sock.close()
+        with trio.fail_after(1):
+            with pytest.raises(trio.BrokenResourceError):
+                await s.receive_some()
+        assert not up.healthy
+
+        async def restart_later():
+            await trio.sleep(0.3)
+            far2 = FarSide(src.new_session())
+            n.start_soon(far2.run)
+
+        n.start_soon(restart_later)
+        with trio.fail_after(3):
+            s2 = await up.dial_tcp(SERVER, 7, timeout=3)  # waits for the new VPNFD
+        await s2.send_all(b"again")
+        assert await s2.receive_some() == b"again"
+        assert up.healthy and up.sessions == 2
+        await up.aclose()
+        n.cancel_scope.cancel()
+
+
+async def test_address_change_is_fatal():
+    async with trio.open_nursery() as n:
+        src, far, up = await _setup(n)
+        src.lose()
+        src.new_session(addr="10.10.0.77")
+        with trio.fail_after(2):
+            with pytest.raises(DialError) as ei:
+                await up.dial_tcp(SERVER, 7, timeout=2)
+        assert ei.value.reason == "upstream-down"
+        assert "new address 10.10.0.77" in str(ei.value)
+        assert up.fatal and not up.healthy
+        await up.aclose()
+        n.cancel_scope.cancel()
+
+
+async def test_inbound_syn_is_refused_and_ping_answered():
+    async with trio.open_nursery() as n:
+        src, far, up = await _setup(n)
+        our, peer = socket.inet_aton(OUR_IP), socket.inet_aton(SERVER)
+        from nsvpn.netstack.segment import TcpSegment
+
+        syn = TcpSegment(1000, 0, 0x02, 65535, mss=1400)
+        head, payload = wire.build_tcp_parts(peer, our, 5555, 22, syn)
+        far.sock.send(head + bytes(payload))
+        far.sock.send(wire.build_icmp(peer, our, wire.ICMP4_ECHO_REQUEST, 0, 0x00010001, b"hi"))
+        await trio.sleep(0.2)
+        segs = [seg for sp, dp, seg in tcp_segments(far.seen) if sp == 22]
+        assert segs and segs[0].flags & 0x04  # RST
+        icmp = [p for p in far.seen if p[9] == 1]
+        assert icmp and icmp[0][20] == wire.ICMP4_ECHO_REPLY
+        await up.aclose()
+        n.cancel_scope.cancel()
