@@ -730,3 +730,49 @@ def test_shutdown_before_handshake_sends_data_and_fin_after_it():
     assert p.state == "FIN_WAIT_1"
     (d,) = p.poll_output(0.01)
     assert d.payload == b"hi" and d.flags & FIN
+
+
+def sack_seg(ack, blocks, window=65535):
+    s = seg(IRS + 1, ack, window=window)
+    s.sack_blocks = [(a & M32, b & M32) for a, b in blocks]
+    return s
+
+
+def test_limited_transmit_sends_new_data_on_first_dup_acks():
+    c = passive(TcpConfig(snd_buf=1 << 20, initial_cwnd_segments=4, sack=False), sack=False)
+    c.send(b"L" * 20 * 1448)
+    assert len(c.poll_output(0.0)) == 4
+    c.on_segment(seg(IRS + 1, ISS + 1), 0.01)  # first duplicate ACK
+    (n1,) = c.poll_output(0.01)
+    assert n1.seq == ISS + 1 + 4 * 1448  # one new segment beyond cwnd (RFC 3042)
+    c.on_segment(seg(IRS + 1, ISS + 1), 0.011)
+    (n2,) = c.poll_output(0.011)
+    assert n2.seq == ISS + 1 + 5 * 1448
+    c.on_segment(seg(IRS + 1, ISS + 1), 0.012)  # third: fast retransmit
+    out = c.poll_output(0.012)
+    assert out[0].seq == ISS + 1 and c.stats["fast_retransmits"] == 1
+
+
+def test_sack_recovery_repairs_several_holes_in_one_round_trip():
+    c = passive(TcpConfig(snd_buf=1 << 20, initial_cwnd_segments=20))
+    mss = 1448
+    c.send(b"S" * 20 * mss)
+    assert len(c.poll_output(0.0)) == 20
+    base = ISS + 1
+    # segments 0-1 and 6-7 lost; the peer SACKs what arrived, one dup ACK per segment
+    got = []
+    for k in list(range(2, 6)) + list(range(8, 20)):
+        got.append(k)
+        blocks = []
+        if any(x < 6 for x in got):
+            blocks.append((base + 2 * mss, base + (max(x for x in got if x < 6) + 1) * mss))
+        if any(x >= 8 for x in got):
+            blocks.append((base + 8 * mss, base + (max(got) + 1) * mss))
+        c.on_segment(sack_seg(base, blocks[::-1]), 0.01)
+    out = c.poll_output(0.01)
+    rexmit = sorted((s.seq - base) // mss for s in out if s.seq - base < 20 * mss)
+    assert rexmit == [0, 1, 6, 7]  # all four holes, nothing the peer already has
+    assert c.stats["fast_retransmits"] == 1
+    c.on_segment(seg(IRS + 1, base + 20 * mss), 0.02)
+    assert c.snd_una == (base + 20 * mss) & M32 and not c._sacked
+    c.check_invariants()

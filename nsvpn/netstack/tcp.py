@@ -41,11 +41,18 @@ Design choices worth knowing:
   is rounded up to the scale unit (like Linux), so buffered data is bounded by
   rcv_buf + 2**rcv_wscale.
 - Congestion control: NewReno (RFC 5681/6582), initial cwnd 10 segments, byte-counted slow
-  start; `TcpConfig.congestion_control=False` keeps cwnd unlimited for the local-kernel side.
-- Retransmission: RFC 6298 RTO with timestamps (every ACK that advances SND.UNA) or Karn
-  timing; after an RTO everything unacknowledged is re-sent from SND.UNA (go-back-N).
-- SACK: SACK-permitted is negotiated; we send SACK blocks for held out-of-order data and
-  ignore received SACK blocks (no sender scoreboard). No PAWS, no urgent data, no ECN.
+  start, limited transmit (RFC 3042), recovery left at ssthresh;
+  `TcpConfig.congestion_control=False` keeps cwnd unlimited for the local-kernel side.
+- Loss recovery: 3 duplicate ACKs, or SACKs covering more than 2 segments above a hole,
+  start fast recovery; with SACK every duplicate ACK lets one more hole below the highest
+  SACKed byte be retransmitted (a small RFC 6675-style scoreboard, bounded), without SACK
+  partial ACKs retransmit SND.UNA (NewReno). A tail loss probe (RFC 8985, simplified: one
+  per flight after ~2 SRTT) turns most lost tails/ACKs into an RTT instead of an RTO.
+- Retransmission timeout: RFC 6298 with timestamps (every ACK that advances SND.UNA) or
+  Karn timing, exponential backoff; after an RTO everything unacknowledged is re-sent from
+  SND.UNA (go-back-N) and the SACK scoreboard is dropped.
+- SACK blocks are sent on pure ACKs while out-of-order data is held (most recent first).
+  No PAWS, no urgent data, no ECN, no delayed ACK timer (one ACK per poll_output batch).
 """
 
 from __future__ import annotations
