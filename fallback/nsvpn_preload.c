@@ -682,10 +682,6 @@ static long stuff_window(int fd, const unsigned char tok[16], int *old_lowat)
     l = sizeof *old_lowat;
     *old_lowat = 0;
     real_getsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, old_lowat, &l);
-    /* Nagle would hold small segments back for a moment: "unsent" must mean "window full". */
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    if (setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &one, sizeof one) < 0)
-        return -1;
     long total = 0;
     ssize_t w;
     do
@@ -694,6 +690,12 @@ static long stuff_window(int fd, const unsigned char tok[16], int *old_lowat)
     if (w != 16)
         return -1;
     total = 16;
+    /* No TCP_NOTSENT_LOWAT (kernel < 3.12): no readiness gate, the bytes still flow right;
+     * only a failure shows up as a reset instead of its errno. */
+    if (setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &one, sizeof one) < 0)
+        return total;
+    /* Nagle would hold small segments back for a moment: "unsent" must mean "window full". */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     int idle = 0;
     while (total < (16L << 20)) {
         w = send(fd, zeros, sizeof zeros, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -778,7 +780,9 @@ static int proxy_connect(int fd, int sock_family, const struct sockaddr *sa, soc
             return -1;
         snprintf(req, sizeof req, "C b %u %u 16 %s %s %u\n", listener, lport, tokhex, host,
                  d->port);
-        if (ctl_request(req, resp, sizeof resp, -1) < 3 || resp[0] != 'R') {
+        /* The front's dial is bounded (its connect timeout); the cap is a safety net only.
+         * Signals do not interrupt this wait (as if SA_RESTART): the answer decides. */
+        if (ctl_request(req, resp, sizeof resp, 300000) < 3 || resp[0] != 'R') {
             shim_log("no answer from the nsvpn front for %s port %u", host, d->port);
             errno = ECONNABORTED;
             return -1;

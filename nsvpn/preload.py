@@ -114,6 +114,9 @@ def check_binary(path: str, *, env_path: Optional[str] = None, _depth: int = 0) 
                 interp = line[1]
             warnings += check_binary(interp, env_path=env_path, _depth=1)
         return warnings
+    if head[:4] == b"\x7fELF" and head[4] == 1 and sys.maxsize > 2**32:
+        warnings.append(f"{real} is a 32-bit program: the 64-bit preload shim cannot be "
+                        "loaded into it, so its connections bypass nsvpn")
     dyn = _elf_has_interp(head)
     if dyn is False:
         warnings.append(f"{real} is statically linked: the preload shim cannot divert its "

@@ -82,6 +82,19 @@ def test_check_binary_static_and_dynamic(tmp_path):
     assert check_binary(str(script)) == []
 
 
+def test_check_binary_32bit_and_garbage(tmp_path):
+    elf32 = tmp_path / "elf32"
+    elf32.write_bytes(b"\x7fELF\x01\x01\x01" + bytes(57))  # ELFCLASS32, no program headers
+    warnings = check_binary(str(elf32))
+    assert any("32-bit" in w for w in warnings) and any("statically" in w for w in warnings)
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"\x7fELF\x09" + bytes(100))
+    assert check_binary(str(junk)) == []
+    text = tmp_path / "text"
+    text.write_text("not a program\n")
+    assert check_binary(str(text)) == []
+
+
 def test_check_binary_setuid_setgid(tmp_path):
     exe = tmp_path / "su"
     shutil.copy("/bin/true", exe)
