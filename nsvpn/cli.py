@@ -59,6 +59,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-q", "--quiet", action="store_true", help="no notices on stderr")
     ex.add_argument("-v", "--verbose", action="count", default=0)
     ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    from .socks_cmd import add_socks_parser
+
+    add_socks_parser(sub)
     return p
 
 
@@ -97,6 +100,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _probe(args)
         if args.command == "exec":
             return _exec(args)
+        if args.command == "socks":
+            from .socks_cmd import run_socks
+
+            return run_socks(args)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # one line for users; the traceback only when asked for

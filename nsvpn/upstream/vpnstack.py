@@ -507,6 +507,12 @@ class VpnStackUpstream:
                 raise UpstreamError(self.fatal)
             await self._wait_change()
 
+    async def wait_fatal(self) -> str:
+        """Returns the reason once the upstream has failed for good."""
+        while self.fatal is None:
+            await self._wait_change()
+        return self.fatal
+
     async def aclose(self) -> None:
         self._closing = True
         if self._scope is not None:
