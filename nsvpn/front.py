@@ -387,11 +387,16 @@ class Front:
             await stream.send_all(socks.ServerHandshake.reply(socks.errno_reply(exc.errno)))
             await stream.aclose()
             return
-        await stream.send_all(socks.ServerHandshake.reply(socks.REP_SUCCEEDED))
-        _set_rcvbuf(sock, SERVED_RCVBUF)
-        if hs.leftover:
-            await upstream.send_all(hs.leftover)
-            self.stats.bytes_up += len(hs.leftover)
+        try:
+            await stream.send_all(socks.ServerHandshake.reply(socks.REP_SUCCEEDED))
+            _set_rcvbuf(sock, SERVED_RCVBUF)
+            if hs.leftover:
+                await upstream.send_all(hs.leftover)
+                self.stats.bytes_up += len(hs.leftover)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await upstream.aclose()
+            raise
         await self._relay(stream, upstream)
 
     async def _relay(self, client: trio.abc.Stream, upstream: trio.abc.Stream) -> None:

@@ -500,3 +500,14 @@ def test_signal_forwarding_and_missing_command(lab, preload, user_tmp):
     lab.wait_for(lambda: os.path.exists(mark), timeout=30, what="CMD running")
     p.send_signal(15)
     assert p.wait(20) == 7, p.output()
+
+
+def test_dns_server_gives_real_addresses(lab, preload):
+    """With dns_server set, names the host cannot resolve are asked (DNS over TCP through the
+    upstream) from that server: the program sees the real address, and still gets through."""
+    code = ("import socket, urllib.request as u, hashlib\n"
+            "print(socket.getaddrinfo('remote.lab', 80, socket.AF_INET)[0][4][0])\n"
+            f"print(hashlib.sha256(u.urlopen('{_remote(lab, '/1M.bin')}').read()).hexdigest())\n")
+    r = preload(["python3", "-c", code], dns_server=lab.info["dns"]["server"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [lab.info["dns"]["names"]["remote.lab"], lab.sha256["1M.bin"]]
