@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from nsvpn.netstack.segment import SYN, TcpSegment
+from nsvpn.netstack.segment import ACK, RST, SYN, TcpSegment
 from nsvpn.netstack.tcp import TcpConfig, TcpConnection
 
 LONG = os.environ.get("NSVPN_LONG") == "1"
@@ -113,6 +113,17 @@ class Endpoint:
         self.events += c.pop_events()
 
 
+    def drain(self) -> None:
+        """Read what a (slow) reader left behind once the connection is finished."""
+        if self.conn is None:
+            return
+        data = self.conn.recv()
+        if data:
+            if self.recv_pattern.get(self.received, len(data)) != bytes(data):
+                self.mismatch = self.mismatch if self.mismatch is not None else self.received
+            self.received += len(data)
+
+
 class Pair:
     def __init__(self, seed=1, faults=None, cfg_a=None, cfg_b=None, isn_a=None, isn_b=None,
                  accept=True):
@@ -164,12 +175,27 @@ class Pair:
                     if self.accept:
                         self.b.accept(self.now)
                 return
-            self.b.on_segment(copy, self.now)
+            target = self.b
         else:
-            self.a.on_segment(copy, self.now)
+            target = self.a
+        if target.state == "CLOSED":
+            self._closed_port_reply(dst, seg)
+        else:
+            target.on_segment(copy, self.now)
         # The caller reuses packet buffers: anything the connection kept must be a copy.
         scratch[:] = b"\xee" * len(scratch)
         self.delivered += 1
+
+    def _closed_port_reply(self, dst: str, seg: TcpSegment) -> None:
+        """What the owning stack does for a segment to a finished connection (RFC 9293
+        3.10.7.1): answer anything but a RST with a RST."""
+        if seg.flags & RST:
+            return
+        if seg.flags & ACK:
+            rst = TcpSegment(seg.ack, 0, RST, 0)
+        else:
+            rst = TcpSegment(0, (seg.seq + seg.seg_len()) & 0xFFFFFFFF, RST | ACK, 0)
+        self._transmit("a" if dst == "b" else "b", [rst])
 
     def flush(self) -> None:
         self._transmit("b", self.a.poll_output(self.now))
@@ -237,6 +263,8 @@ def both_closed(p: Pair) -> bool:
 
 
 def assert_transfer_ok(p: Pair, a_bytes: int, b_bytes: int) -> None:
+    p.app_a.drain()
+    p.app_b.drain()
     assert p.app_a.mismatch is None, f"a->b? b->a data mismatch at {p.app_a.mismatch}"
     assert p.app_b.mismatch is None, f"a->b data mismatch at {p.app_b.mismatch}"
     assert p.app_b.received == a_bytes
