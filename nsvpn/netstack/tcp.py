@@ -423,7 +423,9 @@ class TcpConnection:
         """Queue up to send_space() bytes; returns how many were taken (copied)."""
         space = self.send_space()
         n = len(data)
-        if n > space:
+        if n >= space:
+            # Full now (or the caller had more): 'send_space' must fire when room comes back,
+            # also for a caller that never offers more than send_space() (the relay).
             n = space
             self._snd_blocked = True
         if n <= 0:
