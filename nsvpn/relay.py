@@ -32,7 +32,7 @@ from .upstream.base import DialError
 
 log = logging.getLogger("nsvpn.relay")
 
-READ_BATCH = 128  # packets drained per wake-up before yielding to other tasks
+READ_BATCH = 16  # packets per wake-up: measured faster than 64 (ACKs go out sooner)
 PUMP_CHUNK = 256 * 1024
 DIAL_TIMEOUT = 20.0
 UDP_IDLE = 60.0
@@ -83,8 +83,12 @@ class Relay:
         dial_upstream: Callable[..., object],
         dial_direct: Callable[..., object],
         dns_service: Optional[object] = None,
+        read_tun: bool = True,
     ) -> None:
         self.fd = tun_fd
+        # False: someone else reads the TUN and hands us our packets with feed() (the vpn
+        # bridge, for the networks it keeps out of the tunnel); we still write to it.
+        self.read_tun = read_tun
         self.stack = stack
         self.router = router
         self.dial_upstream = dial_upstream
@@ -100,11 +104,11 @@ class Relay:
     def _after_stack(self) -> None:
         """Flush packets, dispatch events, tighten the timer: after *every* stack call."""
         st = self.stack
-        write = os.write
+        writev = os.writev
         fd = self.fd
-        for pkt in st.output_packets():
+        for iov in st.output_iovecs():  # writev: a 64 KiB payload is not joined to its headers
             try:
-                write(fd, pkt)
+                writev(fd, iov)
             except OSError:  # queue full / namespace gone: TCP retransmits, UDP is lossy
                 self.write_errors += 1
         for ev in st.pop_events():
@@ -132,14 +136,22 @@ class Relay:
         async with trio.open_nursery() as n:
             self._nursery = n
             n.start_soon(self._timer_loop)
-            n.start_soon(self._tun_reader)
+            if self.read_tun:
+                n.start_soon(self._tun_reader)
             task_status.started()
+
+    def feed(self, pkt, now: float) -> None:
+        """One packet read from the TUN by someone else; call flush() after a batch."""
+        self.stack.input_packet(pkt, now)
+
+    def flush(self) -> None:
+        self._after_stack()
 
     async def _tun_reader(self) -> None:
         fd = self.fd
         read = os.read
         st = self.stack
-        bufsize = 65536 + 64
+        bufsize = 65536 + 64  # a 64 KiB TSO segment plus the virtio-net header
         while True:
             await trio.lowlevel.wait_readable(fd)
             now = trio.current_time()
