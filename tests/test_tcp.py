@@ -776,3 +776,19 @@ def test_sack_recovery_repairs_several_holes_in_one_round_trip():
     c.on_segment(seg(IRS + 1, base + 20 * mss), 0.02)
     assert c.snd_una == (base + 20 * mss) & M32 and not c._sacked
     c.check_invariants()
+
+
+def test_fin_discards_held_data_beyond_it():
+    """A (broken) peer sending data past its FIN cannot leave state behind RCV.NXT."""
+    c = passive()
+    c.on_segment(seg(IRS + 1 + 10, ISS + 1, payload=b"z" * 50), 0.1)
+    c.on_segment(seg(IRS + 1, ISS + 1, ACK | FIN), 0.2)
+    assert c.state == "CLOSE_WAIT" and c.pop_events() == ["eof"]
+    assert not c._ooo and c.recv_available() == 0
+    c.check_invariants()
+    c2 = passive()
+    c2.on_segment(seg(IRS + 1 + 10, ISS + 1, payload=b"z" * 50), 0.1)
+    c2.on_segment(seg(IRS + 1 + 5, ISS + 1, ACK | FIN), 0.2)  # FIN out of order
+    c2.on_segment(seg(IRS + 1, ISS + 1, payload=b"hello"), 0.3)
+    assert bytes(c2.recv()) == b"hello" and c2.state == "CLOSE_WAIT"
+    c2.check_invariants()

@@ -226,7 +226,9 @@ class TcpConnection:
         # RTT / timers
         self._srtt: float | None = None
         self._rttvar = 0.0
-        self._rto = cfg.rto_initial
+        self._rto = cfg.rto_initial  # current, backed off
+        self._rto_base = cfg.rto_initial  # from the RTT estimator, without backoff
+        self._rto_ts: int | None = None  # timestamp clock at the last RTO expiry
         self._rto_deadline: float | None = None
         self._retries = 0
         self._rtt_seq: int | None = None  # Karn timing (no timestamps)
@@ -639,6 +641,8 @@ class TcpConnection:
                 if fin_at <= edge and (self._fin_seq is None or self._fin_seq == fin_at):
                     if fin_at >= self._rcv_nxt:
                         self._fin_seq = fin_at
+                        if self._ooo:
+                            self._ooo_trim(fin_at)  # nothing exists beyond the FIN
                     self._ack_pending = True
             if self._fin_seq is not None and self._fin_seq == self._rcv_nxt:
                 self._consume_fin(now)
@@ -775,8 +779,12 @@ class TcpConnection:
     def _ack_advance(self, ack: int, now: float, seg: TcpSegment) -> None:
         acked = ack - self._snd_una
         cfg = self.config
-        # RTT sample: timestamps when negotiated, else Karn timing of one segment.
-        if self._ts_on and seg.ts_ecr:
+        # RTT sample: timestamps when negotiated, else Karn timing of one segment. Echoes
+        # from before the last RTO are not trusted: when ACKs were lost the peer keeps
+        # echoing an old TS.Recent, and one such sample can inflate SRTT to tens of seconds.
+        if self._ts_on and seg.ts_ecr and (
+            self._rto_ts is None or ((seg.ts_ecr - self._rto_ts) & M32) < HALF
+        ):
             sample = (_ts_clock(now) - seg.ts_ecr) & M32
             if sample < HALF:
                 self._rtt_update(sample / 1000.0)
@@ -787,6 +795,7 @@ class TcpConnection:
         if self._snd_nxt < ack:
             self._snd_nxt = ack
         self._retries = 0
+        self._rto = self._rto_base  # new data acknowledged: forget the backoff (as Linux)
         self._persist_backoff = 0
         self._tlp_deadline = None
         self._tlp_used = False
@@ -942,7 +951,7 @@ class TcpConnection:
             self._srtt = 0.875 * self._srtt + 0.125 * r
         cfg = self.config
         rto = self._srtt + max(0.001, 4 * self._rttvar)
-        self._rto = min(max(rto, cfg.rto_min), cfg.rto_max)
+        self._rto = self._rto_base = min(max(rto, cfg.rto_min), cfg.rto_max)
 
     def _take_data(self, seq: int, payload) -> None:
         """Accept payload starting at abs `seq` (already known acceptable)."""
@@ -1036,6 +1045,22 @@ class TcpConnection:
         self._ooo_bytes += (new_end - new_start) - old
         self._sack_recent = start
 
+    def _ooo_trim(self, limit: int) -> None:
+        """Forget held out-of-order bytes at or beyond `limit` (the peer's FIN)."""
+        keep = []
+        total = 0
+        for start, end, pieces in self._ooo:
+            if start >= limit:
+                break
+            if end > limit:
+                data = b"".join(pieces)[: limit - start]
+                end = limit
+                pieces = [data]
+            keep.append([start, end, pieces])
+            total += end - start
+        self._ooo = keep
+        self._ooo_bytes = total
+
     def _consume_fin(self, now: float) -> None:
         self._rcv_nxt += 1
         self._fin_seq = None
@@ -1115,6 +1140,7 @@ class TcpConnection:
             return
         self._rto = min(self._rto * 2, cfg.rto_max)
         self._rtt_seq = None  # Karn: no samples from retransmitted data
+        self._rto_ts = _ts_clock(now)
         self.stats["rto_expiries"] += 1
         if st in (SYN_SENT, SYN_RECEIVED):
             self.stats["retransmits"] += 1
@@ -1333,8 +1359,14 @@ class TcpConnection:
                 if n > smss:
                     n = smss
                 if n > room:
-                    # SWS avoidance: only full segments or the tail; a timer overrides
-                    if room < smss and room < (self._max_snd_wnd >> 1) and not force:
+                    # SWS avoidance for new data: only full segments or the tail (a timer
+                    # overrides). Retransmissions (below SND.MAX) always use what fits.
+                    if (
+                        room < smss
+                        and room < (self._max_snd_wnd >> 1)
+                        and not force
+                        and nxt >= snd_max
+                    ):
                         break
                     n = room
                 force = False
