@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import hmac
 import ipaddress
 import logging
@@ -67,6 +68,10 @@ PADDING_RCVBUF = 64 * 1024
 SERVED_RCVBUF = 4 * 1024 * 1024
 
 Key = Tuple[int, int]  # (listener 4|6, client source port)
+
+_SPLICE = getattr(os, "splice", None)  # Python >= 3.10 on Linux; else the copying relay
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 @dataclass
@@ -400,6 +405,68 @@ class Front:
         await self._relay(stream, upstream)
 
     async def _relay(self, client: trio.abc.Stream, upstream: trio.abc.Stream) -> None:
+        if (
+            _SPLICE is not None
+            and isinstance(client, trio.SocketStream)
+            and isinstance(upstream, trio.SocketStream)
+        ):
+            await self._relay_spliced(client, upstream)
+        else:
+            await self._relay_copy(client, upstream)
+
+    async def _relay_spliced(self, client: trio.SocketStream, upstream: trio.SocketStream) -> None:
+        """Socket -> pipe -> socket with splice(2): the bytes never enter Python (several
+        times less CPU than copying, which matters on a busy 2-core node)."""
+        self.stats.active += 1
+
+        async def pump(src, dst, up: bool, cancel: trio.CancelScope) -> None:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                try:
+                    fcntl.fcntl(w, _F_SETPIPE_SZ, RELAY_CHUNK)
+                except OSError:
+                    pass
+                while True:
+                    try:
+                        n = _SPLICE(src.fileno(), w, RELAY_CHUNK, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(src)
+                        continue
+                    if n == 0:
+                        break
+                    if up:
+                        self.stats.bytes_up += n
+                    else:
+                        self.stats.bytes_down += n
+                    while n:
+                        try:
+                            n -= _SPLICE(r, dst.fileno(), n, flags=_SPLICE_FLAGS)
+                        except BlockingIOError:
+                            await trio.lowlevel.wait_writable(dst)
+                try:
+                    dst.shutdown(socket.SHUT_WR)
+                except OSError:
+                    cancel.cancel()
+            except OSError:
+                cancel.cancel()
+            finally:
+                os.close(r)
+                os.close(w)
+
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(pump, client.socket, upstream.socket, True, n.cancel_scope)
+                n.start_soon(pump, upstream.socket, client.socket, False, n.cancel_scope)
+        finally:
+            self.stats.active -= 1
+            with trio.CancelScope(shield=True):
+                for s in (client, upstream):
+                    try:
+                        await s.aclose()
+                    except Exception:  # closing a broken stream may complain; it is closed
+                        pass
+
+    async def _relay_copy(self, client: trio.abc.Stream, upstream: trio.abc.Stream) -> None:
         self.stats.active += 1
 
         async def pump(src, dst, up: bool, cancel: trio.CancelScope) -> None:
