@@ -20,8 +20,8 @@ API notes beyond the agreed shape (additions only, nothing renamed):
   treat the next SYN as a new connection (stack.py also does this itself).
 - `TcpConfig.initial_cwnd_segments` (10) and `TcpConfig.congestion_control` (True; False =
   no cwnd limit, for the local-kernel side). `cwnd` property, `stats` dict
-  (retransmits, fast_retransmits, rto_expiries, timeouts, dup_acks, ooo_segments,
-  ooo_dropped, unacceptable, challenge_acks, segments_in, segments_out) and
+  (retransmits, fast_retransmits, rto_expiries, tail_probes, timeouts, dup_acks,
+  ooo_segments, ooo_dropped, unacceptable, challenge_acks, segments_in, segments_out) and
   `check_invariants()` (raises AssertionError; tests call it after every step).
 - The payload of outgoing segments is normally a memoryview of an immutable bytes chunk of
   the send buffer: it stays valid as long as anybody holds it.
@@ -48,9 +48,10 @@ Design choices worth knowing:
   SACKed byte be retransmitted (a small RFC 6675-style scoreboard, bounded), without SACK
   partial ACKs retransmit SND.UNA (NewReno). A tail loss probe (RFC 8985, simplified: one
   per flight after ~2 SRTT) turns most lost tails/ACKs into an RTT instead of an RTO.
-- Retransmission timeout: RFC 6298 with timestamps (every ACK that advances SND.UNA) or
-  Karn timing, exponential backoff; after an RTO everything unacknowledged is re-sent from
-  SND.UNA (go-back-N) and the SACK scoreboard is dropped.
+- Retransmission timeout: RFC 6298 with timestamps (every ACK that advances SND.UNA, but
+  not echoes of timestamps older than the last RTO) or Karn timing; exponential backoff,
+  forgotten when new data is acknowledged (as Linux does); after an RTO everything
+  unacknowledged is re-sent from SND.UNA (go-back-N) and the SACK scoreboard is dropped.
 - SACK blocks are sent on pure ACKs while out-of-order data is held (most recent first).
   No PAWS, no urgent data, no ECN, no delayed ACK timer (one ACK per poll_output batch).
 """
