@@ -262,3 +262,36 @@ async def test_unclaimed_shim_connection_is_dropped(env, monkeypatch):
 async def test_ctl_socket_is_private(env):
     front, _ = env
     assert os.stat(front.ctl_path).st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("relay", ["splice", "copy"])
+async def test_relay_half_close_and_counts(env, monkeypatch, relay):
+    """Client sends, half-closes, and still receives everything back, then EOF: through the
+    splice relay and the copying one (used when a stream is not a plain socket)."""
+    import nsvpn.front as front_mod
+
+    if relay == "copy":
+        monkeypatch.setattr(front_mod, "_SPLICE", None)
+    elif front_mod._SPLICE is None:
+        pytest.skip("no os.splice on this Python")
+    front, port = env
+    stream = await _socks_connect(front, "127.0.0.1", port)
+    payload = os.urandom(3 << 20)
+    got = bytearray()
+    async with stream:
+        async def send():
+            await stream.send_all(payload)
+            await stream.send_eof()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(send)
+            while True:
+                data = await stream.receive_some(1 << 16)
+                if not data:
+                    break
+                got += data
+    assert bytes(got) == payload
+    with trio.fail_after(2):
+        while front.stats.active:
+            await trio.sleep(0.01)
+    assert front.stats.bytes_up == front.stats.bytes_down == len(payload)
