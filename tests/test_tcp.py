@@ -792,3 +792,21 @@ def test_fin_discards_held_data_beyond_it():
     c2.on_segment(seg(IRS + 1, ISS + 1, payload=b"hello"), 0.3)
     assert bytes(c2.recv()) == b"hello" and c2.state == "CLOSE_WAIT"
     c2.check_invariants()
+
+
+def test_backoff_forgotten_on_new_ack_and_stale_echo_ignored():
+    c = passive(TcpConfig(rto_min=0.2))
+    c.send(b"b" * 4000)
+    (d0, *_) = c.poll_output(1.0)
+    t = 1.0
+    for _ in range(4):  # the tail probe, then three RTOs
+        t = c.next_deadline()
+        c.on_timer(t)
+        c.poll_output(t)
+    assert c._rto == pytest.approx(1.6)  # 0.2 doubled three times
+    srtt = c._srtt
+    # the ACK finally arrives, echoing the timestamp of the very first transmission: a
+    # 2+ second "RTT" that only reflects the losses; it must not poison SRTT
+    c.on_segment(seg(IRS + 1, ISS + 1 + 1448, ts=900, ecr=d0.ts_val), t + 0.01)
+    assert c._srtt == srtt
+    assert c._rto == pytest.approx(0.2)  # backoff forgotten: new data was acknowledged
