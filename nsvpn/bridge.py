@@ -16,8 +16,12 @@ packets from CMD are dropped (TCP inside retransmits) and VPN->TUN resumes on th
 If the upstream fails for good (e.g. the server changed our address), CMD gets SIGTERM
 (SIGKILL 5 s later) and nsvpn ends with the reason.
 
-Not handled here yet: split-exclude networks and the host's own networks are not reachable from
-the namespace (that needs the userspace stack relaying to host sockets, as in ssh mode).
+Networks kept out of the tunnel: the VPN's split-exclude list and the host's own connected
+networks (a site's file servers and squids stay local and fast; the VPN gateway's own subnet is
+among them). The namespace routes them to the TUN as well; the TUN reader looks at each
+packet's destination and hands those packets to a userspace stack + relay (relay.py, as in
+ssh mode) that re-originates TCP/UDP with host sockets, instead of writing them to VPNFD.
+ICMP echo to those networks is not carried (no raw sockets without privileges).
 
 `python -m nsvpn.bridge [OPTIONS] openconnect://user@host -- CMD...` runs this stand-alone.
 """
@@ -25,6 +29,8 @@ the namespace (that needs the userspace stack relaying to host sockets, as in ss
 from __future__ import annotations
 
 import argparse
+import errno
+import ipaddress
 import logging
 import os
 import resource
@@ -55,12 +61,14 @@ class BridgeStats:
         self.to_tun_pkts = 0
         self.to_tun_bytes = 0
         self.dropped = 0
+        self.to_direct_pkts = 0  # packets handed to the relay for excluded networks
         self.tun_waits = 0  # times a reader found nothing and went to sleep
         self.vpn_waits = 0
 
     def __str__(self) -> str:
         return (f"to VPN {self.to_vpn_pkts} pkts/{self.to_vpn_bytes} B, to TUN "
                 f"{self.to_tun_pkts} pkts/{self.to_tun_bytes} B, dropped {self.dropped}, "
+                f"direct {self.to_direct_pkts} pkts, "
                 f"waits TUN {self.tun_waits} VPN {self.vpn_waits}")
 
 
@@ -69,8 +77,10 @@ def _err(msg: str) -> None:
     sys.stderr.flush()
 
 
-def netns_spec(env: VpnEnv, *, ipv6: bool = False) -> namespace.NetnsSpec:
-    """The namespace as the VPN server described it. Routes are on-link via the TUN."""
+def netns_spec(env: VpnEnv, *, ipv6: bool = False,
+               direct_nets: Sequence[str] = ()) -> namespace.NetnsSpec:
+    """The namespace as the VPN server described it, plus routes for the networks the relay
+    serves (direct_nets). Routes are on-link via the TUN."""
     use6 = ipv6 and env.address6 is not None
     spec = namespace.NetnsSpec(
         addr=env.address4,
@@ -79,7 +89,8 @@ def netns_spec(env: VpnEnv, *, ipv6: bool = False) -> namespace.NetnsSpec:
         dns=env.nameservers(use6),
         search=list(env.default_domains),
         mtu=env.link_mtu(),
-        routes=env.routes4() + (env.routes6() if use6 else []),
+        routes=env.routes4() + [n for n in direct_nets if n not in env.routes4()]
+        + (env.routes6() if use6 else []),
         ipv6=use6,
         resolv_conf=env.resolv_conf(use6),
     )
@@ -105,18 +116,102 @@ async def _send(sess: VpnSession, data: memoryview) -> bool:
             return False
 
 
-async def tun_to_vpn(tun_fd: int, oc: OpenconnectUpstream, stats: BridgeStats) -> None:
+class DirectMatcher:
+    """Is a packet's destination in the networks kept out of the tunnel? (IPv4; cached per
+    destination address, so the per-packet cost is one slice and one dict lookup)."""
+
+    def __init__(self, nets: Sequence[str]) -> None:
+        self.nets = [ipaddress.ip_network(n, strict=False) for n in nets]
+        self.nets4 = [(int(n.network_address), int(n.netmask)) for n in self.nets
+                      if n.version == 4]
+        self._cache: Dict[bytes, bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.nets4)
+
+    def match(self, pkt) -> bool:
+        if len(pkt) < 20 or pkt[0] >> 4 != 4:
+            return False
+        dst = bytes(pkt[16:20])
+        hit = self._cache.get(dst)
+        if hit is None:
+            a = int.from_bytes(dst, "big")
+            hit = any(a & mask == net for net, mask in self.nets4)
+            if len(self._cache) > 65536:
+                self._cache.clear()
+            self._cache[dst] = hit
+        return hit
+
+
+def direct_networks(env: VpnEnv, extra: Sequence[str] = (), *, host: bool = True) -> List[str]:
+    """Split-exclude networks + the host's own networks (+ extra), minus any overlapping the
+    VPN's own address network (those belong to the tunnel)."""
+    nets: List[str] = list(env.split_exc4) + list(extra)
+    if host:
+        from .upstream.direct import host_networks
+
+        try:
+            nets += [str(n) for n in host_networks()]
+        except Exception as e:  # netlink refused: everything goes into the tunnel
+            log.warning("cannot list the host's networks: %s", e)
+    own = env.network4
+    out: List[str] = []
+    for n in nets:
+        net = ipaddress.ip_network(n, strict=False)
+        if net.version == 4 and net.overlaps(own):
+            continue
+        if str(net) not in out:
+            out.append(str(net))
+    return out
+
+
+def make_direct_relay(tun_fd: int, env: VpnEnv, nets: Sequence[str]):
+    """The userspace stack + relay that serves the excluded networks with host sockets."""
+    from . import routing
+    from .netstack.stack import Stack, StackConfig
+    from .relay import Relay
+    from .upstream.base import DialError
+    from .upstream.direct import DirectUpstream
+
+    cfg = StackConfig(net="0.0.0.0/0", gateway="", dns="", gateway6="", dns6="",
+                      mtu=env.link_mtu())
+    router = routing.Router(namespace_net=f"{env.address4}/32", gateway="", dns="",
+                            direct=nets)
+    direct = DirectUpstream()
+
+    async def dial_direct(host: str, port: int, timeout: float):
+        return await direct.dial_tcp(host, port, timeout=timeout)
+
+    async def dial_upstream(host: str, port: int, timeout: float):
+        # only excluded destinations are fed to this relay
+        raise DialError(errno.ENETUNREACH, f"{host}: not an excluded network")
+
+    return Relay(tun_fd, Stack(cfg), router, dial_upstream=dial_upstream,
+                 dial_direct=dial_direct, read_tun=False)
+
+
+async def tun_to_vpn(tun_fd: int, oc: OpenconnectUpstream, stats: BridgeStats,
+                     direct=None, matcher: DirectMatcher | None = None) -> None:
     buf = bytearray(BUF_SIZE)
     mv = memoryview(buf)
     readv = os.readv
+    fed = False
     while True:
         for _ in range(BATCH):
             try:
                 n = readv(tun_fd, [buf])
             except BlockingIOError:
                 stats.tun_waits += 1
+                if fed:
+                    direct.flush()
+                    fed = False
                 await trio.lowlevel.wait_readable(tun_fd)
                 break
+            if matcher and matcher.match(mv[:n]):
+                direct.feed(mv[:n], trio.current_time())
+                fed = True
+                stats.to_direct_pkts += 1
+                continue
             sess = oc.session
             if sess is None or sess.lost.is_set() or not await _send(sess, mv[:n]):
                 stats.dropped += 1
@@ -124,6 +219,9 @@ async def tun_to_vpn(tun_fd: int, oc: OpenconnectUpstream, stats: BridgeStats) -
             stats.to_vpn_pkts += 1
             stats.to_vpn_bytes += n
         else:
+            if fed:
+                direct.flush()
+                fed = False
             await trio.lowlevel.checkpoint()
 
 
@@ -173,7 +271,7 @@ async def vpn_to_tun(tun_fd: int, oc: OpenconnectUpstream, stats: BridgeStats) -
 
 
 async def bridge(child: namespace.NamespaceChild, oc: OpenconnectUpstream,
-                 stats: BridgeStats | None = None) -> int:
+                 stats: BridgeStats | None = None, direct_nets: Sequence[str] = ()) -> int:
     """Copy packets until CMD exits; CMD's status (or EXIT_UPSTREAM if the VPN failed)."""
     stats = stats or BridgeStats()
     failed: List[str] = []
@@ -188,7 +286,13 @@ async def bridge(child: namespace.NamespaceChild, oc: OpenconnectUpstream,
 
     async with trio.open_nursery() as n:
         await n.start(namespace.forward_signals, child)
-        n.start_soon(tun_to_vpn, child.tun_fd, oc, stats)
+        matcher = DirectMatcher(direct_nets)
+        relay = None
+        if matcher:
+            assert oc.session is not None
+            relay = make_direct_relay(child.tun_fd, oc.session.env, direct_nets)
+            await n.start(relay.run)
+        n.start_soon(tun_to_vpn, child.tun_fd, oc, stats, relay, matcher)
         n.start_soon(vpn_to_tun, child.tun_fd, oc, stats)
         n.start_soon(watch_fatal)
         status = await child.wait()
@@ -203,7 +307,8 @@ async def bridge(child: namespace.NamespaceChild, oc: OpenconnectUpstream,
 
 async def run_vpn_ns(argv: Sequence[str], oc: OpenconnectUpstream, *, quiet: bool = False,
                      ipv6: bool = False, env: Dict[str, str] | None = None,
-                     cwd: str | None = None) -> int:
+                     cwd: str | None = None, direct: Sequence[str] = (),
+                     host_direct: bool = True) -> int:
     """Bring openconnect up, run CMD in a namespace bridged to the VPN, return CMD's status.
 
     Failures before CMD runs are reported on stderr: EXIT_UPSTREAM (3) when the VPN cannot be
@@ -215,7 +320,8 @@ async def run_vpn_ns(argv: Sequence[str], oc: OpenconnectUpstream, *, quiet: boo
         except UpstreamError as e:
             _err(f"VPN login failed: {e}")
             return EXIT_UPSTREAM
-        spec = netns_spec(sess.env, ipv6=ipv6)
+        direct_nets = direct_networks(sess.env, direct, host=host_direct)
+        spec = netns_spec(sess.env, ipv6=ipv6, direct_nets=direct_nets)
         try:
             child = namespace.spawn(list(argv), spec, env=env, cwd=cwd)
         except namespace.SpawnError as e:
@@ -223,7 +329,9 @@ async def run_vpn_ns(argv: Sequence[str], oc: OpenconnectUpstream, *, quiet: boo
             return e.exit_code if e.exit_code in (126, 127) else EXIT_SETUP
         if not quiet:
             _err(f"VPN {oc.url.host} up: {sess.env.summary()}")
-        return await bridge(child, oc)
+        if not quiet and direct_nets:
+            _err("not through the VPN (host sockets): " + ", ".join(direct_nets))
+        return await bridge(child, oc, direct_nets=direct_nets)
     finally:
         await oc.aclose()
 
@@ -240,6 +348,10 @@ def main(args: Sequence[str] | None = None) -> int:
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("--ipv6", action="store_true", help="also IPv6, when the server pushes it")
+    p.add_argument("--direct", action="append", default=[], metavar="CIDR",
+                   help="also keep this network out of the tunnel (host sockets)")
+    p.add_argument("--no-direct", action="store_true",
+                   help="the host's own networks go into the tunnel too")
     add_openconnect_args(p)
     ns = p.parse_args(args)
     cmd = ns.cmd[1:] if ns.cmd[:1] == ["--"] else ns.cmd
@@ -257,7 +369,8 @@ def main(args: Sequence[str] | None = None) -> int:
         p.error(f"{ns.url}: not an openconnect:// URL")
     oc = upstream_from_args(url, ns)
     try:
-        return trio.run(lambda: run_vpn_ns(cmd, oc, quiet=ns.quiet, ipv6=ns.ipv6))
+        return trio.run(lambda: run_vpn_ns(cmd, oc, quiet=ns.quiet, ipv6=ns.ipv6,
+                                           direct=ns.direct, host_direct=not ns.no_direct))
     except KeyboardInterrupt:  # Ctrl-C before CMD ran (at the prompt, during the login)
         return 128 + signal.SIGINT
 

@@ -119,7 +119,9 @@ def run_exec(args: argparse.Namespace, argv: List[str]) -> int:
 
         # quiet unless asked: pilot logs are precious
         return trio.run(functools.partial(run_vpn_ns, argv, pool,
-                                          quiet=args.quiet or args.verbose == 0))
+                                          quiet=args.quiet or args.verbose == 0,
+                                          direct=list(args.direct),
+                                          host_direct=not args.no_direct))
     return trio.run(_run_ns, args, argv, pool, direct)
 
 

@@ -65,12 +65,23 @@ def add_socks_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dir", metavar="DIR",
                    help="where to write socks.url and proxychains.conf (created 0700; "
                         "default: a fresh directory in $XDG_RUNTIME_DIR or /tmp)")
+    p.add_argument("--tcp-window", type=_size, default=None, metavar="BYTES",
+                   help="receive buffer (largest advertised window) of each TCP flow over "
+                        "the VPN, e.g. 4M (default 8M; the window is scaled, RFC 7323)")
     from .upstream.openconnect import add_openconnect_args
 
     add_openconnect_args(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
+
+
+def _size(text: str) -> int:
+    mult = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:].lower(), 1)
+    n = int(text[:-1] if mult > 1 else text) * mult
+    if not 64 << 10 <= n <= 1 << 30:
+        raise argparse.ArgumentTypeError("between 64K and 1024M")
+    return n
 
 
 def parse_listen(spec: str) -> Tuple[str, int]:
@@ -307,7 +318,7 @@ async def _main(args, oc, listen, forwards, rundir) -> int:
     from .upstream.base import UpstreamError
     from .upstream.vpnstack import VpnStackUpstream
 
-    up = VpnStackUpstream(oc)
+    up = VpnStackUpstream(oc, **({"rcv_buf": args.tcp_window} if args.tcp_window else {}))
     try:
         try:
             await up.start()

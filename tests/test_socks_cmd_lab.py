@@ -275,3 +275,49 @@ def test_throughput_vs_ocproxy(slab, user_tmp):
     assert ours >= 3 * theirs, rows  # the 64 KiB window is gone
     ours, theirs = rows["lab RTT"]
     assert ours >= 0.7 * theirs, rows
+
+
+# ------------------------------------------------------------- vpn ns mode: kept out of the VPN
+
+UDP_ECHO = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+            "s.bind(('{ip}', {port}))\n"
+            "while True:\n d, a = s.recvfrom(2048); s.sendto(b'echo:' + d, a)")
+UDP_ASK = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+           "s.settimeout(3); s.sendto(b'hi', ('{ip}', {port})); "
+           "print('UDP=' + s.recv(99).decode())")
+
+
+@pytest.mark.parametrize("user_key", ["user", "split_user"])
+def test_bridge_serves_host_networks_directly(slab, user_key):
+    """vpn namespace mode: the edge's HTTP server (172.31.1.1:8080, in the worker's own
+    subnet) is reached with host sockets by the relay while the VPN carries the rest, for a
+    full tunnel and for a split-include user; UDP too; other networks stay unrouted."""
+    lab = slab
+    oc = lab.ocserv
+    udp_port = 18531
+    echo = lab.popen(["python3", "-c", UDP_ECHO.format(ip=lab.edge_ip, port=udp_port)],
+                     netns="edge", user=None, timeout=120)
+    py = os.path.join(lab.venv, "bin", "python")
+    script = f"""
+echo ROUTES=$(ip -4 route | tr '\\n' ';')
+echo EDGE=$(curl -sS -o /dev/null -w '%{{http_code}}' http://{lab.edge_ip}:8080/)
+echo SHA=$(curl -sS http://{lab.remote_ip}/1M.bin | sha256sum | cut -d' ' -f1)
+python3 -c "{UDP_ASK.format(ip=lab.edge_ip, port=udp_port)}"
+"""
+    argv = [py, "-m", "nsvpn.bridge", "-v", "--passwd-file", oc["password_file"],
+            f"--oc-opt=--servercert={_pin(lab)}",
+            f"openconnect://{oc[user_key]}@{oc['host']}:{oc['port']}", "--", "/bin/sh", "-c",
+            script]
+    try:
+        r = lab.run(argv, timeout=120)
+    finally:
+        echo.stop()
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "172.31.1.0/24 dev tun0" in _marker(out, "ROUTES"), out
+    assert _marker(out, "EDGE") == "200", out
+    assert _marker(out, "SHA") == lab.sha256["1M.bin"], out
+    assert _marker(out, "UDP") == "echo:hi", out
+    m = re.search(r"direct (\d+) pkts", out)
+    assert m and int(m.group(1)) > 0, out
+    assert "not through the VPN (host sockets): 172.31.1.0/24" in out
