@@ -46,16 +46,23 @@
  * Trade-offs: a program that never calls getsockopt(SO_ERROR) and learns the failure from
  * read()/write() sees ECONNRESET, not the exact errno; a connect() failure leaves the socket
  * connected-then-reset instead of unconnected (a second connect() on it is not supported).
- * getsockname() shows the loopback address of the data connection.
+ * getsockname() shows the loopback address of the data connection. A blocking connect is not
+ * interrupted by signals (as with SA_RESTART; alarm()-style timeouts do not cut it short) and
+ * ignores SO_SNDTIMEO: the front's connect timeout bounds it. dup()ed descriptors answer
+ * getpeername() (via the front) but not the SO_ERROR translation.
  *
  * Fake IPs: when the host resolver cannot answer a name (not found / try again / failure), the
  * shim asks the front for an address from its fake-IP table (198.18.0.0/15, shared by every
  * process of the session since it lives in the front); connecting to it makes the front CONNECT
  * by name. A name already in the table is answered before the host resolver is asked again
- * (nodes without working DNS would otherwise pay the resolver timeout on every lookup). Numeric strings and AI_NUMERICHOST are never faked. getnameinfo/gethostbyaddr of a
- * fake IP return the name. DNS over UDP is not proxied: the resolver hooks cover libc lookups
- * (glibc's own resolver sockets are internal calls this shim does not see), and other UDP to
- * non-direct destinations fails with ENETUNREACH and a line on stderr.
+ * (nodes without working DNS would otherwise pay the resolver timeout on every lookup).
+ * Numeric strings and AI_NUMERICHOST are never faked. getnameinfo/gethostbyaddr of a fake IP
+ * return the name. glibc's own resolver sockets are internal calls this shim does not
+ * see; programs that speak DNS themselves (dig, c-ares, Go) and send UDP to port 53 of a
+ * non-direct address are redirected to the front's DNS responder (same policy and fake-IP
+ * table; recvfrom/recvmsg/getpeername show the server they asked). Other UDP to non-direct
+ * destinations fails with ENETUNREACH and a line on stderr. DNS servers inside the direct
+ * networks are left alone.
  *
  * Rules for the code: libc only, no locks, no malloc on the connect path (getaddrinfo results
  * must be malloc'ed: that is the API), errno preserved on pass-through paths, every hook falls
@@ -100,6 +107,8 @@ typedef int (*getpeername_fn)(int, struct sockaddr *, socklen_t *);
 typedef int (*getsockopt_fn)(int, int, int, void *, socklen_t *);
 typedef ssize_t (*sendto_fn)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
 typedef ssize_t (*sendmsg_fn)(int, const struct msghdr *, int);
+typedef ssize_t (*recvfrom_fn)(int, void *, size_t, int, struct sockaddr *, socklen_t *);
+typedef ssize_t (*recvmsg_fn)(int, struct msghdr *, int);
 typedef int (*getaddrinfo_fn)(const char *, const char *, const struct addrinfo *,
                               struct addrinfo **);
 typedef int (*getnameinfo_fn)(const struct sockaddr *, socklen_t, char *, socklen_t, char *,
@@ -119,6 +128,8 @@ static getpeername_fn real_getpeername;
 static getsockopt_fn real_getsockopt;
 static sendto_fn real_sendto;
 static sendmsg_fn real_sendmsg;
+static recvfrom_fn real_recvfrom;
+static recvmsg_fn real_recvmsg;
 static getaddrinfo_fn real_getaddrinfo;
 static getnameinfo_fn real_getnameinfo;
 static ghbn_fn real_gethostbyname;
@@ -142,6 +153,8 @@ static void resolve_all(void)
     REAL(getsockopt);
     REAL(sendto);
     REAL(sendmsg);
+    REAL(recvfrom);
+    REAL(recvmsg);
     REAL(getaddrinfo);
     REAL(getnameinfo);
     REAL(gethostbyname);
@@ -165,6 +178,7 @@ struct cidr {
 static struct {
     int active;
     unsigned short port4, port6;
+    unsigned short dns4, dns6; /* the front's UDP DNS responder */
     char ctl[sizeof(((struct sockaddr_un *)0)->sun_path)];
     struct cidr direct[MAX_DIRECT];
     int ndirect;
@@ -234,6 +248,8 @@ __attribute__((constructor)) static void shim_init(void)
     const char *ctl = getenv("NSVPN_CTL");
     cfg.port4 = env_port("NSVPN_FRONT_PORT4");
     cfg.port6 = env_port("NSVPN_FRONT_PORT6");
+    cfg.dns4 = env_port("NSVPN_DNS_PORT4");
+    cfg.dns6 = env_port("NSVPN_DNS_PORT6");
     if (ctl != NULL && *ctl == '/' && strlen(ctl) < sizeof cfg.ctl && cfg.port4 != 0) {
         strcpy(cfg.ctl, ctl);
         const char *d = getenv("NSVPN_DIRECT");
@@ -512,7 +528,7 @@ static int fake_reverse(const void *addr, int family, char *name, size_t n)
 /* ------------------------------------------------------------------ proxied sockets */
 
 #define MAX_FDS 65536
-enum { ST_NONE = 0, ST_PENDING = 1, ST_OK = 2 };
+enum { ST_NONE = 0, ST_PENDING = 1, ST_OK = 2, ST_DNS = 3 /* UDP redirected to our DNS */ };
 
 /* Per-fd memory of proxied sockets; validated by the socket's inode and local port so that an
  * fd closed behind our back (close_range, raw syscalls) and reused never inherits an entry. */
@@ -846,6 +862,177 @@ static void log_udp(const struct dest *d)
              d->port);
 }
 
+static void copy_out(struct sockaddr *sa, socklen_t *len, const void *src, socklen_t srclen)
+{
+    memcpy(sa, src, *len < srclen ? *len : srclen);
+    *len = srclen;
+}
+
+/* The front's DNS responder, in the address family of the socket that will talk to it. */
+static int dns_address(int fd, int family, struct sockaddr_in6 *out, socklen_t *len)
+{
+    memset(out, 0, sizeof *out);
+    if (family == AF_INET) {
+        if (cfg.dns4 == 0)
+            return -1;
+        struct sockaddr_in *in = (struct sockaddr_in *)out;
+        in->sin_family = AF_INET;
+        in->sin_port = htons(cfg.dns4);
+        in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        *len = sizeof *in;
+        return 0;
+    }
+    int v6only = 0;
+    socklen_t l = sizeof v6only;
+    REAL(getsockopt);
+    real_getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, &l);
+    out->sin6_family = AF_INET6;
+    *len = sizeof *out;
+    if (!v6only && cfg.dns4 != 0) {
+        out->sin6_port = htons(cfg.dns4);
+        memcpy(out->sin6_addr.s6_addr, v4mapped_prefix, 12);
+        out->sin6_addr.s6_addr[12] = 127;
+        out->sin6_addr.s6_addr[15] = 1;
+        return 0;
+    }
+    if (cfg.dns6 == 0)
+        return -1;
+    out->sin6_port = htons(cfg.dns6);
+    out->sin6_addr = in6addr_loopback;
+    return 0;
+}
+
+static int is_dns_peer(const struct sockaddr *sa, socklen_t len)
+{
+    struct dest d;
+    if (sa == NULL || parse_dest(sa, len, &d) < 0)
+        return 0;
+    if (d.family == AF_INET)
+        return cfg.dns4 != 0 && d.port == cfg.dns4 && d.a[0] == 127 && d.a[1] == 0 &&
+               d.a[2] == 0 && d.a[3] == 1;
+    return cfg.dns6 != 0 && d.port == cfg.dns6 && memcmp(d.a, &in6addr_loopback, 16) == 0;
+}
+
+/* Remember where a redirected DNS socket meant to go: replies get that source address back. */
+static void remember_dns(int fd, const struct sockaddr *sa, socklen_t len)
+{
+    if (fd < 0 || fd >= MAX_FDS)
+        return;
+    struct proxied *p = &table[fd];
+    p->state = ST_NONE;
+    p->ino = fd_inode(fd);
+    p->lport = local_port(fd);
+    p->orig_len = len < sizeof p->orig ? len : (socklen_t)sizeof p->orig;
+    memcpy(&p->orig, sa, p->orig_len);
+    p->state = ST_DNS;
+}
+
+/*
+ * UDP to an address outside the direct networks: DNS (port 53) goes to the front's responder
+ * (*to), anything else fails with ENETUNREACH and a line on stderr.
+ * Returns 0: not ours, pass through; 1: send to *to instead; -1: refuse.
+ */
+static int udp_route(int fd, const struct sockaddr *sa, socklen_t len, struct sockaddr_in6 *to,
+                     socklen_t *tolen)
+{
+    if (!cfg.active || sa == NULL || (sa->sa_family != AF_INET && sa->sa_family != AF_INET6))
+        return 0;
+    struct dest d;
+    if (parse_dest(sa, len, &d) < 0 || is_direct(&d))
+        return 0;
+    int saved = errno;
+    int type = socket_type(fd);
+    errno = saved;
+    if (type != SOCK_DGRAM)
+        return 0;
+    if (d.port == 53 && dns_address(fd, sa->sa_family, to, tolen) == 0) {
+        errno = saved;
+        return 1;
+    }
+    log_udp(&d);
+    return -1;
+}
+
+EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *sa,
+                      socklen_t len)
+{
+    REAL(sendto);
+    struct sockaddr_in6 to;
+    socklen_t tolen;
+    int route = udp_route(fd, sa, len, &to, &tolen);
+    if (route < 0) {
+        errno = ENETUNREACH;
+        return -1;
+    }
+    if (route == 0)
+        return real_sendto(fd, buf, n, flags, sa, len);
+    ssize_t r = real_sendto(fd, buf, n, flags, (struct sockaddr *)&to, tolen);
+    if (r >= 0) {
+        int saved = errno;
+        remember_dns(fd, sa, len);
+        errno = saved;
+    }
+    return r;
+}
+
+EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    REAL(sendmsg);
+    if (msg == NULL)
+        return real_sendmsg(fd, msg, flags);
+    struct sockaddr_in6 to;
+    socklen_t tolen;
+    int route = udp_route(fd, msg->msg_name, msg->msg_namelen, &to, &tolen);
+    if (route < 0) {
+        errno = ENETUNREACH;
+        return -1;
+    }
+    if (route == 0)
+        return real_sendmsg(fd, msg, flags);
+    struct msghdr m = *msg;
+    m.msg_name = &to;
+    m.msg_namelen = tolen;
+    ssize_t r = real_sendmsg(fd, &m, flags);
+    if (r >= 0) {
+        int saved = errno;
+        remember_dns(fd, msg->msg_name, msg->msg_namelen);
+        errno = saved;
+    }
+    return r;
+}
+
+/* A reply from our DNS responder on a redirected socket: show the address the program asked. */
+static void fix_source(int fd, struct sockaddr *sa, socklen_t *len)
+{
+    if (fd < 0 || fd >= MAX_FDS || table[fd].state != ST_DNS || sa == NULL || len == NULL ||
+        !is_dns_peer(sa, *len))
+        return;
+    int saved = errno;
+    struct proxied *p = lookup(fd);
+    if (p != NULL && p->state == ST_DNS)
+        copy_out(sa, len, &p->orig, p->orig_len);
+    errno = saved;
+}
+
+EXPORT ssize_t recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr *sa,
+                        socklen_t *len)
+{
+    REAL(recvfrom);
+    ssize_t r = real_recvfrom(fd, buf, n, flags, sa, len);
+    if (r >= 0 && sa != NULL)
+        fix_source(fd, sa, len);
+    return r;
+}
+
+EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
+{
+    REAL(recvmsg);
+    ssize_t r = real_recvmsg(fd, msg, flags);
+    if (r >= 0 && msg != NULL && msg->msg_name != NULL)
+        fix_source(fd, msg->msg_name, &msg->msg_namelen);
+    return r;
+}
+
 EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
 {
     REAL(connect);
@@ -859,13 +1046,22 @@ EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
         return real_connect(fd, sa, len);
     }
     if (type == SOCK_DGRAM) {
-        if (is_direct(&d)) {
-            errno = saved;
-            return real_connect(fd, sa, len);
+        struct sockaddr_in6 to;
+        socklen_t tolen;
+        int route = udp_route(fd, sa, len, &to, &tolen);
+        if (route < 0) {
+            errno = ENETUNREACH;
+            return -1;
         }
-        log_udp(&d);
-        errno = ENETUNREACH;
-        return -1;
+        errno = saved;
+        if (route == 0)
+            return real_connect(fd, sa, len);
+        int r = real_connect(fd, (struct sockaddr *)&to, tolen);
+        if (r == 0) {
+            remember_dns(fd, sa, len);
+            errno = saved;
+        }
+        return r;
     }
     if (type != SOCK_STREAM || is_direct(&d)) {
         errno = saved;
@@ -915,11 +1111,6 @@ static int is_front_peer(const struct sockaddr *sa, socklen_t len, unsigned char
     return 0;
 }
 
-static void copy_out(struct sockaddr *sa, socklen_t *len, const void *src, socklen_t srclen)
-{
-    memcpy(sa, src, *len < srclen ? *len : srclen);
-    *len = srclen;
-}
 
 EXPORT int getpeername(int fd, struct sockaddr *sa, socklen_t *len)
 {
@@ -929,6 +1120,11 @@ EXPORT int getpeername(int fd, struct sockaddr *sa, socklen_t *len)
         return r;
     unsigned char listener;
     int saved = errno;
+    if (is_dns_peer(sa, *len)) {
+        fix_source(fd, sa, len);
+        errno = saved;
+        return r;
+    }
     if (!is_front_peer(sa, *len, &listener))
         return r;
     struct proxied *p = lookup(fd);
@@ -1005,43 +1201,6 @@ EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
     }
     errno = saved;
     return r;
-}
-
-static int udp_blocked(int fd, const struct sockaddr *sa, socklen_t len)
-{
-    if (!cfg.active || sa == NULL || (sa->sa_family != AF_INET && sa->sa_family != AF_INET6))
-        return 0;
-    struct dest d;
-    if (parse_dest(sa, len, &d) < 0 || is_direct(&d))
-        return 0;
-    int saved = errno;
-    int type = socket_type(fd);
-    errno = saved;
-    if (type != SOCK_DGRAM)
-        return 0;
-    log_udp(&d);
-    return 1;
-}
-
-EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *sa,
-                      socklen_t len)
-{
-    REAL(sendto);
-    if (udp_blocked(fd, sa, len)) {
-        errno = ENETUNREACH;
-        return -1;
-    }
-    return real_sendto(fd, buf, n, flags, sa, len);
-}
-
-EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
-{
-    REAL(sendmsg);
-    if (msg != NULL && udp_blocked(fd, msg->msg_name, msg->msg_namelen)) {
-        errno = ENETUNREACH;
-        return -1;
-    }
-    return real_sendmsg(fd, msg, flags);
 }
 
 /* ------------------------------------------------------------------ name resolution */

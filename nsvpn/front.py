@@ -23,6 +23,8 @@ Two doors, both only usable by the user who runs nsvpn:
                 (the shim asks first, so only a name's first lookup waits for the host resolver).
   ``N <ip>``    the name behind a fake IP -> ``H <name>`` or ``E``.
   ``P <4|6> <srcport>`` the original destination of a live connection -> ``D <ip> <port>``.
+* a UDP DNS responder on 127.0.0.1 (and [::1]) for queries the shim redirects (UDP to port 53
+  of an address outside the direct networks), answered by dns.DnsService.
 
 Destinations: fake IPs are CONNECTed by name through the upstream; loopback and the direct
 networks are dialled with host sockets; everything else goes through the upstream pool.
@@ -46,7 +48,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import trio
 
 from . import socks
-from .dns import FakeIpTable, relay_tcp
+from .dns import DnsService, FakeIpTable, parse_server, relay_tcp
 from .upstream.base import DialError
 from .upstream.direct import DirectUpstream
 
@@ -113,15 +115,17 @@ def _set_rcvbuf(sock, size: int) -> None:
         pass
 
 
-def _parse_dns_server(spec: str) -> Tuple[str, int]:
-    s = spec.strip()
-    if s.startswith("["):
-        host, _, rest = s[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else 53
-    if s.count(":") == 1:
-        host, port = s.split(":")
-        return host, int(port)
-    return s, 53
+class _UdpReplies:
+    """What DnsService.serve_udp needs to answer: send_udp(ours, theirs, payload)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send_udp(self, src, dst, payload: bytes) -> None:
+        try:
+            self.sock.sendto(payload, dst)
+        except OSError:  # a full buffer or a vanished client: DNS clients retry
+            pass
 
 
 class Front:
@@ -140,13 +144,16 @@ class Front:
         self.direct_up = DirectUpstream()
         self.direct = [ipaddress.ip_network(c, strict=False) for c in direct]
         self.fakes = fakes if fakes is not None else FakeIpTable()
-        self.dns_server = _parse_dns_server(dns_server) if dns_server else None
+        self.dns_server = parse_server(dns_server) if dns_server else None
+        self.dns = DnsService(self.fakes, upstream=pool, dns_server=dns_server)
         self.connect_timeout = connect_timeout
         self.username = USERNAME
         self.secret = secret or secrets.token_urlsafe(24)
         self.ctl_path = os.path.join(runtime_dir, "ctl")
         self.port4 = 0
         self.port6 = 0
+        self.dns_port4 = 0
+        self.dns_port6 = 0
         self.stats = FrontStats()
         self._next_id = 1
         self._claims: Dict[Key, Claim] = {}
@@ -166,6 +173,8 @@ class Front:
             "NSVPN_CTL": self.ctl_path,
             "NSVPN_FRONT_PORT4": str(self.port4),
             "NSVPN_FRONT_PORT6": str(self.port6),
+            "NSVPN_DNS_PORT4": str(self.dns_port4),
+            "NSVPN_DNS_PORT6": str(self.dns_port6),
         }
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -187,6 +196,21 @@ class Front:
             listeners.append((l6, 6))
         except OSError:
             self.port6 = 0
+        udp: List[socket.socket] = []
+        for fam, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            try:
+                u = socket.socket(fam, socket.SOCK_DGRAM)
+                if fam == socket.AF_INET6:
+                    u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                u.bind((host, 0))
+                u.setblocking(False)
+            except OSError:
+                continue
+            udp.append(u)
+            if fam == socket.AF_INET:
+                self.dns_port4 = u.getsockname()[1]
+            else:
+                self.dns_port6 = u.getsockname()[1]
         ctl = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o077)
         try:
@@ -200,10 +224,14 @@ class Front:
                 for sock, tag in listeners:
                     n.start_soon(self._accept_loop, sock, tag, n)
                 n.start_soon(self._ctl_loop, ctl, n)
+                for u in udp:
+                    n.start_soon(self._dns_loop, u, n)
                 task_status.started()
         finally:
             for sock, _ in listeners:
                 sock.close()
+            for u in udp:
+                u.close()
             ctl.close()
             try:
                 os.unlink(self.ctl_path)
@@ -500,6 +528,23 @@ class Front:
                         await s.aclose()
                     except Exception:  # closing a broken stream may complain; it is closed
                         pass
+
+    # ------------------------------------------------------------------ DNS over UDP
+
+    async def _dns_loop(self, sock: socket.socket, nursery: trio.Nursery) -> None:
+        """Queries the shim redirected here (UDP to port 53 of a tunnelled address: dig,
+        c-ares, Go's resolver): answered like the namespace's DNS (host resolver first, then
+        a fake IP or --dns-server), from the same fake-IP table the resolver hooks use."""
+        replies = _UdpReplies(sock)
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                data, src = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                continue
+            nursery.start_soon(self.dns.serve_udp, replies, src, None, data)
 
     # ------------------------------------------------------------------ control channel
 

@@ -367,15 +367,45 @@ def test_fork_exec_and_exit_status(lab, preload):
     assert r.returncode == 128 + 15
 
 
-def test_udp_to_tunnelled_destination_fails_clearly(lab, preload):
-    code = ("import socket, errno\n"
-            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-            "try:\n    s.sendto(b'x', ('172.31.2.2', 53)); print('sent')\n"
-            "except OSError as e:\n    print(errno.errorcode[e.errno])\n"
-            "s.sendto(b'x', ('172.31.1.1', 9)); print('direct ok')\n")
-    r = preload(["python3", "-c", code])
-    assert r.stdout.split() == ["ENETUNREACH", "direct", "ok"], r
-    assert r.stderr.count("UDP to 172.31.2.2 port 53") == 1
+UDP_CHECKS = r"""
+import errno, socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    s.sendto(b"x", ("172.31.2.2", 5353)); print("sent")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+s.sendto(b"x", ("172.31.1.1", 9)); print("direct", "ok")
+# a raw DNS query to a tunnelled server: answered by nsvpn, from the address we asked
+q = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + b"\x0bonly-remote\x03lab\x00" + \
+    struct.pack("!HH", 1, 1)
+s.settimeout(10)
+s.sendto(q, ("172.31.2.2", 53))
+data, src = s.recvfrom(2048)
+print("dns", src[0], src[1], data[:2].hex(), socket.inet_ntoa(data[-4:]))
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+c.settimeout(10)
+c.connect(("172.31.2.2", 53))
+c.send(q)
+print("connected", c.getpeername()[0], c.recv(2048)[:2].hex())
+"""
+
+
+def test_udp_dns_redirected_other_udp_fails_clearly(lab, preload):
+    """UDP to a tunnelled address: DNS is answered by nsvpn (the reply shows the server the
+    program asked, the fake IP comes from the session's table), anything else is ENETUNREACH
+    with one line on stderr; UDP to direct networks is untouched."""
+    r = preload(["python3", "-c", UDP_CHECKS])
+    lines = r.stdout.splitlines()
+    assert lines[:2] == ["ENETUNREACH", "direct ok"], r
+    dns_line = lines[2].split()
+    assert dns_line[:4] == ["dns", "172.31.2.2", "53", "1234"], r
+    assert dns_line[4].startswith("198.18."), r
+    assert lines[3] == "connected 172.31.2.2 1234", r
+    assert r.stderr.count("UDP to 172.31.2.2 port 5353") == 1
+    r = preload(["/bin/sh", "-c", "dig +short +time=5 +tries=1 @172.31.2.2 only-remote.lab; "
+                 "getent hosts only-remote.lab"])
+    out = r.stdout.split()
+    assert out[0].startswith("198.18.") and out[1] == out[0], r  # same table for both paths
 
 
 def test_ssh_upstream(lab, preload):
