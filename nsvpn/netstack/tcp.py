@@ -16,6 +16,8 @@ API notes beyond the agreed shape (additions only, nothing renamed):
 - `recv()` returns bytes *or a bytearray* (when the whole buffer is handed over, no copy).
 - 'closed' means no further segment will be processed; the final RST of `abort`/`refuse`
   is still in the next `poll_output`, and unread data stays readable with `recv`.
+- `shutdown()` before the handshake completes (even before `accept`) queues the FIN behind
+  the queued data; it never aborts. `send_space()` is 0 once shut down.
 - A pure SYN for a connection in TIME_WAIT closes it silently ('closed'), so the owner can
   treat the next SYN as a new connection (stack.py also does this itself).
 - `TcpConfig.initial_cwnd_segments` (10) and `TcpConfig.congestion_control` (True; False =
@@ -52,6 +54,9 @@ Design choices worth knowing:
   not echoes of timestamps older than the last RTO) or Karn timing; exponential backoff,
   forgotten when new data is acknowledged (as Linux does); after an RTO everything
   unacknowledged is re-sent from SND.UNA (go-back-N) and the SACK scoreboard is dropped.
+- Zero-window probes carry SND.UNA-1 and no data, at least 0.5 s apart (Linux answers such
+  out-of-window segments at most every 500 ms); the persist timer also overrides sender SWS
+  avoidance when a small window never grows.
 - SACK blocks are sent on pure ACKs while out-of-order data is held (most recent first).
   No PAWS, no urgent data, no ECN, no delayed ACK timer (one ACK per poll_output batch).
 """
@@ -257,7 +262,6 @@ class TcpConnection:
         self._ooo_bytes = 0
         self._sack_recent: int | None = None
         self._fin_seq: int | None = None  # abs seq of the peer's FIN once seen
-        self._eof = False
 
         # --- options
         self._ts_on = False
@@ -270,7 +274,6 @@ class TcpConnection:
         self._dup_to_send = 0
         self._syn_pending = False
         self._rst_out: TcpSegment | None = None
-        self._probe_pending = False
 
     @classmethod
     def from_syn(
@@ -395,7 +398,6 @@ class TcpConnection:
         self._ack_pending = False
         self._dup_to_send = 0
         self._syn_pending = False
-        self._probe_pending = False
         self._rexmit_budget = 0
         self._sacked = []
         self._tlp_deadline = None
@@ -1065,7 +1067,6 @@ class TcpConnection:
     def _consume_fin(self, now: float) -> None:
         self._rcv_nxt += 1
         self._fin_seq = None
-        self._eof = True
         self._events |= EV_EOF
         self._ack_pending = True
         st = self.state
