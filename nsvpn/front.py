@@ -311,25 +311,27 @@ class Front:
             log.debug("front connection %s: %s", key, exc)
         sock.close()
 
-    async def _wait_claim(self, key: Key, deadline: float) -> Optional[Claim]:
-        claim = self._claims.pop(key, None)
-        if claim is not None:
-            return claim
-        ev = self._claim_events.setdefault(key, trio.Event())
-        with trio.move_on_at(deadline):
-            await ev.wait()
-        self._claim_events.pop(key, None)
-        return self._claims.pop(key, None)
+    async def _wait_claim(self, key: Key, token: bytes, deadline: float) -> Optional[Claim]:
+        """The claim for this connection: same source port *and* the token it carries (a
+        stale claim for a reused port, or someone else's guess, never matches)."""
+        while True:
+            claim = self._claims.get(key)
+            if claim is not None and hmac.compare_digest(claim.token, token):
+                del self._claims[key]
+                return claim
+            ev = self._claim_events[key] = trio.Event()
+            with trio.move_on_at(deadline) as scope:
+                await ev.wait()
+            if self._claim_events.get(key) is ev:
+                del self._claim_events[key]
+            if scope.cancelled_caught:
+                return None
 
     async def _serve_claimed(self, sock, key: Key, deadline: float) -> None:
-        claim = await self._wait_claim(key, deadline)
-        if claim is None:
-            sock.close()
-            return
         token = await self._peek(sock, TOKEN_LEN, deadline)
-        if not hmac.compare_digest(token, claim.token):
-            log.warning("front: connection from port %s does not carry its claim's token", key[1])
-            await self._answer(claim, errno.ECONNABORTED)
+        claim = await self._wait_claim(key, token, deadline) if len(token) == TOKEN_LEN else None
+        if claim is None:
+            log.info("front: unclaimed connection from port %s dropped", key[1])
             _linger_close(sock)
             return
         self._peers[key] = (claim.host, claim.port)
@@ -596,11 +598,14 @@ class Front:
                 claim.answer = stream
             else:
                 self._pending[claim.id] = claim
+            old = self._claims.get(key)
+            if old is not None and self._nursery is not None:
+                self._nursery.start_soon(self._answer, old, errno.ECONNABORTED)
             self._claims[key] = claim
             ev = self._claim_events.get(key)
             if ev is not None:
                 ev.set()
-            elif self._nursery is not None:
+            if self._nursery is not None:
                 self._nursery.start_soon(self._expire_claim, claim)
             if claim.blocking:
                 return None, True

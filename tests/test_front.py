@@ -179,15 +179,40 @@ async def test_blocking_claim_refused(env):
                 pass
 
 
-async def test_claim_with_wrong_token_is_not_served(env):
+async def test_claim_with_wrong_token_is_not_served(env, monkeypatch):
+    import nsvpn.front as front_mod
+
+    monkeypatch.setattr(front_mod, "CLAIM_WAIT", 0.5)
     front, port = env
     s, lport = await _open(front)
     with s:
         await s.send(_token())
         other = _token()
-        assert await ctl(front, f"C b 4 {lport} 16 {other.hex()} 127.0.0.1 {port}") == \
-            f"R {errno.ECONNABORTED}"
+        with trio.fail_after(3):
+            assert await ctl(front, f"C b 4 {lport} 16 {other.hex()} 127.0.0.1 {port}") == \
+                f"R {errno.ECONNABORTED}"
     assert front.stats.flows == 0
+
+
+async def test_stale_claim_for_a_reused_port_is_skipped(env):
+    """A leftover claim for the same source port (other token) does not capture the new
+    connection; the right claim, arriving later, does."""
+    front, port = env
+    s, lport = await _open(front)
+    with s:
+        stale = _token()
+        async with trio.open_nursery() as n:
+            async def stale_claim():
+                r = await ctl(front, f"C b 4 {lport} 16 {stale.hex()} 127.0.0.1 {port}")
+                assert r == f"R {errno.ECONNABORTED}"  # replaced by the right one
+            n.start_soon(stale_claim)
+            await trio.sleep(0.05)
+            tok = _token()
+            await s.send(tok)
+            await trio.sleep(0.05)
+            assert await ctl(front, f"C b 4 {lport} 16 {tok.hex()} 127.0.0.1 {port}") == "R 0"
+        await s.send(b"ok")
+        assert await _recv_exactly(s, 2) == b"ok"
 
 
 async def test_async_claim_drops_padding_then_relays(env):
