@@ -810,3 +810,11 @@ def test_backoff_forgotten_on_new_ack_and_stale_echo_ignored():
     c.on_segment(seg(IRS + 1, ISS + 1 + 1448, ts=900, ecr=d0.ts_val), t + 0.01)
     assert c._srtt == srtt
     assert c._rto == pytest.approx(0.2)  # backoff forgotten: new data was acknowledged
+
+
+def test_exact_fill_of_the_send_buffer_still_reports_send_space():
+    c = passive(TcpConfig(snd_buf=4000))
+    assert c.send(b"e" * c.send_space()) == 4000  # a relay never offers more than fits
+    c.poll_output(0.0)
+    c.on_segment(seg(IRS + 1, ISS + 1 + 4000), 0.1)
+    assert c.pop_events() == ["send_space"]
