@@ -286,6 +286,10 @@ static void shim_log(const char *fmt, ...)
     size_t len = (size_t)n + ((size_t)m < sizeof buf - (size_t)n - 1 ? (size_t)m
                                                                        : sizeof buf - (size_t)n - 2);
     buf[len++] = '\n';
+    /* a daemon that closed stderr may have a socket at fd 2: never write into its data */
+    struct stat st;
+    if (fstat(2, &st) < 0 || S_ISSOCK(st.st_mode))
+        return;
     ssize_t w = write(2, buf, len);
     (void)w;
 }
@@ -310,7 +314,8 @@ static int parse_dest(const struct sockaddr *sa, socklen_t len, struct dest *d)
         d->port = ntohs(in->sin_port);
         return 0;
     }
-    if (sa->sa_family == AF_INET6 && len >= (socklen_t)sizeof(struct sockaddr_in6)) {
+    /* 24 bytes: the RFC 2133 sockaddr_in6 without sin6_scope_id, which Linux accepts too */
+    if (sa->sa_family == AF_INET6 && len >= 24) {
         const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
         const unsigned char *b = in6->sin6_addr.s6_addr;
         d->port = ntohs(in6->sin6_port);
@@ -348,6 +353,8 @@ static int is_direct(const struct dest *d)
         if (is_fake4(d->a))
             return 0;
         if (d->a[0] == 127 || d->a[0] == 0 || d->a[0] >= 224) /* loopback, "this", mcast */
+            return 1;
+        if (d->a[0] == 169 && d->a[1] == 254) /* link-local: never routed anywhere */
             return 1;
     } else {
         static const unsigned char zero[16];

@@ -541,3 +541,27 @@ def test_dns_server_gives_real_addresses(lab, preload):
     r = preload(["python3", "-c", code], dns_server=lab.info["dns"]["server"])
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [lab.info["dns"]["names"]["remote.lab"], lab.sha256["1M.bin"]]
+
+
+FD2_SOCKET = r"""
+import os, socket
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+os.close(2)
+c = socket.socket()  # takes fd 2, like in a daemon that closed stderr
+assert c.fileno() == 2
+c.connect(srv.getsockname())
+peer, _ = srv.accept()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    u.sendto(b"x", ("172.31.2.2", 5353))
+except OSError as e:
+    print("udp", e.errno)
+c.close()
+peer.settimeout(5)
+print("leaked", len(peer.recv(4096)))
+"""
+
+
+def test_log_never_goes_into_a_socket_at_fd2(lab, preload):
+    r = preload(["python3", "-c", FD2_SOCKET])
+    assert r.stdout.split() == ["udp", "101", "leaked", "0"], r
