@@ -186,7 +186,8 @@ class Front:
         l4.listen(512)
         self.port4 = l4.getsockname()[1]
         listeners.append((l4, 4))
-        try:
+        l6 = None
+        try:  # hosts without IPv6 loopback: IPv6-only sockets then cannot be proxied
             l6 = trio.socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
             l6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             _set_rcvbuf(l6, PADDING_RCVBUF)
@@ -196,15 +197,21 @@ class Front:
             listeners.append((l6, 6))
         except OSError:
             self.port6 = 0
+            if l6 is not None:
+                l6.close()
         udp: List[socket.socket] = []
         for fam, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
             try:
                 u = socket.socket(fam, socket.SOCK_DGRAM)
+            except OSError:
+                continue
+            try:
                 if fam == socket.AF_INET6:
                     u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 u.bind((host, 0))
                 u.setblocking(False)
             except OSError:
+                u.close()
                 continue
             udp.append(u)
             if fam == socket.AF_INET:

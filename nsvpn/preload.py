@@ -267,6 +267,10 @@ async def run_preload(
                 _err(f"{argv[0]}: permission denied")
                 n.cancel_scope.cancel()
                 return 126
+            except OSError as exc:  # ENOEXEC and friends
+                _err(f"{argv[0]}: {exc.strerror or exc}")
+                n.cancel_scope.cancel()
+                return 126
             child = Child(popen)
             await n.start(_forward_signals, child)
             status = await child.wait()
