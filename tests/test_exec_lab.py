@@ -511,3 +511,62 @@ def test_startup_time_is_measured(nsvpn_lab, ssh_via, socks_via):
     print("\nstart-up `nsvpn exec -- true` (s): "
           + ", ".join(f"{k}: min {min(v):.3f} / max {max(v):.3f}" for k, v in times.items())
           + f"; harness alone {min(base):.3f}")
+
+
+# ------------------------------------------------------------------------- more process model
+
+
+def test_stdin_stdout_pass_through_and_nothing_left_after_normal_exit(nsvpn_lab, ssh_via):
+    data = os.urandom(3 << 20).hex()  # 6 MiB of text through CMD's stdin and stdout
+    r = nsvpn_lab.run(["nsvpn", "exec", "--via", ssh_via, "--", "sh", "-c",
+                       "echo $PPID >&2; cat"], input=data, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout == data
+    pid = int(r.stderr.split()[0])  # CMD's parent is nsvpn itself
+    assert user_procs_matching(nsvpn_lab, f"ssh -N -D .*ssh-{pid}-") == []
+    left = [f for d in glob.glob(f"/tmp/nsvpn-{nsvpn_lab.info['users']['primary']['uid']}*")
+            for f in glob.glob(os.path.join(d, f"ssh-{pid}-*"))]
+    assert left == [], left
+
+
+UDP_PY = r"""
+import errno, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.settimeout(5)
+t = time.monotonic()
+try:
+    s.send(b"x" * 20)
+    s.recv(100)
+    r = "answer"
+except OSError as e:
+    r = errno.errorcode.get(e.errno, "timeout" if isinstance(e, socket.timeout) else str(e))
+print(r, round(time.monotonic() - t, 3))
+"""
+
+
+def test_udp_beyond_ssh_gets_port_unreachable_at_once(nsvpn_lab, ssh_via):
+    """ssh -D carries no UDP: the app hears ICMP port unreachable instead of waiting."""
+    r = nsexec(nsvpn_lab, ["--via", ssh_via],
+               ["python3", "-c", UDP_PY, nsvpn_lab.info["dns"]["server"], "53"])
+    assert r.returncode == 0, explain(r)
+    what, secs = r.stdout.split()
+    assert what == "ECONNREFUSED" and float(secs) < 1.0, explain(r)
+
+
+def test_ssh_restarted_after_it_dies(nsvpn_lab, ssh_via):
+    """Kill the supervised ssh under a running CMD: flows fail fast meanwhile, then work."""
+    sha = nsvpn_lab.sha256["1M.bin"]
+    script = (
+        "f() { curl -sS --max-time 10 http://remote.lab/1M.bin | sha256sum | cut -c1-64; }; "
+        f"[ \"$(f)\" = {sha} ] || exit 10; "
+        "pkill -u $(id -u) -f \"ssh -N -D .*ssh-$PPID-\" || exit 11; "
+        "i=0; while [ $i -lt 40 ]; do i=$((i+1)); "
+        f"  s=$(date +%s%N); r=$(f 2>/dev/null); e=$(date +%s%N); "
+        "  echo \"try $i $(( (e - s) / 1000000 )) ms\"; "
+        f"  [ \"$r\" = {sha} ] && exit 0; sleep 0.25; done; exit 12")
+    r = nsexec(nsvpn_lab, ["--via", ssh_via], script, timeout=60)
+    assert r.returncode == 0, explain(r)
+    tries = [int(ln.split()[2]) for ln in r.stdout.splitlines() if ln.startswith("try ")]
+    assert max(tries[:-1] or [0]) < 2000, explain(r)  # failures while ssh is down are fast
+    assert "restarting" in r.stderr, explain(r)  # nsvpn says what happened
