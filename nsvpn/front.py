@@ -115,6 +115,24 @@ def _set_rcvbuf(sock, size: int) -> None:
         pass
 
 
+def _udp_port_is_ours(port: int, uid: Optional[int] = None) -> bool:
+    """Is the local UDP port `port` (a datagram's source on loopback) bound only by sockets
+    of `uid` (default: ours)? From /proc/net/udp{,6}: the uid column of each socket."""
+    uid = os.getuid() if uid is None else uid
+    owners = set()
+    for path in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(path) as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > 7 and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                        owners.add(int(parts[7]))
+        except (OSError, ValueError, IndexError):
+            continue
+    return owners == {uid}
+
+
 class _UdpReplies:
     """What DnsService.serve_udp needs to answer: send_udp(ours, theirs, payload)."""
 
@@ -552,6 +570,12 @@ class Front:
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError:
+                continue
+            if not _udp_port_is_ours(src[1]):
+                # UDP carries no credentials: other users' queries would use our tunnel
+                # (and fill our fake-IP table), so the kernel's socket table decides
+                self.stats.by_reason["dns-foreign"] = self.stats.by_reason.get(
+                    "dns-foreign", 0) + 1
                 continue
             nursery.start_soon(self.dns.serve_udp, replies, src, None, data)
 

@@ -320,3 +320,17 @@ async def test_relay_half_close_and_counts(env, monkeypatch, relay):
         while front.stats.active:
             await trio.sleep(0.01)
     assert front.stats.bytes_up == front.stats.bytes_down == len(payload)
+
+
+def test_udp_port_ownership():
+    from nsvpn.front import _udp_port_is_ours
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    try:
+        assert _udp_port_is_ours(port)
+        assert not _udp_port_is_ours(port, uid=os.getuid() + 4242)
+    finally:
+        s.close()
+    assert not _udp_port_is_ours(port)  # nobody's: not ours either

@@ -427,7 +427,8 @@ def test_other_user_cannot_use_the_front(lab, preload, user_tmp):
     os.chmod(share, 0o1777)
     try:
         info = os.path.join(share, "front")
-        cmd = (f"echo $NSVPN_FRONT_PORT4 $NSVPN_CTL > {info}.tmp && mv {info}.tmp {info}; "
+        cmd = (f"echo $NSVPN_FRONT_PORT4 $NSVPN_CTL $NSVPN_DNS_PORT4 > {info}.tmp && "
+               f"mv {info}.tmp {info}; "
                f"while [ ! -e {share}/done ]; do sleep 0.1; done")
         # the session runs in the background through the fixture's driver
         py = os.path.join(lab.venv, "bin", "python")
@@ -436,7 +437,7 @@ def test_other_user_cannot_use_the_front(lab, preload, user_tmp):
                                                "direct": [lab.info["worker"]["net"]]}),
                        "--", "/bin/sh", "-c", cmd], timeout=120)
         lab.wait_for(lambda: os.path.exists(info), timeout=30, what="front info")
-        port, ctl = open(info).read().split()
+        port, ctl, dns_port = open(info).read().split()
         probe = (
             "import socket, sys, struct\n"
             f"port, ctl = {int(port)}, {ctl!r}\n"
@@ -448,6 +449,12 @@ def test_other_user_cannot_use_the_front(lab, preload, user_tmp):
             "print('noauth', tcp(b'\\x05\\x01\\x00'))\n"
             "print('wrongpw', tcp(b'\\x05\\x01\\x02\\x01\\x05nsvpn\\x05guess'))\n"
             "print('noclaim', tcp(b'\\x00' * 16 + b'GET / HTTP/1.0\\r\\n\\r\\n'))\n"
+            "d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); d.settimeout(3)\n"
+            "q = bytes.fromhex('123401000001000000000000') + b'\\x01x\\x03lab\\x00'\n"
+            "q += bytes.fromhex('00010001')\n"
+            f"d.sendto(q, ('127.0.0.1', {int(dns_port)}))\n"
+            "try:\n    print('dns', len(d.recv(512)))\n"
+            "except OSError as e:\n    print('dns', 'none')\n"
             "u = socket.socket(socket.AF_UNIX)\n"
             "try:\n    u.connect(ctl); print('ctl', 'OPEN')\n"
             "except OSError as e:\n    print('ctl', e.errno)\n"
@@ -460,6 +467,7 @@ def test_other_user_cannot_use_the_front(lab, preload, user_tmp):
         assert out["noclaim"] in ("b''", "b\"ConnectionResetError(104, 'Connection reset by "
                                   "peer')\""), r
         assert out["ctl"] == "13", r  # EACCES: the runtime dir is 0700
+        assert out["dns"] == "none", r  # the DNS responder ignores other users
         assert stat.S_IMODE(os.stat(os.path.dirname(ctl)).st_mode) == 0o700
         open(os.path.join(share, "done"), "w").close()
         assert p.wait(30) == 0
