@@ -960,10 +960,39 @@ static int udp_route(int fd, const struct sockaddr *sa, socklen_t len, struct so
     return -1;
 }
 
+/* TCP Fast Open clients connect with sendto/sendmsg(MSG_FASTOPEN): proxy them like connect().
+ * Returns 1 when fd is such a socket headed outside the direct networks (then *ret is the
+ * connect outcome: 0, or -1 with errno, EINPROGRESS for a pending non-blocking socket). */
+static int fastopen_connect(int fd, int flags, const struct sockaddr *sa, socklen_t len, int *ret)
+{
+#ifdef MSG_FASTOPEN
+    if (!(flags & MSG_FASTOPEN) || !cfg.active || sa == NULL ||
+        (sa->sa_family != AF_INET && sa->sa_family != AF_INET6))
+        return 0;
+    struct dest d;
+    int saved = errno;
+    if (parse_dest(sa, len, &d) < 0 || is_direct(&d) || socket_type(fd) != SOCK_STREAM) {
+        errno = saved;
+        return 0;
+    }
+    *ret = connect(fd, sa, len);
+    return 1;
+#else
+    (void)fd, (void)flags, (void)sa, (void)len, (void)ret;
+    return 0;
+#endif
+}
+
 EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *sa,
                       socklen_t len)
 {
     REAL(sendto);
+    int cr;
+    if (fastopen_connect(fd, flags, sa, len, &cr)) {
+        if (cr < 0)
+            return -1;
+        return real_sendto(fd, buf, n, flags & ~MSG_FASTOPEN, NULL, 0);
+    }
     struct sockaddr_in6 to;
     socklen_t tolen;
     int route = udp_route(fd, sa, len, &to, &tolen);
@@ -987,6 +1016,15 @@ EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
     REAL(sendmsg);
     if (msg == NULL)
         return real_sendmsg(fd, msg, flags);
+    int cr;
+    if (fastopen_connect(fd, flags, msg->msg_name, msg->msg_namelen, &cr)) {
+        if (cr < 0)
+            return -1;
+        struct msghdr m = *msg;
+        m.msg_name = NULL;
+        m.msg_namelen = 0;
+        return real_sendmsg(fd, &m, flags & ~MSG_FASTOPEN);
+    }
     struct sockaddr_in6 to;
     socklen_t tolen;
     int route = udp_route(fd, msg->msg_name, msg->msg_namelen, &to, &tolen);

@@ -573,3 +573,25 @@ print("leaked", len(peer.recv(4096)))
 def test_log_never_goes_into_a_socket_at_fd2(lab, preload):
     r = preload(["python3", "-c", FD2_SOCKET])
     assert r.stdout.split() == ["udp", "101", "leaked", "0"], r
+
+
+def test_tcp_fast_open_clients(lab, preload):
+    """sendto(MSG_FASTOPEN) replaces connect(): proxied the same way (blocking Python socket;
+    curl --tcp-fastopen with its non-blocking socket)."""
+    code = ("import socket\n"
+            "s = socket.socket()\n"
+            "s.sendto(b'GET /1M.bin HTTP/1.0\\r\\n\\r\\n', socket.MSG_FASTOPEN, "
+            f"('{lab.remote_ip}', 80))\n"
+            "n = 0\n"
+            "while True:\n"
+            "    d = s.recv(65536)\n"
+            "    if not d:\n"
+            "        break\n"
+            "    n += len(d)\n"
+            "print(n > 1 << 20, s.getpeername()[0])\n")
+    r = preload(["/bin/sh", "-c", f"python3 -c \"{code}\" && env -u ALL_PROXY -u all_proxy "
+                 f"curl -sS --fail --tcp-fastopen {_remote(lab, '/1M.bin')} | sha256sum"])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"True {lab.remote_ip}", r
+    assert lines[1].split()[0] == lab.sha256["1M.bin"]
