@@ -570,3 +570,43 @@ def test_ssh_restarted_after_it_dies(nsvpn_lab, ssh_via):
     tries = [int(ln.split()[2]) for ln in r.stdout.splitlines() if ln.startswith("try ")]
     assert max(tries[:-1] or [0]) < 2000, explain(r)  # failures while ssh is down are fast
     assert "restarting" in r.stderr, explain(r)  # nsvpn says what happened
+
+
+HALF_CLOSE_PY = r"""
+import hashlib, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+s.sendall(b"GET /1M.bin HTTP/1.0\r\nHost: lab\r\n\r\n")
+s.shutdown(socket.SHUT_WR)  # the server must still be able to answer after our FIN
+buf = b""
+while True:
+    b = s.recv(65536)
+    if not b:
+        break
+    buf += b
+head, _, body = buf.partition(b"\r\n\r\n")
+print(head.split(b"\r\n")[0].decode(), hashlib.sha256(body).hexdigest())
+"""
+
+BANNER_PY = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+print(s.recv(200).decode().strip())
+"""
+
+
+@pytest.mark.parametrize("no_direct", [False, True], ids=["direct", "no-direct"])
+def test_half_close_and_server_speaks_first(nsvpn_lab, ssh_via, no_direct):
+    """A FIN from the app is a half-close, not the end of the connection, and a server that
+    talks first (ssh's banner) is heard. Through ssh -D only: microsocks closes both ways on
+    the client's EOF (checked by hand with a raw SOCKS5 client, no nsvpn involved)."""
+    edge = nsvpn_lab.info["http"]["edge"]
+    cmd = ("python3 -c \"$0\" remote.lab 80 && "
+           f"python3 -c \"$0\" {edge['host']} {edge['port']} && "
+           f"python3 -c \"$1\" {nsvpn_lab.ssh['ip']} {nsvpn_lab.ssh['port']}")
+    opts = ["--via", ssh_via] + (["--no-direct"] if no_direct else [])
+    r = nsexec(nsvpn_lab, opts, ["sh", "-c", cmd, HALF_CLOSE_PY, BANNER_PY])
+    assert r.returncode == 0, explain(r)
+    far, near, banner = r.stdout.splitlines()
+    want = "HTTP/1.1 200 OK " + nsvpn_lab.sha256["1M.bin"]
+    assert far == want and near == want, explain(r)
+    assert banner.startswith("SSH-2.0-"), explain(r)
