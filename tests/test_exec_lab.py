@@ -610,3 +610,31 @@ def test_half_close_and_server_speaks_first(nsvpn_lab, ssh_via, no_direct):
     want = "HTTP/1.1 200 OK " + nsvpn_lab.sha256["1M.bin"]
     assert far == want and near == want, explain(r)
     assert banner.startswith("SSH-2.0-"), explain(r)
+
+
+def test_failover_between_upstreams(nsvpn_lab, ssh_via):
+    """Several --via: a dead first one is skipped at start; when the one in use dies, new
+    flows go to the next. A private microsocks (its own log) shows which one carried what."""
+    port = 30000 + os.getpid() % 10000
+    sha = nsvpn_lab.sha256["1M.bin"]
+    with nsvpn_lab.popen(["microsocks", "-i", nsvpn_lab.edge_ip, "-p", str(port)],
+                         netns="edge", timeout=90) as socks:
+        nsvpn_lab.wait_for(lambda: nsvpn_lab.port_open(nsvpn_lab.edge_ip, port),
+                           what="private microsocks")
+        mine = f"socks5://{nsvpn_lab.edge_ip}:{port}"
+        dead = f"socks5://{nsvpn_lab.edge_ip}:1081"
+        fetch = "curl -sS --max-time 10 http://remote.lab/1M.bin | sha256sum | cut -c1-64"
+        r = nsexec(nsvpn_lab, ["--via", dead, "--via", mine], fetch, timeout=40)
+        assert r.returncode == 0 and r.stdout.strip() == sha, explain(r)
+        assert f"{nsvpn_lab.edge_ip}:1081" in r.stderr  # says why it skipped the first
+        n_before = socks.output().count("connected to")
+        assert n_before >= 1, socks.output()
+
+        script = (f"[ \"$({fetch})\" = {sha} ] || exit 10; echo first-ok; "
+                  "pkill -u $(id -u) -f \"ssh -N -D .*ssh-$PPID-\" || exit 11; sleep 0.2; "
+                  f"[ \"$({fetch})\" = {sha} ] || exit 12; echo second-ok")
+        r = nsexec(nsvpn_lab, ["--via", ssh_via, "--via", mine], script, timeout=40)
+        assert r.returncode == 0 and r.stdout.split() == ["first-ok", "second-ok"], explain(r)
+        # exactly the second fetch went through the private microsocks
+        nsvpn_lab.wait_for(lambda: socks.output().count("connected to") == n_before + 1,
+                           timeout=3, what="one more connection in the private microsocks")
