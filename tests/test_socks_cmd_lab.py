@@ -272,7 +272,7 @@ def test_throughput_vs_ocproxy(slab, user_tmp):
         lines.append(f"{label:<10} {ours:>12.1f} {theirs:>11.1f} {ours / theirs:>6.2f}")
     print("\n".join(lines))
     ours, theirs = rows["20 ms RTT"]
-    assert ours >= 3 * theirs, rows  # the 64 KiB window is gone
+    assert ours >= 5 * theirs, rows  # the 64 KiB window is gone
     ours, theirs = rows["lab RTT"]
     assert ours >= 0.7 * theirs, rows
 

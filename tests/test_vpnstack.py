@@ -24,7 +24,7 @@ from nsvpn.netstack import stack as nstack
 from nsvpn.netstack import wire
 from nsvpn.upstream.base import DialError, UpstreamError
 from nsvpn.upstream.openconnect import VpnSession
-from nsvpn.upstream.vpnstack import VpnStackUpstream
+from nsvpn.upstream.vpnstack import RCV_BUF, RCV_START, VpnStackUpstream
 from nsvpn.vpnenv import parse_vpn_env
 
 OUR_IP = "10.10.0.5"
@@ -104,8 +104,9 @@ class FarSide:
     UNREACH answers ICMP host unreachable; SILENT drops everything; DNS_IP:53 answers A
     queries for remote.lab / www.lab. Every packet from us is kept in `seen`."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, delay: float = 0.0) -> None:
         self.sock = sock
+        self.delay = delay
         self.stack = nstack.Stack(nstack.StackConfig(
             net="172.31.2.0/24", gateway="172.31.2.1", dns="172.31.2.3", mtu=1434,
             tun_queue_len=1 << 20))
@@ -195,8 +196,17 @@ class FarSide:
                     ip = wire.parse_ip(pkt, {})
                     if ip is not None and ip.dst == socket.inet_aton(SILENT):
                         continue
+                    if self.delay:
+                        n.start_soon(self._later, pkt)
+                        continue
                     self.stack.input_packet(pkt, now)
                 self.flush()
+
+    async def _later(self, pkt: bytes) -> None:
+        """A path with a round trip of 2 x delay (applied to our packets, both ways' worth)."""
+        await trio.sleep(2 * self.delay)
+        self.stack.input_packet(pkt, trio.current_time())
+        self.flush()
 
     async def _timers(self) -> None:
         while True:
@@ -239,11 +249,11 @@ async def test_download_with_window_scaling_and_big_windows():
         assert hashlib.sha256(got).digest() == hashlib.sha256(DATA).digest()
         segs = list(tcp_segments(far.seen))
         syn = [seg for _, _, seg in segs if seg.flags & 0x02][0]
-        assert syn.wscale is not None and syn.wscale >= 7  # 8 MiB needs a shift of 8
+        assert syn.wscale == 8  # room for the 8 MiB the window may grow to
         assert syn.mss == 1434 - 40
         wins = [seg.window << syn.wscale for _, _, seg in segs if not seg.flags & 0x02]
-        assert max(wins) > 4 << 20, max(wins)  # far beyond lwIP's 65535
-        assert s.conn.config.rcv_buf == 8 << 20
+        assert max(wins) >= RCV_START, max(wins)  # beyond lwIP's 65535 from the start
+        assert RCV_START <= s.conn.config.rcv_buf <= RCV_BUF
         await up.aclose()
         n.cancel_scope.cancel()
 
@@ -385,3 +395,41 @@ async def test_inbound_syn_is_refused_and_ping_answered():
         assert icmp and icmp[0][20] == wire.ICMP4_ECHO_REPLY
         await up.aclose()
         n.cancel_scope.cancel()
+
+
+async def test_receive_window_grows_with_the_round_trip_time():
+    """Receive-buffer autotuning: a flow whose round trip is long (here 40 ms, the far side
+    delays every packet) and whose reader keeps up grows its window past RCV_START
+    (ocproxy-like 160 KiB would cap it at 4 MB/s); at socketpair RTT it stays small."""
+    async with trio.open_nursery() as n:
+        src, far, up = await _setup(n)
+        s = await up.dial_tcp(SERVER, 80, timeout=5)
+        while await s.receive_some(1 << 20):
+            pass
+        fast = s.conn.config.rcv_buf
+        await s.aclose()
+        await up.aclose()
+        n.cancel_scope.cancel()
+    async with trio.open_nursery() as n:
+        src = SessionSource()
+        far = FarSide(src.new_session(), delay=0.02)
+        n.start_soon(far.run)
+        up = VpnStackUpstream(src)
+        await up.start()
+        s = await up.dial_tcp(SERVER, 80, timeout=5)
+        t0 = trio.current_time()
+        got = 0
+        while True:
+            d = await s.receive_some(1 << 20)
+            if not d:
+                break
+            got += len(d)
+        rate = got / (trio.current_time() - t0)
+        slow = s.conn.config.rcv_buf
+        await s.aclose()
+        await up.aclose()
+        n.cancel_scope.cancel()
+    assert got == len(DATA)
+    assert fast < 1 << 20, fast
+    assert slow >= 4 * RCV_START, slow
+    assert rate > RCV_START / 0.04 * 1.5, rate  # more than a fixed start window allows
