@@ -638,3 +638,19 @@ def test_failover_between_upstreams(nsvpn_lab, ssh_via):
         # exactly the second fetch went through the private microsocks
         nsvpn_lab.wait_for(lambda: socks.output().count("connected to") == n_before + 1,
                            timeout=3, what="one more connection in the private microsocks")
+
+
+def test_dns_over_tcp_and_ptr(nsvpn_lab, ssh_via):
+    """The same answers over UDP and TCP (dig), and PTR for a fake IP gives the name."""
+    cmd = ("dig +short +time=3 +tries=1 remote.lab; dig +short +tcp +time=3 remote.lab; "
+           "ip=$(dig +short +time=3 remote.lab); dig +short +tcp +time=3 -x $ip; "
+           "dig +short +time=3 -x $ip")
+    r = nsexec(nsvpn_lab, ["--via", ssh_via], cmd, timeout=40)
+    assert r.returncode == 0, explain(r)
+    udp, tcp, ptr_tcp, ptr_udp = r.stdout.split()
+    assert udp == tcp, explain(r)
+    ip = ipaddress.ip_address(udp)
+    if ip in FAKE_NET:
+        assert ptr_tcp == ptr_udp == "remote.lab.", explain(r)
+    else:
+        assert udp == nsvpn_lab.remote_ip, explain(r)
