@@ -328,6 +328,7 @@ async def _main(args, oc, listen, forwards, rundir) -> int:
         env = up.env
         direct: List[str] = [] if args.no_direct else _host_networks()
         direct += list(args.direct) + list(env.split_exc4) + list(env.split_exc6)
+        up.direct_nets = [ipaddress.ip_network(c, strict=False) for c in direct]
         svc = SocksService(up, listen=listen, forwards=forwards, direct=direct, rundir=rundir)
         failed: List[str] = []
         async with trio.open_nursery() as n:

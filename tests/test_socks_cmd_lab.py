@@ -135,6 +135,30 @@ echo CLOSED=$(curl -sS -o /dev/null {s.curl_args()} {closed} 2>&1 | head -c 300)
     assert lab.ocserv["password"] not in log
 
 
+def test_wrong_password_exits_3_with_openconnect_reason(slab, user_tmp):
+    lab = slab
+    oc = lab.ocserv
+    pw = os.path.join(user_tmp, "pw")
+    with open(pw, "w") as f:
+        f.write("wrong-password\n")
+    u = lab.info["users"]["primary"]
+    os.chown(pw, u["uid"], u["gid"])
+    t0 = time.monotonic()
+    r = lab.run([lab.nsvpn, "socks", f"--via=openconnect://{oc['user']}@{oc['host']}",
+                 "--passwd-file", pw, f"--oc-opt=--servercert={_pin(lab)}",
+                 "--dir", os.path.join(user_tmp, "s")], timeout=60)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "Login failed" in r.stderr and "wrong-password" not in r.stderr + r.stdout
+    assert time.monotonic() - t0 < 15
+    assert not os.path.exists(os.path.join(user_tmp, "s", "socks.url"))
+
+
+def test_bad_listen_addresses_are_refused(slab):
+    r = slab.run([slab.nsvpn, "socks", "--via=openconnect://u@172.31.1.1", "-D",
+                  "0.0.0.0:1080"], timeout=30)
+    assert r.returncode == 2 and "only loopback" in r.stderr, r.stderr
+
+
 def test_other_user_cannot_use_the_front_or_the_forwards(slab, user_tmp):
     lab = slab
     s = Socks(lab, user_tmp, extra=("-L", "18082:remote.lab:80"))

@@ -329,6 +329,10 @@ async def test_split_exclude_goes_to_host_sockets():
         assert isinstance(s, trio.SocketStream)
         await s.aclose()
         assert not any(True for _ in tcp_segments(far.seen))
+        import ipaddress
+
+        up.direct_nets = [ipaddress.ip_network("172.31.2.0/24")]  # e.g. a host network
+        assert not up.carries(SERVER) and up.carries("172.31.3.1")
         await up.aclose()
         n.cancel_scope.cancel()
     listener.close()

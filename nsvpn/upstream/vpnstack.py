@@ -447,12 +447,13 @@ class VpnTcpStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint_if_cancelled()
         while off < n:
             self._check()
-            if s.stack.tcp_send_space(c.flow) <= 0:
+            space = s.stack.tcp_send_space(c.flow)
+            if space <= 0:
                 c.writable = trio.Event()
                 if s.stack.tcp_send_space(c.flow) <= 0 and not c.reset:
                     await c.writable.wait()
                 continue
-            off += s.stack.tcp_send(c.flow, bytes(mv[off:]), trio.current_time())
+            off += s.stack.tcp_send(c.flow, bytes(mv[off:off + space]), trio.current_time())
             s.after_stack()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
@@ -531,6 +532,9 @@ class VpnStackUpstream:
         self.dns_timeout = dns_timeout
         self.direct_outside = direct_outside
         self.direct = DirectUpstream()
+        # Networks the caller keeps out of the tunnel (e.g. the host's own): a *name* that
+        # resolves into one is dialled with a host socket too, as an IP literal would be.
+        self.direct_nets: list = []  # of ipaddress networks
         self.fatal: Optional[str] = None
         self.session: Optional[_Session] = None
         self.address: Optional[str] = None
@@ -595,9 +599,11 @@ class VpnStackUpstream:
     def carries(self, ip: str) -> bool:
         """Does the VPN route this address (split-include / split-exclude)?"""
         env = self.env
+        a = ipaddress.ip_address(ip)
+        if any(a in n for n in self.direct_nets):
+            return False
         if env is None:
             return True
-        a = ipaddress.ip_address(ip)
         inc, exc = (env.split_inc4, env.split_exc4) if a.version == 4 else \
             (env.split_inc6, env.split_exc6)
         if any(a in ipaddress.ip_network(n, strict=False) for n in exc):
