@@ -19,6 +19,9 @@ Who can use it:
   /proc/net/tcp{,6}, as identd does); other users' connections are closed at once.
 * -D and -L accept loopback addresses only: never open to other hosts.
 
+`run_preload_vpn()` is the same upstream behind the preload shim (`nsvpn exec --mode preload
+--via openconnect://...`).
+
 Destinations: loopback, the host's own networks (unless --no-direct), --direct CIDRs and the
 VPN's split-exclude list are dialled with host sockets; everything else over the VPN. Names
 are resolved by the VPN's DNS servers (through the tunnel).
@@ -380,3 +383,32 @@ def _host_networks() -> List[str]:
     except Exception as e:  # netlink refused: the VPN carries everything
         log.warning("cannot list the host's networks: %s", e)
         return []
+
+
+async def run_preload_vpn(argv: List[str], oc, *, direct: List[str] = (),
+                          host_direct: bool = True, quiet: bool = False) -> int:
+    """`nsvpn exec --mode preload --via openconnect://...`: CMD under the preload shim, its
+    connections dialled over the VPN by the userspace stack (run.py's preload branch calls
+    this with its OpenconnectUpstream). Returns CMD's status, or EXIT_UPSTREAM when the
+    VPN does not come up."""
+    from .preload import run_preload
+    from .upstream.base import UpstreamError
+    from .upstream.vpnstack import VpnStackUpstream
+
+    up = VpnStackUpstream(oc)
+    try:
+        try:
+            await up.start()
+        except UpstreamError as e:
+            _err(f"VPN login failed: {e}")
+            return EXIT_UPSTREAM
+        env = up.env
+        nets: List[str] = (_host_networks() if host_direct else []) + list(direct)
+        nets += list(env.split_exc4) + list(env.split_exc6)
+        up.direct_nets = [ipaddress.ip_network(c, strict=False) for c in nets]
+        if not quiet:
+            _err(f"VPN {oc.url.host} up: {env.summary()}")
+        return await run_preload(list(argv), up, nets, quiet=quiet, dns_server=None)
+    finally:
+        with trio.CancelScope(shield=True):
+            await up.aclose()

@@ -345,3 +345,36 @@ python3 -c "{UDP_ASK.format(ip=lab.edge_ip, port=udp_port)}"
     m = re.search(r"direct (\d+) pkts", out)
     assert m and int(m.group(1)) > 0, out
     assert "not through the VPN (host sockets): 172.31.1.0/24" in out
+
+
+# ------------------------------------------------------------- preload mode over the VPN
+
+PRELOAD_VPN = """
+import sys, trio
+from nsvpn.socks_cmd import run_preload_vpn
+from nsvpn.upstream.openconnect import OpenconnectUpstream, find_openconnect
+from nsvpn.urls import parse_upstream_url
+oc = OpenconnectUpstream(parse_upstream_url(sys.argv[1]), passwd_file=sys.argv[2],
+                         oc_opts=[sys.argv[3]], openconnect=find_openconnect("openconnect"))
+sys.exit(trio.run(run_preload_vpn, sys.argv[4:], oc))
+"""
+
+
+def test_preload_mode_over_the_vpn_stack(slab):
+    """What `nsvpn exec --mode preload --via openconnect://` runs (run_preload_vpn): the
+    shim's connect() and name lookups land in the front, which dials over VPNFD; a host
+    network (the edge) is dialled directly. ALL_PROXY is removed so curl uses plain
+    connect() through the shim."""
+    lab = slab
+    oc = lab.ocserv
+    script = (f"unset ALL_PROXY all_proxy; "
+              f"echo SHA=$(curl -sS http://remote.lab/1M.bin | sha256sum | cut -d' ' -f1); "
+              f"echo EDGE=$(curl -sS -o /dev/null -w '%{{http_code}}' "
+              f"http://{lab.edge_ip}:8080/); exit 5")
+    r = lab.run([os.path.join(lab.venv, "bin", "python"), "-c", PRELOAD_VPN,
+                 f"openconnect://{oc['user']}@{oc['host']}", oc["password_file"],
+                 f"--servercert={_pin(lab)}", "/bin/sh", "-c", script], timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 5, out  # CMD's own status
+    assert _marker(out, "SHA") == lab.sha256["1M.bin"], out
+    assert _marker(out, "EDGE") == "200", out
