@@ -546,6 +546,7 @@ struct proxied {
     unsigned char state;
     unsigned char listener; /* 4 or 6 */
     int old_lowat;
+    long pad; /* readiness padding written by connect() */
     socklen_t orig_len;
     struct sockaddr_in6 orig; /* what the program passed to connect() (fits sockaddr_in too) */
 };
@@ -588,12 +589,29 @@ static int unsent_bytes(int fd)
     return ioctl(fd, SIOCOUTQNSD, &n) == 0 ? n : -1;
 }
 
-/* Pending -> connected once the front let the padding through (the upstream is connected). */
+/* Bytes of this connection the peer acknowledged (tcp_info.tcpi_bytes_acked, Linux >= 4.1:
+ * the struct only ever grows, so the offset is stable), or -1. */
+#define TCPI_BYTES_ACKED_OFFSET 120
+static long long bytes_acked(int fd)
+{
+    unsigned char info[256];
+    socklen_t l = sizeof info;
+    unsigned long long v;
+    REAL(getsockopt);
+    if (real_getsockopt(fd, IPPROTO_TCP, TCP_INFO, info, &l) < 0 ||
+        l < TCPI_BYTES_ACKED_OFFSET + sizeof v)
+        return -1;
+    memcpy(&v, info + TCPI_BYTES_ACKED_OFFSET, sizeof v);
+    return (long long)v;
+}
+
+/* Pending -> connected once the front let the padding through (the upstream is connected):
+ * no unsent bytes left, or (when the program wrote more since) all padding acknowledged. */
 static int settle(int fd, struct proxied *p)
 {
     if (p->state != ST_PENDING)
         return 0;
-    if (unsent_bytes(fd) != 0)
+    if (unsent_bytes(fd) != 0 && bytes_acked(fd) < p->pad)
         return -1;
     int v = p->old_lowat;
     setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &v, sizeof v);
@@ -836,6 +854,7 @@ static int proxy_connect(int fd, int sock_family, const struct sockaddr *sa, soc
     if (p != NULL) {
         p->claim = (unsigned int)strtoul(resp + 2, NULL, 10);
         p->old_lowat = old_lowat;
+        p->pad = pad;
         p->state = ST_PENDING;
     }
     errno = EINPROGRESS;

@@ -595,3 +595,38 @@ def test_tcp_fast_open_clients(lab, preload):
     lines = r.stdout.splitlines()
     assert lines[0] == f"True {lab.remote_ip}", r
     assert lines[1].split()[0] == lab.sha256["1M.bin"]
+
+
+SLOW_READER = r"""
+import socket, time
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", 7777)); l.listen(4)
+conns = []
+while True:
+    c, _ = l.accept(); conns.append(c)  # never reads
+"""
+
+WRITE_THEN_PEER = r"""
+import errno, select, socket, sys
+host = sys.argv[1]
+s = socket.socket(); s.setblocking(False)
+print(errno.errorcode[s.connect_ex((host, 7777))])
+select.select([], [s], [], 10)  # writable = connected; no SO_ERROR asked
+sent = 0
+try:
+    while sent < 64 << 20:
+        sent += s.send(bytes(1 << 16))
+except BlockingIOError:
+    pass
+print(sent > 0, s.getpeername()[0])
+"""
+
+
+def test_getpeername_after_the_program_filled_its_buffers(lab, preload, user_tmp):
+    """A program that never asks SO_ERROR and writes more than the peer reads still sees its
+    socket as connected (the shim tells 'released' from 'unsent bytes of the program')."""
+    server = lab.popen(["python3", "-c", SLOW_READER], netns="edge")
+    lab.wait_for(lambda: lab.port_open(lab.edge_ip, 7777), timeout=15, what="slow reader")
+    r = preload(["python3", "-c", WRITE_THEN_PEER, lab.edge_ip], direct=[])
+    server.stop()
+    assert r.stdout.split() == ["EINPROGRESS", "True", lab.edge_ip], r
