@@ -437,3 +437,31 @@ async def test_receive_window_grows_with_the_round_trip_time():
     assert fast < 1 << 20, fast
     assert slow >= 4 * RCV_START, slow
     assert rate > RCV_START / 0.04 * 1.5, rate  # more than a fixed start window allows
+
+
+# ------------------------------------------------ bridge (vpn ns mode): what stays out of the VPN
+
+
+def test_bridge_direct_networks_and_matcher():
+    from nsvpn.bridge import DirectMatcher, direct_networks, netns_spec
+
+    env = parse_vpn_env({
+        "INTERNAL_IP4_ADDRESS": "10.77.0.5", "INTERNAL_IP4_NETMASK": "255.255.255.0",
+        "CISCO_SPLIT_EXC": "2",
+        "CISCO_SPLIT_EXC_0_ADDR": "192.168.5.0", "CISCO_SPLIT_EXC_0_MASK": "255.255.255.0",
+        "CISCO_SPLIT_EXC_0_MASKLEN": "24",
+        "CISCO_SPLIT_EXC_1_ADDR": "10.77.0.0", "CISCO_SPLIT_EXC_1_MASK": "255.255.0.0",
+        "CISCO_SPLIT_EXC_1_MASKLEN": "16",
+    })
+    nets = direct_networks(env, ["172.16.9.0/24", "192.168.5.0/24"], host=False)
+    # the VPN's own network is never taken away from it; duplicates are dropped
+    assert nets == ["192.168.5.0/24", "172.16.9.0/24"]
+    spec = netns_spec(env, direct_nets=nets)
+    assert spec.routes == ["0.0.0.0/0", "192.168.5.0/24", "172.16.9.0/24"]
+    m = DirectMatcher(nets)
+    our, far = socket.inet_aton("10.77.0.5"), socket.inet_aton("192.168.5.7")
+    pkt = wire.build_udp(our, far, 1000, 53, b"x")
+    assert m.match(pkt) and m.match(memoryview(pkt))
+    assert not m.match(wire.build_udp(our, socket.inet_aton("192.168.6.7"), 1000, 53, b"x"))
+    assert not m.match(b"\x60" + bytes(39))  # IPv6: never
+    assert not DirectMatcher([])
