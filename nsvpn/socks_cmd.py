@@ -69,8 +69,9 @@ def add_socks_parser(sub) -> argparse.ArgumentParser:
                    help="where to write socks.url and proxychains.conf (created 0700; "
                         "default: a fresh directory in $XDG_RUNTIME_DIR or /tmp)")
     p.add_argument("--tcp-window", type=_size, default=None, metavar="BYTES",
-                   help="receive buffer (largest advertised window) of each TCP flow over "
-                        "the VPN, e.g. 4M (default 8M; the window is scaled, RFC 7323)")
+                   help="largest receive window of a TCP flow over the VPN, e.g. 4M "
+                        "(default 8M; windows start at 160K and grow with the round-trip "
+                        "time, like Linux's autotuning)")
     from .upstream.openconnect import add_openconnect_args
 
     add_openconnect_args(p)
