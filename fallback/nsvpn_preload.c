@@ -42,7 +42,10 @@
  * sees "connected" exactly when the upstream is. On failure the front resets the connection;
  * the program sees POLLERR and asks getsockopt(SO_ERROR), which this shim answers with the
  * front's verdict instead of the kernel's ECONNRESET. The socket's NOTSENT_LOWAT goes back to
- * its old value when the program first asks SO_ERROR or getpeername after success.
+ * its old value when the program first asks SO_ERROR or getpeername after success ("released":
+ * no unsent bytes, or all padding acknowledged per TCP_INFO, whatever the program wrote since).
+ * A connect() repeated on a pending socket says EALREADY, then EISCONN. TCP Fast Open
+ * (sendto/sendmsg with MSG_FASTOPEN) takes the same path as connect().
  * Trade-offs: a program that never calls getsockopt(SO_ERROR) and learns the failure from
  * read()/write() sees ECONNRESET, not the exact errno; a connect() failure leaves the socket
  * connected-then-reset instead of unconnected (a second connect() on it is not supported).
