@@ -56,8 +56,9 @@ def test_check_binary_static_and_dynamic(tmp_path):
     assert check_binary("/bin/true") == []
     assert check_binary("true") == []  # found on PATH
     assert check_binary("/no/such/program") == []
-    if os.path.exists("/bin/busybox") and b"statically linked" in subprocess.run(
-            ["file", "/bin/busybox"], capture_output=True).stdout:
+    if os.path.exists("/bin/busybox") and shutil.which("file") and b"statically linked" in \
+            subprocess.run(
+                ["file", "/bin/busybox"], capture_output=True).stdout:
         assert any("statically linked" in w for w in check_binary("/bin/busybox"))
     src = tmp_path / "s.c"
     src.write_text("int main(void){return 0;}\n")
