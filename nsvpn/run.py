@@ -125,6 +125,29 @@ def run_exec(args: argparse.Namespace, argv: List[str]) -> int:
     return trio.run(_run_ns, args, argv, pool, direct)
 
 
+def _set_nofile(limits) -> None:
+    import resource
+
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    except (ValueError, OSError):
+        pass
+
+
+def _raise_nofile():
+    """Soft RLIMIT_NOFILE up to the hard limit: the relay holds a socket per flow and ssh an
+    fd per channel, so a user's usual soft 1024 would refuse flows past ~1000. Returns the
+    user's limits (for CMD), None when nothing changed."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return None
+    _set_nofile((want, hard))
+    return (soft, hard)
+
+
 async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[str]) -> int:
     from .dns import DnsService, FakeIpTable
     from .netstack.stack import Stack, StackConfig
@@ -132,6 +155,7 @@ async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[
     from .upstream.base import UpstreamError
     from .upstream.direct import DirectUpstream
 
+    user_nofile = _raise_nofile()
     try:
         await pool.start()
     except UpstreamError as e:
@@ -147,12 +171,17 @@ async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[
         fakes = FakeIpTable()
         router = routing.Router(direct=direct, allow_host_loopback=args.allow_host_loopback,
                                 fake_ip_lookup=fakes.name_for)
+        if user_nofile:  # CMD gets the user's own limits (select() users need <= 1024)
+            _set_nofile(user_nofile)
         try:
             child = namespace.spawn(argv, spec)
         except namespace.SpawnError as e:
             _err(str(e))
             code = getattr(e, "exit_code", None)
             return code if code in (126, 127) else EXIT_SETUP
+        finally:
+            if user_nofile:
+                _raise_nofile()
         direct_up = DirectUpstream()
         stack = Stack(stack_cfg)
         dns = DnsService(fakes, upstream=pool, dns_server=args.dns_server)
