@@ -654,3 +654,34 @@ def test_dns_over_tcp_and_ptr(nsvpn_lab, ssh_via):
         assert ptr_tcp == ptr_udp == "remote.lab.", explain(r)
     else:
         assert udp == nsvpn_lab.remote_ip, explain(r)
+
+
+HOLD_PY = r"""
+import errno, socket, sys
+n = int(sys.argv[1])
+held, errors = [], {}
+for i in range(n):
+    try:
+        held.append(socket.create_connection(("remote.lab", 80), timeout=10))
+    except OSError as e:
+        k = errno.errorcode.get(e.errno, str(e))
+        errors[k] = errors.get(k, 0) + 1
+ok = 0
+for s in held[-20:]:  # the last ones opened still carry data
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    ok += s.recv(20).startswith(b"HTTP/1.1 200")
+print(len(held), ok, sorted(errors.items()))
+"""
+
+
+def test_more_flows_than_the_users_soft_fd_limit(nsvpn_lab, ssh_via):
+    """A user with the common soft limit of 1024 fds: 1100 simultaneous connections still get
+    through (the relay holds one socket per flow, ssh one fd per channel), while CMD starts
+    with the user's own limits unchanged (select()-based programs rely on them)."""
+    cmd = "ulimit -Sn; ulimit -Hn; ulimit -Sn 4096 && python3 -c \"$0\" 1100"
+    r = nsvpn_lab.run(["prlimit", "--nofile=1024:4096", "nsvpn", "exec", "--via", ssh_via,
+                       "--", "sh", "-c", cmd, HOLD_PY], timeout=120)
+    assert r.returncode == 0, explain(r)
+    soft, hard, result = r.stdout.splitlines()
+    assert (soft, hard) == ("1024", "4096"), explain(r)
+    assert result == "1100 20 []", explain(r)
