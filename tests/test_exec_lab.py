@@ -724,3 +724,22 @@ def test_ctrl_c_on_a_terminal_reaches_cmd_exactly_once(nsvpn_lab, socks_via, use
     assert r.stdout.split() == ["0", "True"], explain(r)  # CMD went on and exited 0
     with open(log) as f:
         assert f.read().split() == ["INT"]
+
+
+@pytest.mark.parametrize("path", ["direct", "ssh", "socks5"])
+def test_upload_byte_exact(nsvpn_lab, ssh_via, socks_via, user_tmp, path):
+    """The other direction: 40 MiB from CMD to a server (ssh to the edge, `sha256sum` there),
+    over host sockets or, with --no-direct, through the upstream."""
+    src = os.path.join(user_tmp, "up.bin")
+    with open(src, "wb") as f:
+        f.write(os.urandom(40 << 20))
+    os.chmod(src, 0o644)
+    want = labenv.sha256_file(src)
+    opts = {"direct": ["--via", ssh_via], "ssh": ["--via", ssh_via, "--no-direct"],
+            "socks5": ["--via", socks_via, "--no-direct"]}[path]
+    s = nsvpn_lab.ssh
+    cmd = (f"ssh -o BatchMode=yes -o UserKnownHostsFile={s['known_hosts']} "
+           f"{s['user']}@{s['ip']} sha256sum < {src}")
+    r = nsexec(nsvpn_lab, opts, cmd, timeout=90)
+    assert r.returncode == 0, explain(r)
+    assert r.stdout.split()[0] == want, explain(r)
