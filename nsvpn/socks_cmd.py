@@ -14,6 +14,9 @@ Who can use it:
     proxychains.conf  a proxychains4 config with the same credentials
   The directory is printed on stderr (and stdout gets `NSVPN_SOCKS_DIR=...` for scripts).
   Other local users can connect to the port but cannot authenticate.
+  Commands: CONNECT (by address or by name, resolved by the VPN's DNS) and UDP ASSOCIATE
+  (its relay port accepts datagrams only from one socket of our own uid, checked in
+  /proc/net/udp; datagrams for networks outside the VPN are dropped).
 * -L port forwards listen on 127.0.0.1 only. Unlike `ssh -L` they check the peer: a
   connection is served only when the connecting socket belongs to our own uid (looked up in
   /proc/net/tcp{,6}, as identd does); other users' connections are closed at once.
@@ -42,6 +45,8 @@ from typing import List, Optional, Tuple
 import trio
 
 log = logging.getLogger("nsvpn.socks")
+
+HANDSHAKE_TIMEOUT = 10.0
 
 EXIT_USAGE, EXIT_UPSTREAM, EXIT_SETUP = 2, 3, 4
 
@@ -136,16 +141,23 @@ def _proc_hex(addr: Tuple[str, int]) -> str:
     return "".join(words) + f":{addr[1]:04X}"
 
 
-def peer_uid(local: Tuple[str, int], peer: Tuple[str, int]) -> Optional[int]:
-    """The uid owning the socket at `peer` connected to our `local` (loopback, same netns)."""
-    want_local, want_remote = _proc_hex(peer), _proc_hex(local)
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+def peer_uid(local: Optional[Tuple[str, int]], peer: Tuple[str, int],
+             proto: str = "tcp") -> Optional[int]:
+    """The uid owning the socket bound to `peer` (and connected to our `local`, when given):
+    loopback, same netns, as /proc/net/{tcp,udp}{,6} list them."""
+    want_local = _proc_hex(peer)
+    want_remote = _proc_hex(local) if local is not None else None
+    # an unconnected UDP socket that sent to loopback is listed with its wildcard address
+    port = want_local.rsplit(":", 1)[1]
+    wild = {"00000000:" + port, "0" * 32 + ":" + port} if proto == "udp" else set()
+    for path in (f"/proc/net/{proto}", f"/proc/net/{proto}6"):
         try:
             with open(path) as f:
                 next(f)
                 for line in f:
                     parts = line.split()
-                    if parts[1] == want_local and parts[2] == want_remote:
+                    if (parts[1] == want_local or parts[1] in wild) and (
+                            want_remote is None or parts[2] == want_remote):
                         return int(parts[7])
         except OSError:
             continue
@@ -252,8 +264,132 @@ class SocksService:
                 log.warning("accept: %s", e)
                 await trio.sleep(0.1)
                 continue
-            # front.py authenticates (RFC 1929 with the per-session secret) and relays
-            nursery.start_soon(self.front._serve_socks, sock)
+            nursery.start_soon(self._serve_socks, sock)
+
+    async def _serve_socks(self, sock) -> None:
+        """RFC 1929 authentication with the front's per-session secret, then CONNECT (the
+        front's dial and relay) or UDP ASSOCIATE (here: front.py has no UDP)."""
+        from . import socks
+        from .upstream.base import DialError
+
+        stream = trio.SocketStream(sock)
+        hs = socks.ServerHandshake(credentials=(self.front.username, self.front.secret))
+        try:
+            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                while hs.request is None:
+                    data = await stream.receive_some(4096)
+                    if not data:
+                        break
+                    try:
+                        hs.receive_data(data)
+                    except socks.SocksError as e:
+                        await stream.send_all(hs.data_to_send())
+                        log.info("SOCKS client rejected: %s", e)
+                        break
+                    out = hs.data_to_send()
+                    if out:
+                        await stream.send_all(out)
+            req = hs.request
+            if req is None:
+                await stream.aclose()
+                return
+            if req.command == socks.CMD_UDP_ASSOCIATE:
+                await self._udp_associate(stream, sock)
+                return
+            try:
+                up = await self.front._dial(req.host, req.port)
+            except DialError as e:
+                log.info("connect %s port %s failed: %s", req.host, req.port, e)
+                await stream.send_all(socks.ServerHandshake.reply(socks.errno_reply(e.errno)))
+                await stream.aclose()
+                return
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            log.debug("SOCKS connection: %s", e)
+            await stream.aclose()
+            return
+        try:
+            await stream.send_all(socks.ServerHandshake.reply(socks.REP_SUCCEEDED))
+            if hs.leftover:
+                await up.send_all(hs.leftover)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            with trio.CancelScope(shield=True):
+                await up.aclose()
+            await stream.aclose()
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        except OSError:
+            pass
+        await self.front._relay(stream, up)
+
+    async def _udp_associate(self, stream: trio.SocketStream, tcp_sock) -> None:
+        """SOCKS5 UDP relay (RFC 1928 section 7) over the VPN for one authenticated client.
+        The relay port on loopback accepts datagrams only from one client socket: the first
+        that sends from the control connection's address and belongs to our uid (checked in
+        /proc/net/udp, since every local user can send to a loopback port)."""
+        from . import socks
+
+        client_ip = tcp_sock.getpeername()[0]
+        fam = socket.AF_INET6 if ":" in self.listen[0] else socket.AF_INET
+        u = trio.socket.socket(fam, socket.SOCK_DGRAM)
+        ep = None
+        try:
+            await u.bind((self.listen[0], 0))
+            ep = self.upstream.open_udp()
+            lhost, lport = u.getsockname()[:2]
+            await stream.send_all(socks.ServerHandshake.reply(socks.REP_SUCCEEDED, lhost, lport))
+            client: List[Tuple[str, int]] = []
+
+            async def from_client() -> None:
+                while True:
+                    data, addr = await u.recvfrom(65535)
+                    addr = tuple(addr[:2])
+                    if not client:
+                        if addr[0] != client_ip or peer_uid(None, addr, "udp") != os.getuid():
+                            self.refused_users += 1
+                            log.warning("UDP relay: datagram from a foreign socket dropped")
+                            continue
+                        client.append(addr)
+                    elif addr != client[0]:
+                        continue
+                    try:
+                        d = socks.decode_udp(data)
+                    except socks.SocksError:
+                        continue
+                    if d.frag:
+                        continue  # fragmentation is optional (RFC 1928): drop
+                    with trio.move_on_after(5):
+                        try:
+                            await ep.sendto(d.payload, d.host, d.port)
+                        except OSError as e:
+                            log.debug("UDP to %s:%s: %s", d.host, d.port, e)
+
+            async def to_client() -> None:
+                while True:
+                    payload, src = await ep.recvfrom()
+                    if client:
+                        try:
+                            u._sock.sendto(socks.encode_udp(src[0], src[1], payload), client[0])
+                        except OSError:
+                            pass
+
+            async def control() -> None:
+                while await stream.receive_some(4096):
+                    pass  # the association lives as long as this connection
+
+            async with trio.open_nursery() as n:
+                n.start_soon(from_client)
+                n.start_soon(to_client)
+                await control()
+                n.cancel_scope.cancel()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                trio.EndOfChannel) as e:
+            log.debug("UDP association ended: %s", e)
+        finally:
+            if ep is not None:
+                ep.close()
+            u.close()
+            await stream.aclose()
 
     async def _forward_loop(self, lsock, host: str, port: int, nursery: trio.Nursery) -> None:
         while True:
@@ -268,7 +404,7 @@ class SocksService:
     async def _forward(self, sock, host: str, port: int) -> None:
         from .upstream.base import DialError
 
-        if not _peer_is_us(sock):
+        if not _peer_is_us(sock):  # -L has no password: the socket's owner is the check
             self.refused_users += 1
             log.warning("-L %s:%s: connection from another user refused", host, port)
             sock.close()

@@ -378,3 +378,71 @@ def test_preload_mode_over_the_vpn_stack(slab):
     assert r.returncode == 5, out  # CMD's own status
     assert _marker(out, "SHA") == lab.sha256["1M.bin"], out
     assert _marker(out, "EDGE") == "200", out
+
+
+# ------------------------------------------------------------- UDP ASSOCIATE
+
+UDP_OWNER = """
+import os, socket, struct, sys, time
+import dns.message
+from nsvpn import socks
+port, (user, secret, server, go) = int(sys.argv[1]), sys.argv[2:6]
+t = socket.create_connection(("127.0.0.1", port), timeout=5)
+t.sendall(b"\\x05\\x01\\x02")
+assert t.recv(2) == b"\\x05\\x02"
+t.sendall(bytes([1, len(user)]) + user.encode() + bytes([len(secret)]) + secret.encode())
+assert t.recv(2) == b"\\x01\\x00"
+t.sendall(b"\\x05\\x03\\x00\\x01" + bytes(6))
+rep = t.recv(64)
+assert rep[1] == 0, rep
+rport = struct.unpack("!H", rep[8:10])[0]
+print("RELAY=%d" % rport, flush=True)
+while not os.path.exists(go):
+    time.sleep(0.05)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(5)
+q = dns.message.make_query("remote.lab", "A")
+u.sendto(socks.encode_udp(server, 53, q.to_wire()), ("127.0.0.1", rport))
+d = socks.decode_udp(u.recv(4096))
+r = dns.message.from_wire(d.payload)
+print("FROM=%s:%d" % (d.host, d.port))
+print("ANSWER=" + " ".join(rr.to_text() for a in r.answer for rr in a), flush=True)
+"""
+
+UDP_OTHER = """
+import socket, sys
+import dns.message
+from nsvpn import socks
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(2)
+q = dns.message.make_query("remote.lab", "A")
+u.sendto(socks.encode_udp(sys.argv[2], 53, q.to_wire()), ("127.0.0.1", int(sys.argv[1])))
+try:
+    u.recv(4096)
+    print("OTHER=answered")
+except socket.timeout:
+    print("OTHER=silence")
+"""
+
+
+def test_udp_associate_dns_over_the_vpn_for_the_owner_only(slab, user_tmp):
+    lab = slab
+    s = Socks(lab, user_tmp)
+    py = os.path.join(lab.venv, "bin", "python")
+    go = os.path.join(user_tmp, "go")
+    dns_ip = lab.ocserv["dns"][0]
+    try:
+        owner = lab.popen([py, "-c", UDP_OWNER, str(s.port), s.user, s.secret, dns_ip, go],
+                          timeout=60)
+        relay = lab.wait_for(lambda: re.search(r"^RELAY=(\d+)$", owner.output(), re.M),
+                             timeout=15, what="the UDP association").group(1)
+        r = lab.run([py, "-c", UDP_OTHER, relay, dns_ip], user=lab.user2, timeout=30)
+        assert _marker(r.stdout, "OTHER") == "silence", r.stdout + r.stderr
+        open(go, "w").close()
+        assert owner.wait(20) == 0, owner.output()
+        out = owner.output()
+        assert _marker(out, "ANSWER") == lab.remote_ip, out
+        assert _marker(out, "FROM") == f"{dns_ip}:53", out
+    finally:
+        log = s.stop()
+    assert "datagram from a foreign socket dropped" in log, log

@@ -465,3 +465,22 @@ def test_bridge_direct_networks_and_matcher():
     assert not m.match(wire.build_udp(our, socket.inet_aton("192.168.6.7"), 1000, 53, b"x"))
     assert not m.match(b"\x60" + bytes(39))  # IPv6: never
     assert not DirectMatcher([])
+
+
+async def test_udp_endpoint_over_the_tunnel():
+    async with trio.open_nursery() as n:
+        src, far, up = await _setup(n)
+        ep = up.open_udp()
+        q = dns.message.make_query("www.lab", "A")
+        await ep.sendto(q.to_wire(), DNS_IP, 53)
+        with trio.fail_after(2):
+            payload, frm = await ep.recvfrom()
+        assert frm == (DNS_IP, 53)
+        r = dns.message.from_wire(payload)
+        assert r.id == q.id and r.answer[0][0].address == SERVER
+        await ep.sendto(b"x", EXCLUDED, 53)  # not carried by the VPN: dropped
+        assert ep.dropped == 1
+        ep.close()
+        assert ep.port not in up.udp_endpoints
+        await up.aclose()
+        n.cancel_scope.cancel()

@@ -200,10 +200,16 @@ class _Session:
             # Nothing listens on our VPN address (the front only dials out).
             self.stack.refuse(ev.flow, trio.current_time())
         elif isinstance(ev, nstack.UdpDatagram):
-            w = self.udp_waiters.get(ev.flow.dst[1])
-            if w is not None and w[0] == ev.flow.src[0]:
-                w[1].append(ev.payload)
-                w[2].set()
+            port = ev.flow.dst[1]
+            w = self.udp_waiters.get(port)
+            if w is not None:
+                if w[0] == ev.flow.src[0]:
+                    w[1].append(ev.payload)
+                    w[2].set()
+            else:
+                ep = self.owner.udp_endpoints.get(port)
+                if ep is not None:
+                    ep.deliver(ev.payload, ev.flow.src)
             self.stack.close_udp(ev.flow)
 
     def _forget(self, c: _Conn) -> None:
@@ -397,7 +403,7 @@ class _Session:
             return []
         while True:
             port = random.randint(20000, 60999)
-            if port not in self.udp_waiters:
+            if port not in self.udp_waiters and port not in self.owner.udp_endpoints:
                 break
         got: List[bytes] = []
         ev = trio.Event()
@@ -413,6 +419,55 @@ class _Session:
             return got
         finally:
             del self.udp_waiters[port]
+
+
+class VpnUdpEndpoint:
+    """A UDP port of ours on the VPN address (for SOCKS5 UDP ASSOCIATE): datagrams to any
+    destination the VPN carries; it lives across openconnect restarts. Datagrams to
+    networks the VPN does not carry are dropped (counted in `dropped`)."""
+
+    QUEUE = 256
+
+    def __init__(self, owner: VpnStackUpstream, port: int) -> None:
+        self.owner = owner
+        self.port = port
+        self._tx, self._rx = trio.open_memory_channel(self.QUEUE)
+        self.dropped = 0
+        self.closed = False
+
+    def deliver(self, payload: bytes, src: Tuple[str, int]) -> None:
+        try:
+            self._tx.send_nowait((payload, src))
+        except trio.WouldBlock:  # the reader is behind: UDP may drop
+            self.dropped += 1
+
+    async def sendto(self, payload: bytes, host: str, port: int) -> None:
+        """Send one datagram (a name is resolved with the VPN's DNS); waits through an
+        openconnect restart, so bound it with a timeout."""
+        try:
+            ip = str(ipaddress.ip_address(host.strip("[]")))
+        except ValueError:
+            ip = await self.owner.resolve(host)
+        if self.owner.direct_outside and not self.owner.carries(ip):
+            self.dropped += 1
+            return
+        sess = await self.owner._live_session()
+        local = sess.addr6 if ":" in ip else sess.addr
+        if local is None:
+            self.dropped += 1
+            return
+        sess.stack.send_udp((local, self.port), (ip, port), payload)
+        sess.after_stack()
+
+    async def recvfrom(self) -> Tuple[bytes, Tuple[str, int]]:
+        return await self._rx.receive()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.owner.udp_endpoints.get(self.port) is self:
+                del self.owner.udp_endpoints[self.port]
+            self._tx.close()
 
 
 class VpnTcpStream(trio.abc.HalfCloseableStream):
@@ -545,6 +600,7 @@ class VpnStackUpstream:
         self._started = False
         self._closing = False
         self._dns_cache: Dict[str, Tuple[float, List[str]]] = {}
+        self.udp_endpoints: Dict[int, VpnUdpEndpoint] = {}
 
     # -- upstream interface ---------------------------------------------------------------
     @property
@@ -595,6 +651,17 @@ class VpnStackUpstream:
                 return await self.direct.dial_tcp(ip, port, timeout=timeout)
             return await sess.connect(ip, port)
         raise DialError(errno.ETIMEDOUT, f"{host}:{port}: no answer in {timeout:g} s")
+
+    def open_udp(self) -> VpnUdpEndpoint:
+        """A new UDP endpoint on the VPN address (close() it when done)."""
+        busy = self.session.udp_waiters if self.session is not None else {}
+        while True:
+            port = random.randint(20000, 60999)
+            if port not in self.udp_endpoints and port not in busy:
+                break
+        ep = VpnUdpEndpoint(self, port)
+        self.udp_endpoints[port] = ep
+        return ep
 
     def carries(self, ip: str) -> bool:
         """Does the VPN route this address (split-include / split-exclude)?"""
