@@ -66,21 +66,35 @@ def build_upstreams(vias: List[str], args: argparse.Namespace):
     return UpstreamPool(ups)
 
 
-def choose_mode(requested: str) -> Optional[str]:
-    """'ns' when namespaces work; otherwise an error naming the probe's reason."""
-    if requested == "preload":
-        _err("preload mode is not available yet in this version; use --mode ns")
-        return None
-    trials = [namespace.trial_userns()]
-    if trials[0].ok:
-        trials += [namespace.trial_tun(), namespace.trial_bind_mount()]
-    bad = [t for t in trials if not t.ok]
-    if bad:
+def choose_mode(requested: str, quiet: bool) -> Optional[str]:
+    """'ns' where namespaces work, else 'preload' (auto fallback, said in one line unless -q).
+
+    None after an error message when the requested (or any) mode is unusable here.
+    """
+    from .probe import check_preload
+
+    if requested != "preload":
+        trials = [namespace.trial_userns()]
+        if trials[0].ok:
+            trials += [namespace.trial_tun(), namespace.trial_bind_mount()]
+        bad = [t for t in trials if not t.ok]
+        if not bad:
+            return "ns"
         why = "; ".join(f"{t.name}: {t.detail}" for t in bad)
-        _err(f"namespace mode is unusable here ({why}); the preload fallback is not available "
-             "yet in this version (`nsvpn probe` shows details)")
+        if requested == "ns":
+            _err(f"namespace mode is unusable here: {why}")
+            return None
+    shim = check_preload()
+    if not shim.ok:
+        if requested == "preload":
+            _err(f"preload mode is unusable here: {shim.detail}")
+        else:
+            _err(f"no mode works here: namespaces: {why}; preload: {shim.detail}")
         return None
-    return "ns"
+    if requested == "auto" and not quiet:
+        _err(f"namespaces unusable ({bad[0].name}: {bad[0].detail.split(';')[0]}); "
+             "using the LD_PRELOAD fallback (-q silences this)")
+    return "preload"
 
 
 def direct_networks(args: argparse.Namespace) -> List[str]:
@@ -109,19 +123,26 @@ def run_exec(args: argparse.Namespace, argv: List[str]) -> int:
     except ValueError as e:
         _err(str(e))
         return EXIT_USAGE
-    mode = choose_mode(args.mode)
+    mode = choose_mode(args.mode, args.quiet)
     if mode is None:
         return EXIT_SETUP
     from .upstream.openconnect import OpenconnectUpstream
 
+    quiet = args.quiet or args.verbose == 0  # pilot logs are precious
     if isinstance(pool, OpenconnectUpstream):
+        if mode == "preload":
+            from .socks_cmd import run_preload_vpn
+
+            return trio.run(functools.partial(run_preload_vpn, argv, pool,
+                                              direct=list(args.direct),
+                                              host_direct=not args.no_direct, quiet=quiet))
         from .bridge import run_vpn_ns
 
-        # quiet unless asked: pilot logs are precious
-        return trio.run(functools.partial(run_vpn_ns, argv, pool,
-                                          quiet=args.quiet or args.verbose == 0,
+        return trio.run(functools.partial(run_vpn_ns, argv, pool, quiet=quiet,
                                           direct=list(args.direct),
                                           host_direct=not args.no_direct))
+    if mode == "preload":
+        return trio.run(_run_preload, args, argv, pool, direct)
     return trio.run(_run_ns, args, argv, pool, direct)
 
 
@@ -146,6 +167,26 @@ def _raise_nofile():
         return None
     _set_nofile((want, hard))
     return (soft, hard)
+
+
+async def _run_preload(args: argparse.Namespace, argv: List[str], pool,
+                       direct: List[str]) -> int:
+    from .preload import run_preload
+    from .upstream.base import UpstreamError
+
+    try:
+        await pool.start()
+    except UpstreamError as e:
+        _err(f"upstream failed: {e}")
+        await pool.aclose()
+        return EXIT_UPSTREAM
+    try:
+        # Warns about static/setuid CMDs (they would not be tunnelled) unless -q.
+        return await run_preload(argv, pool, direct, quiet=args.quiet,
+                                 dns_server=args.dns_server)
+    finally:
+        with trio.CancelScope(shield=True):
+            await pool.aclose()
 
 
 async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[str]) -> int:

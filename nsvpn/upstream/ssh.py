@@ -34,6 +34,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from typing import Deque, List, Sequence, Tuple
 
 import trio
@@ -122,12 +123,11 @@ def runtime_dir() -> str:
     except FileExistsError:
         pass
     st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise UpstreamError(f"{path} exists and is not a directory")
-    if st.st_uid != uid:
-        raise UpstreamError(
-            f"{path} belongs to uid {st.st_uid}, not to us ({uid}): refusing to put sockets there"
-        )
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+        # Squatted by someone else (or, inside a user namespace, a uid that maps elsewhere):
+        # a fresh private directory is as good, and nobody can block us that way.
+        log.debug("%s is not ours (uid %d); using a fresh private directory", path, st.st_uid)
+        return tempfile.mkdtemp(prefix=f"nsvpn-{uid}-", dir="/tmp")
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
     return path
