@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from . import namespace
 
@@ -36,6 +36,7 @@ class Capabilities:
     checks: Dict[str, Check]
     via: List[Dict[str, object]]
     elapsed_ms: float
+    commands: List[Dict[str, object]] = field(default_factory=list)
 
     def to_json_dict(self) -> Dict[str, object]:
         return {
@@ -44,6 +45,7 @@ class Capabilities:
             "reasons": self.reasons,
             "checks": {k: asdict(v) for k, v in self.checks.items()},
             "via": self.via,
+            "commands": self.commands,
             "elapsed_ms": round(self.elapsed_ms, 1),
         }
 
@@ -125,7 +127,21 @@ def check_via(url: str, timeout: float = 1.5) -> Dict[str, object]:
     return {"url": shown, "ok": True, "detail": f"{host}:{port} reachable ({ms:.1f} ms)"}
 
 
-def run_probe(vias: List[str]) -> Capabilities:
+def check_command(cmd: str) -> Dict[str, object]:
+    """Can preload mode divert `cmd`? (namespace mode does not care how it is linked)."""
+    from .preload import _resolve, check_binary
+
+    path = _resolve(cmd)
+    if path is None:
+        return {"command": cmd, "ok": False, "preload_ok": False,
+                "detail": "not found (or not executable)", "warnings": []}
+    warnings = check_binary(cmd)
+    detail = "preload mode can divert it" if not warnings else "; ".join(warnings)
+    return {"command": cmd, "path": path, "ok": True, "preload_ok": not warnings,
+            "detail": detail, "warnings": warnings}
+
+
+def run_probe(vias: List[str], commands: Sequence[str] = ()) -> Capabilities:
     t0 = time.monotonic()
     checks: Dict[str, Check] = {}
     checks["userns"] = _trial(namespace.trial_userns)
@@ -154,13 +170,16 @@ def run_probe(vias: List[str]) -> Capabilities:
         else:
             mode = "none"
             reasons.append(f"preload unusable: {checks['preload'].detail}")
-    return Capabilities(mode, reasons, checks, via, (time.monotonic() - t0) * 1000)
+    cmds = [check_command(c) for c in commands]
+    return Capabilities(mode, reasons, checks, via, (time.monotonic() - t0) * 1000, cmds)
 
 
 def format_table(caps: Capabilities) -> str:
     rows = [(name, "ok" if c.ok else "FAIL", c.detail) for name, c in caps.checks.items()]
     rows += [("via " + str(v["url"]), "ok" if v["ok"] else "FAIL", str(v["detail"]))
              for v in caps.via]
+    rows += [("check " + str(c["command"]), "ok" if c["preload_ok"] else "WARN",
+              str(c["detail"])) for c in caps.commands]
     w = max(len(r[0]) for r in rows)
     lines = [f"{n:<{w}}  {s:<4}  {d}" for n, s, d in rows]
     lines.append("")

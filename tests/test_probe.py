@@ -151,3 +151,17 @@ def test_via_checks_reach_only_lab_hosts(lab):
     assert ok["ok"] and "reachable" in ok["detail"]
     assert not refused["ok"] and "refused" in refused["detail"].lower()
     assert not bad["ok"]
+
+
+def test_check_reports_static_and_setuid_programs():
+    static = shutil.which("busybox")
+    if static is None:
+        pytest.skip("busybox (busybox-static) not installed")
+    rc, r = probe_json("--check", "curl", "--check", static, "--check", "/usr/bin/su",
+                       "--check", "no-such-program-xyz")
+    assert rc == 0
+    by = {c["command"]: c for c in r["commands"]}
+    assert by["curl"]["preload_ok"] and by["curl"]["warnings"] == []
+    assert not by[static]["preload_ok"] and "statically linked" in by[static]["detail"]
+    assert not by["/usr/bin/su"]["preload_ok"] and "setuid" in by["/usr/bin/su"]["detail"]
+    assert not by["no-such-program-xyz"]["ok"]
