@@ -266,7 +266,8 @@ def test_probe_json_schema(home):
                    "--via", f"ssh://127.0.0.1:{live}", "--via", "gopher://x"], home, timeout=60)
     assert secret not in r.stdout + r.stderr
     d = json.loads(r.stdout)
-    assert set(d) == {"schema", "mode", "reasons", "checks", "via", "elapsed_ms"}
+    # schema 1 may grow keys (e.g. "commands" for probe --check); these must stay
+    assert {"schema", "mode", "reasons", "checks", "via", "elapsed_ms"} <= set(d)
     assert d["schema"] == 1
     assert d["mode"] in ("ns", "preload", "none")
     assert r.returncode == (1 if d["mode"] == "none" else 0)
@@ -274,12 +275,12 @@ def test_probe_json_schema(home):
     assert isinstance(d["elapsed_ms"], (int, float)) and d["elapsed_ms"] >= 0
     for name in ("userns", "tun", "mount", "preload", "ssh", "openconnect"):
         c = d["checks"][name]
-        assert set(c) == {"ok", "detail", "data"}, name
+        assert {"ok", "detail", "data"} <= set(c), name
         assert isinstance(c["ok"], bool) and isinstance(c["detail"], str)
         assert isinstance(c["data"], dict)
     if d["mode"] == "ns":
         assert all(d["checks"][k]["ok"] for k in ("userns", "tun", "mount"))
-    assert [set(v) for v in d["via"]] == [{"url", "ok", "detail"}] * 3
+    assert len(d["via"]) == 3 and all({"url", "ok", "detail"} <= set(v) for v in d["via"])
     closed, opened, bad = d["via"]
     assert closed["ok"] is False and f"127.0.0.1:{dead}" in closed["detail"]
     assert closed["url"] == f"socks5://u:***@127.0.0.1:{dead}"

@@ -259,29 +259,32 @@ def test_worker_subnet_direct_or_through_upstream(nsvpn_lab, ssh_via, no_direct)
 
 
 def test_host_loopback_only_when_allowed(nsvpn_lab, ssh_via):
-    port = 40000 + os.getpid() % 20000
     token = uuid.uuid4().hex
     server = ("import socket\n"
-              "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-              f"s.bind(('127.0.0.1', {port})); s.listen(8)\n"
-              "print('listening', flush=True)\n"
+              "s = socket.socket()\n"
+              "s.bind(('127.0.0.1', 0)); s.listen(8)\n"
+              "print('listening', s.getsockname()[1], flush=True)\n"
               "while True:\n"
               "    c, _ = s.accept()\n"
               f"    c.sendall(b'{token}'); c.close()\n")
     read = ("import socket, sys\n"
             "try:\n"
-            f"    s = socket.create_connection(('10.0.2.2', {port}), timeout=5)\n"
+            "    s = socket.create_connection(('10.0.2.2', int(sys.argv[1])), timeout=5)\n"
             "    print(s.recv(100).decode())\n"
             "except OSError as e:\n"
             "    print('ERR', e.errno)\n")
     with nsvpn_lab.popen(["python3", "-u", "-c", server], timeout=60) as srv:
-        nsvpn_lab.wait_for(lambda: "listening" in srv.output(), what="loopback listener")
-        assert nsvpn_lab.port_open("127.0.0.1", port)  # the listener works from the host
-        r = nsexec(nsvpn_lab, ["--via", ssh_via], ["python3", "-c", read])
+        m = nsvpn_lab.wait_for(
+            lambda: re.search(r"listening (\d+)", srv.output()) or srv.poll() is not None,
+            timeout=20, what="loopback listener")
+        assert m is not True, srv.output()
+        port = m.group(1)
+        assert nsvpn_lab.port_open("127.0.0.1", int(port))  # it works from the host
+        r = nsexec(nsvpn_lab, ["--via", ssh_via], ["python3", "-c", read, port])
         assert r.returncode == 0, explain(r)
         assert r.stdout.strip() == "ERR 111", explain(r)  # ECONNREFUSED
         r = nsexec(nsvpn_lab, ["--via", ssh_via, "--allow-host-loopback"],
-                   ["python3", "-c", read])
+                   ["python3", "-c", read, port])
         assert r.returncode == 0, explain(r)
         assert r.stdout.strip() == token, explain(r)
 
@@ -442,9 +445,10 @@ def test_socks_credentials_work_and_stay_out_of_cmd(nsvpn_lab, user_tmp):
     secret = "pw" + uuid.uuid4().hex
     port = 20000 + os.getpid() % 10000
     with nsvpn_lab.popen(["microsocks", "-i", nsvpn_lab.edge_ip, "-p", str(port),
-                          "-u", "labsocks", "-P", secret], netns="edge", timeout=60):
+                          "-u", "labsocks", "-P", secret], netns="edge", timeout=60) as socks:
         nsvpn_lab.wait_for(lambda: nsvpn_lab.port_open(nsvpn_lab.edge_ip, port),
                            what="authenticating microsocks")
+        assert socks.poll() is None, socks.output()  # ours, not someone else's port
         base = f"{nsvpn_lab.edge_ip}:{port}"
         r = nsexec(nsvpn_lab, ["--via", f"socks5://labsocks:{secret}@{base}"],
                    ["sh", "-c", "python3 -c \"$0\" && curl -sS --fail --max-time 20 "
@@ -621,6 +625,7 @@ def test_failover_between_upstreams(nsvpn_lab, ssh_via):
                          netns="edge", timeout=90) as socks:
         nsvpn_lab.wait_for(lambda: nsvpn_lab.port_open(nsvpn_lab.edge_ip, port),
                            what="private microsocks")
+        assert socks.poll() is None, socks.output()  # ours, not someone else's port
         mine = f"socks5://{nsvpn_lab.edge_ip}:{port}"
         dead = f"socks5://{nsvpn_lab.edge_ip}:1081"
         fetch = "curl -sS --max-time 10 http://remote.lab/1M.bin | sha256sum | cut -c1-64"
