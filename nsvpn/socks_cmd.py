@@ -39,6 +39,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import sys
 from typing import List, Optional, Tuple
 
@@ -47,6 +48,7 @@ import trio
 log = logging.getLogger("nsvpn.socks")
 
 HANDSHAKE_TIMEOUT = 10.0
+RELAY_CHUNK = 256 * 1024
 
 EXIT_USAGE, EXIT_UPSTREAM, EXIT_SETUP = 2, 3, 4
 
@@ -320,7 +322,56 @@ class SocksService:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         except OSError:
             pass
-        await self.front._relay(stream, up)
+        await self._relay(stream, up)
+
+    async def _relay(self, client: trio.SocketStream, up) -> None:
+        """Copy both ways. Flows over the VPN end like a TCP connection would: when the far
+        side resets or the VPN session is lost, the client gets a RST (not a clean EOF that
+        a program without a length could take for a complete transfer), and when the client
+        resets, the far side does. Direct (host socket) flows use the front's relay."""
+        from .upstream.vpnstack import VpnTcpStream
+
+        if not isinstance(up, VpnTcpStream):
+            await self.front._relay(client, up)
+            return
+        broken = []
+
+        async def pump(src, dst, cancel: trio.CancelScope) -> None:
+            errors = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+            side = src
+            try:
+                while True:
+                    side = src
+                    data = await src.receive_some(RELAY_CHUNK)
+                    if not data:
+                        break
+                    side = dst
+                    await dst.send_all(data)
+                side = dst
+                await dst.send_eof()
+            except errors:
+                broken.append(side)
+                cancel.cancel()
+
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(pump, client, up, n.cancel_scope)
+                n.start_soon(pump, up, client, n.cancel_scope)
+        finally:
+            with trio.CancelScope(shield=True):
+                if up in broken:  # the far side reset, or the VPN session was lost
+                    try:
+                        client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                 struct.pack("ii", 1, 0))
+                    except OSError:
+                        pass
+                if client in broken:
+                    up.abort()
+                for st in (client, up):
+                    try:
+                        await st.aclose()
+                    except Exception:  # closing a broken stream may complain; it is closed
+                        pass
 
     async def _udp_associate(self, stream: trio.SocketStream, tcp_sock) -> None:
         """SOCKS5 UDP relay (RFC 1928 section 7) over the VPN for one authenticated client.
@@ -415,7 +466,7 @@ class SocksService:
             log.info("-L %s:%s: %s", host, port, e)
             sock.close()
             return
-        await self.front._relay(trio.SocketStream(sock), up)
+        await self._relay(trio.SocketStream(sock), up)
 
 
 def _setup_logging(verbose: int) -> None:

@@ -198,7 +198,8 @@ def test_openconnect_killed_mid_transfer_fails_fast_then_works_again(slab, user_
         t0 = time.monotonic()
         big.wait(30)
         elapsed = time.monotonic() - t0
-        assert _marker(big.output(), "RC") != "0", big.output()
+        assert _marker(big.output(), "RC") == "56", big.output()  # curl: receive failure
+        assert "reset by peer" in big.output(), big.output()  # a RST, not a short EOF
         assert elapsed < 5, f"the transfer took {elapsed:.1f} s to fail"
         script = f"""
 for i in $(seq 1 60); do

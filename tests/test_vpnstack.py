@@ -131,7 +131,7 @@ class FarSide:
             dst = ev.flow.dst
             if dst[0] == UNREACH:
                 st.unreachable(ev.flow, now, "host")
-            elif dst[0] == SERVER and dst[1] in (80, 7):
+            elif dst[0] == SERVER and dst[1] in (80, 81, 7):
                 st.accept(ev.flow, now)
                 self.flows[id(ev.flow)] = [ev.flow, dst[1], 0, False]
             else:
@@ -156,7 +156,14 @@ class FarSide:
         flow, port = f[0], f[1]
         st = self.stack
         now = trio.current_time()
-        if port == 80:
+        if port == 81:  # some data, then a reset
+            if not f[3]:
+                f[3] = True
+                st.tcp_send(flow, b"partial", now)
+                self.flush()
+                await trio.sleep(0.05)
+                st.tcp_abort(flow, trio.current_time())
+        elif port == 80:
             while f[2] < len(DATA):
                 n = st.tcp_send(flow, DATA[f[2]:f[2] + 256 * 1024], now)
                 if not n:
@@ -482,5 +489,22 @@ async def test_udp_endpoint_over_the_tunnel():
         assert ep.dropped == 1
         ep.close()
         assert ep.port not in up.udp_endpoints
+        await up.aclose()
+        n.cancel_scope.cancel()
+
+
+async def test_reset_by_the_far_side_breaks_the_stream():
+    async with trio.open_nursery() as n:
+        src, far, up = await _setup(n)
+        s = await up.dial_tcp(SERVER, 81, timeout=5)
+        got = b""
+        with trio.fail_after(2):
+            with pytest.raises(trio.BrokenResourceError):
+                while True:
+                    got += await s.receive_some()
+        assert got == b"partial"  # data before the RST is still delivered
+        with pytest.raises(trio.BrokenResourceError):
+            await s.send_all(b"x")
+        await s.aclose()
         await up.aclose()
         n.cancel_scope.cancel()

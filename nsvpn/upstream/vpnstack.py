@@ -552,6 +552,14 @@ class VpnTcpStream(trio.abc.HalfCloseableStream):
                 continue
             await c.readable.wait()
 
+    def abort(self) -> None:
+        """Reset the connection (RST to the far side), like close() with SO_LINGER 0."""
+        c, s = self._c, self._s
+        if not c.reset and s.dead is None:
+            s.stack.tcp_abort(c.flow, trio.current_time())
+            s.after_stack()
+        c.reset = True
+
     async def aclose(self) -> None:
         """Like close() on a socket: FIN when everything sent was read, RST when unread data
         is left (or the peer sends more later)."""
