@@ -50,8 +50,8 @@
  * read()/write() sees ECONNRESET, not the exact errno; a connect() failure leaves the socket
  * connected-then-reset instead of unconnected (a second connect() on it is not supported).
  * getsockname() shows the loopback address of the data connection. A blocking connect is not
- * interrupted by signals (as with SA_RESTART; alarm()-style timeouts do not cut it short) and
- * ignores SO_SNDTIMEO: the front's connect timeout bounds it. dup()ed descriptors answer
+ * interrupted by signals (as with SA_RESTART; alarm()-style timeouts do not cut it short);
+ * SO_SNDTIMEO and the front's connect timeout bound it. dup()ed descriptors answer
  * getpeername() (via the front) but not the SO_ERROR translation.
  *
  * Fake IPs: when the host resolver cannot answer a name (not found / try again / failure), the
@@ -90,6 +90,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -825,8 +826,23 @@ static int proxy_connect(int fd, int sock_family, const struct sockaddr *sa, soc
         snprintf(req, sizeof req, "C b %u %u 16 %s %s %u\n", listener, lport, tokhex, host,
                  d->port);
         /* The front's dial is bounded (its connect timeout); the cap is a safety net only.
-         * Signals do not interrupt this wait (as if SA_RESTART): the answer decides. */
-        if (ctl_request(req, resp, sizeof resp, 300000) < 3 || resp[0] != 'R') {
+         * SO_SNDTIMEO bounds a blocking connect() as in the kernel (EINPROGRESS when it
+         * expires; the dial goes on). Signals do not interrupt the wait (as if SA_RESTART). */
+        struct timeval tv = {0, 0};
+        socklen_t tl = sizeof tv;
+        int limit = 300000;
+        if (real_getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, &tl) == 0 &&
+            (tv.tv_sec > 0 || tv.tv_usec > 0) && tv.tv_sec < 300)
+            limit = (int)(tv.tv_sec * 1000 + (tv.tv_usec + 999) / 1000);
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        if (ctl_request(req, resp, sizeof resp, limit) < 3 || resp[0] != 'R') {
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            long el = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+            if (limit < 300000 && el >= limit) {
+                errno = EINPROGRESS;
+                return -1;
+            }
             shim_log("no answer from the nsvpn front for %s port %u", host, d->port);
             errno = ECONNABORTED;
             return -1;

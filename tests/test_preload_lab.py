@@ -631,3 +631,23 @@ def test_getpeername_after_the_program_filled_its_buffers(lab, preload, user_tmp
     r = preload(["python3", "-c", WRITE_THEN_PEER, lab.edge_ip], direct=[])
     server.stop()
     assert r.stdout.split() == ["EINPROGRESS", "True", lab.edge_ip], r
+
+
+SNDTIMEO = r"""
+import errno, socket, struct, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 400000))
+t0 = time.monotonic()
+try:
+    s.connect((sys.argv[1], 80)); print("connected")
+except OSError as e:
+    print(errno.errorcode[e.errno], "%.1f" % (time.monotonic() - t0))
+"""
+
+
+def test_blocking_connect_honours_sndtimeo(lab, preload):
+    """SO_SNDTIMEO bounds a blocking connect() (the kernel says EINPROGRESS when it expires),
+    also while the upstream dial takes longer."""
+    r = preload(["python3", "-c", SNDTIMEO, lab.remote_ip], delay=2.0)
+    err, took = r.stdout.split()
+    assert err == "EINPROGRESS" and 0.35 <= float(took) < 1.5, r
