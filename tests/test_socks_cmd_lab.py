@@ -247,8 +247,11 @@ def test_window_scaling_seen_by_the_server(slab, user_tmp):
         srv.stop()
 
 
-def _speed(lab: labenv.Lab, proxy_args: str) -> float:
-    r = lab.run(f"curl -sS {proxy_args} -m 300 -o /dev/null -w '%{{speed_download}}' "
+def _speed(lab: labenv.Lab, proxy_args: str, proxychains: str | None = None) -> float:
+    """MB/s of a 100 MiB download with curl's own SOCKS client, or through proxychains4
+    with the config file `proxychains` (then proxy_args is empty)."""
+    pre = f"proxychains4 -q -f {proxychains} " if proxychains else ""
+    r = lab.run(f"{pre}curl -sS {proxy_args} -m 300 -o /dev/null -w '%{{speed_download}}' "
                 f"http://{lab.remote_ip}/100M.bin", timeout=320)
     assert r.returncode == 0, r.stderr
     return float(r.stdout) / 1e6
@@ -263,43 +266,54 @@ def _free_port() -> int:
 _next_port = 11080 + (os.getpid() % 500) * 8
 
 
-def _ocproxy_speed(lab: labenv.Lab, host: str, port: int) -> float:
+def _ocproxy_speeds(lab: labenv.Lab, host: str, conf_dir: str) -> Tuple[float, float]:
+    """(curl --socks5, proxychains4) through `openconnect --script-tun --script 'ocproxy -D'`
+    run as the test user, like ours."""
     oc = lab.ocserv
+    port = _free_port()
     cmd = (f"exec openconnect --script-tun --script 'ocproxy -D {port}' --user {oc['user']} "
            f"--passwd-on-stdin --non-inter --servercert={_pin(lab)} {host}:{oc['port']} "
            f"< {oc['password_file']}")
+    conf = os.path.join(conf_dir, f"ocproxy-{port}.conf")
+    lab.run(f"printf 'strict_chain\\n[ProxyList]\\nsocks5 127.0.0.1 {port}\\n' > {conf}")
     p = lab.popen(cmd, timeout=600, env={"PATH": "/usr/sbin:/usr/bin:/bin"})
     try:
         lab.wait_for(lambda: lab.port_open("127.0.0.1", port), timeout=30,
                      what="ocproxy")
-        return _speed(lab, f"--socks5 127.0.0.1:{port}")
+        return _speed(lab, f"--socks5 127.0.0.1:{port}"), _speed(lab, "", conf)
     finally:
         p.stop()
 
 
 def test_throughput_vs_ocproxy(slab, user_tmp):
-    """100 MiB through the front vs `ocproxy -D`, at the lab's own RTT and through wan.lab
-    (20 ms RTT). Goals (issue 5): >= 1.0x ocproxy without delay, >= 5x with 20 ms."""
+    """100 MiB through the front vs `ocproxy -D` (same openconnect, same server, same run),
+    with curl's SOCKS client and through proxychains4, at the lab's own RTT and through
+    wan.lab (20 ms RTT). Goals (issue 5): >= 1.0x ocproxy without delay, >= 5x with 20 ms.
+    The 2-core lab is shared with other jobs: best of 2 runs each."""
     lab = slab
     wan = lab.info["wan"]["ip"]
     rows: Dict[str, Tuple[float, float]] = {}
     for label, host in (("lab RTT", lab.ocserv["host"]), ("20 ms RTT", wan)):
         s = Socks(lab, user_tmp, host=host)
         try:
-            ours = max(_speed(lab, s.curl_args()) for _ in range(2))
+            ours = [(_speed(lab, s.curl_args()),
+                     _speed(lab, "", os.path.join(s.dir, "proxychains.conf")))
+                    for _ in range(2)]
         finally:
             s.stop()
-        theirs = max(_ocproxy_speed(lab, host, _free_port()) for _ in range(2))
-        rows[label] = (ours, theirs)
-    lines = ["", "100 MiB download through a SOCKS front (curl --socks5*), MB/s (best of 2)",
-             f"{'path':<10} {'nsvpn socks':>12} {'ocproxy -D':>11} {'ratio':>6}"]
+        theirs = [_ocproxy_speeds(lab, host, user_tmp) for _ in range(2)]
+        rows[f"{label}, curl"] = (max(o[0] for o in ours), max(t[0] for t in theirs))
+        rows[f"{label}, proxychains"] = (max(o[1] for o in ours), max(t[1] for t in theirs))
+    lines = ["", "100 MiB download through a SOCKS front, MB/s (best of 2)",
+             f"{'path, client':<24} {'nsvpn socks':>12} {'ocproxy -D':>11} {'ratio':>6}"]
     for label, (ours, theirs) in rows.items():
-        lines.append(f"{label:<10} {ours:>12.1f} {theirs:>11.1f} {ours / theirs:>6.2f}")
+        lines.append(f"{label:<24} {ours:>12.1f} {theirs:>11.1f} {ours / theirs:>6.2f}")
     print("\n".join(lines))
-    ours, theirs = rows["20 ms RTT"]
-    assert ours >= 5 * theirs, rows  # the 64 KiB window is gone
-    ours, theirs = rows["lab RTT"]
-    assert ours >= 0.7 * theirs, rows
+    for label, (ours, theirs) in rows.items():
+        if label.startswith("20 ms"):
+            assert ours >= 5 * theirs, rows  # the 64 KiB window is gone
+        else:
+            assert ours >= 0.7 * theirs, rows  # (noisy on a shared 2-core node)
 
 
 # ------------------------------------------------------------- vpn ns mode: kept out of the VPN
