@@ -212,8 +212,11 @@ class Relay:
                 return
             try:
                 stream = await self._dial(d)
-            except DialError as e:
-                log.debug("dial %s:%s failed: %s", d.host, d.port, e)
+            except OSError as e:  # DialError, or a local failure such as EMFILE
+                if isinstance(e, DialError):
+                    log.debug("dial %s:%s failed: %s", d.host, d.port, e)
+                else:
+                    log.warning("cannot dial %s:%s: %s", d.host, d.port, e)
                 now = trio.current_time()
                 if e.errno == errno.ECONNREFUSED:
                     st.refuse(flow, now)
@@ -317,7 +320,11 @@ class Relay:
             key = (src, dst)
             u = self.udp.get(key)
             if u is None:
-                u = _UdpFlow(self, src, dst, (d.host, d.port))
+                try:
+                    u = _UdpFlow(self, src, dst, (d.host, d.port))
+                except OSError as e:  # EMFILE: drop this datagram, keep the session
+                    log.warning("no host socket for UDP to %s:%s: %s", d.host, d.port, e)
+                    return
                 self.udp[key] = u
                 assert self._nursery is not None
                 self._nursery.start_soon(u.run)
