@@ -753,3 +753,47 @@ def test_upload_byte_exact(nsvpn_lab, ssh_via, socks_via, user_tmp, path):
     r = nsexec(nsvpn_lab, opts, cmd, timeout=90)
     assert r.returncode == 0, explain(r)
     assert r.stdout.split()[0] == want, explain(r)
+
+
+HOLD_DIRECT_PY = r"""
+import errno, socket, sys, time
+host, port, n, udp_n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+held, errors = [], {}
+for i in range(n):
+    try:
+        held.append(socket.create_connection((host, port), timeout=10))
+    except OSError as e:
+        k = errno.errorcode.get(e.errno, "timeout" if isinstance(e, socket.timeout) else str(e))
+        errors[k] = errors.get(k, 0) + 1
+for i in range(udp_n):  # UDP to a direct network needs a host socket per flow, too
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.sendto(b"x", (host, 40000 + i))
+    held.append(u)
+for s in held[:3]:
+    s.close()
+for i in range(40):  # once nsvpn has closed those flows (FIN both ways), dials work again
+    try:
+        s = socket.create_connection((host, port), timeout=10)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.05)
+s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+print(len(held) - udp_n, s.recv(12).decode(), sorted(errors.items()))
+"""
+
+
+def test_out_of_fds_refuses_flows_without_killing_the_session(nsvpn_lab, ssh_via):
+    """When nsvpn itself runs out of file descriptors (CMD lowers nsvpn's limit to 60 with
+    prlimit), new flows are refused at once; the session, CMD and open flows live on."""
+    edge = nsvpn_lab.info["http"]["edge"]
+    cmd = ("prlimit --pid $PPID --nofile=60:60 || exit 9; "
+           f"python3 -c \"$0\" {edge['host']} {edge['port']} 80 10; echo cmd=$?")
+    r = nsexec(nsvpn_lab, ["--via", ssh_via], ["sh", "-c", cmd, HOLD_DIRECT_PY], timeout=90)
+    assert r.returncode == 0, explain(r)
+    assert "internal error" not in r.stderr, explain(r)
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "cmd=0", explain(r)
+    held, status, errors = lines[0].split(" ", 2)
+    assert 20 < int(held) < 80 and status == "HTTP/1.1", explain(r)
+    assert "ECONNREFUSED" in errors and "timeout" not in errors, explain(r)
+    assert "Too many open files" in r.stderr, explain(r)  # and says why
