@@ -99,6 +99,14 @@ class Relay:
         self._timer_scope: Optional[trio.CancelScope] = None
         self._nursery: Optional[trio.Nursery] = None
         self.write_errors = 0
+        self._warned: Dict[int, float] = {}  # errno -> when it was last logged
+
+    def _warn_local(self, what: str, e: OSError) -> None:
+        """Local failures (EMFILE...) come in storms: one line per errno per 10 s."""
+        now = trio.current_time()
+        if now - self._warned.get(e.errno or 0, -math.inf) >= 10.0:
+            self._warned[e.errno or 0] = now
+            log.warning("%s: %s (further ones not shown for 10 s)", what, e)
 
     # -- plumbing -------------------------------------------------------------------------
     def _after_stack(self) -> None:
@@ -216,7 +224,7 @@ class Relay:
                 if isinstance(e, DialError):
                     log.debug("dial %s:%s failed: %s", d.host, d.port, e)
                 else:
-                    log.warning("cannot dial %s:%s: %s", d.host, d.port, e)
+                    self._warn_local(f"cannot dial {d.host}:{d.port}", e)
                 now = trio.current_time()
                 if e.errno == errno.ECONNREFUSED:
                     st.refuse(flow, now)
@@ -323,7 +331,7 @@ class Relay:
                 try:
                     u = _UdpFlow(self, src, dst, (d.host, d.port))
                 except OSError as e:  # EMFILE: drop this datagram, keep the session
-                    log.warning("no host socket for UDP to %s:%s: %s", d.host, d.port, e)
+                    self._warn_local(f"no host socket for UDP to {d.host}:{d.port}", e)
                     return
                 self.udp[key] = u
                 assert self._nursery is not None
