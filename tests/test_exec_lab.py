@@ -796,4 +796,4 @@ def test_out_of_fds_refuses_flows_without_killing_the_session(nsvpn_lab, ssh_via
     held, status, errors = lines[0].split(" ", 2)
     assert 20 < int(held) < 80 and status == "HTTP/1.1", explain(r)
     assert "ECONNREFUSED" in errors and "timeout" not in errors, explain(r)
-    assert "Too many open files" in r.stderr, explain(r)  # and says why
+    assert r.stderr.count("Too many open files") == 1, explain(r)  # says why, once
