@@ -797,3 +797,10 @@ def test_out_of_fds_refuses_flows_without_killing_the_session(nsvpn_lab, ssh_via
     assert 20 < int(held) < 80 and status == "HTTP/1.1", explain(r)
     assert "ECONNREFUSED" in errors and "timeout" not in errors, explain(r)
     assert r.stderr.count("Too many open files") == 1, explain(r)  # says why, once
+
+
+def test_ping_gateway_and_dns_address(nsvpn_lab, socks_via):
+    r = nsexec(nsvpn_lab, ["--via", socks_via],
+               "ping -n -c1 -W3 10.0.2.2 && ping -n -c1 -W3 10.0.2.3", timeout=30)
+    assert r.returncode == 0, explain(r)
+    assert r.stdout.count("1 received") == 2, explain(r)
