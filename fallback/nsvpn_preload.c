@@ -609,18 +609,31 @@ static long long bytes_acked(int fd)
     return (long long)v;
 }
 
+static int claim_answer(const struct proxied *p);
+
 /* Pending -> connected once the front let the padding through (the upstream is connected):
- * no unsent bytes left, or (when the program wrote more since) all padding acknowledged. */
+ * no unsent bytes left, or all padding acknowledged; when the program wrote more since and the
+ * last ACK is still on its way, the front itself says whether the claim succeeded. */
 static int settle(int fd, struct proxied *p)
 {
     if (p->state != ST_PENDING)
         return 0;
-    if (unsent_bytes(fd) != 0 && bytes_acked(fd) < p->pad)
+    if (unsent_bytes(fd) != 0 && bytes_acked(fd) < p->pad && claim_answer(p) != 0)
         return -1;
     int v = p->old_lowat;
     setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &v, sizeof v);
     p->state = ST_OK;
     return 0;
+}
+
+/* The front's answer for a claim: 0 connected, an errno, or -1 while still dialling. */
+static int claim_answer(const struct proxied *p)
+{
+    char req[48], resp[64];
+    snprintf(req, sizeof req, "S %u\n", p->claim);
+    if (ctl_request(req, resp, sizeof resp, 5000) >= 3 && resp[0] == 'R')
+        return atoi(resp + 2);
+    return -1;
 }
 
 /* The front's verdict about a reset claim (the errno of the upstream's answer). */
