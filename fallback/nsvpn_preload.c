@@ -34,7 +34,7 @@
  * token, then zeros) until the front's receive window is full and bytes stay unsent. A socket
  * with unsent bytes above its NOTSENT_LOWAT is not writable, for every readiness API alike
  * (epoll, poll, select, level- or edge-triggered). The front locks a small receive buffer on its
- * listener, so that window is shut for good (~170 KB of padding) instead of growing for a while
+ * listener, so that window is shut for good (~40 KB of padding) instead of growing for a while
  * as an autotuned buffer's would.
  * The shim then claims the connection (destination + padding length) and returns EINPROGRESS
  * without waiting. The front dials; on success it reads and drops exactly the padding, the

@@ -64,9 +64,10 @@ CTL_LINE_MAX = 600
 # The receive buffer of a connection that is not served yet, set (and so locked) on the
 # listener: a non-blocking shim connect fills it with padding (see the shim) and relies on the
 # window staying shut. With the kernel's autotuned default the window keeps growing for a
-# while (and tuned hosts default to many MB), so readiness would leak out; 64 KiB (the kernel
-# doubles it) means ~170 KB of padding, measured. Raised once the connection is served.
-PADDING_RCVBUF = 64 * 1024
+# while (and tuned hosts default to many MB), so readiness would leak out. 16 KiB (the kernel
+# doubles it) means ~40 KB of padding per pending connect (64 KiB: ~170 KB), measured; the
+# window scale it implies still carries uploads at ~1 GB/s on loopback. Raised once served.
+PADDING_RCVBUF = 16 * 1024
 SERVED_RCVBUF = 4 * 1024 * 1024
 
 Key = Tuple[int, int]  # (listener 4|6, client source port)
