@@ -45,6 +45,11 @@ log = logging.getLogger("nsvpn.dns")
 
 FAKE_NETWORK = "198.18.0.0/15"
 HOST_TIMEOUT = 1.5  # host resolver budget per query
+# After the host resolver timed out, it is given only this much (enough for /etc/hosts and
+# nscd, not for an unreachable DNS server) for HOST_SLOW_HOLD seconds: on a secluded node
+# every new name would otherwise cost the full budget.
+HOST_TIMEOUT_DEGRADED = 0.2
+HOST_SLOW_HOLD = 30.0
 FAKE_TTL = 60  # fake IPs are stable for the session, the TTL only bounds app caching
 REAL_TTL = 30  # getaddrinfo gives no TTL; keep app caches short
 NEGATIVE_TTL = 300.0  # a name the host could not resolve goes straight to a fake IP for this long
@@ -192,8 +197,15 @@ class DnsAnswerer:
         use_fake_ips: bool = True,
         relay: bool = False,
         clock: Callable[[], float] = lambda: 0.0,
+        local_net: str | None = None,
+        local_names: Dict[str, str] | None = None,
     ):
         self.fake_ips = fake_ips if fake_ips is not None else FakeIpTable()
+        # The namespace's own subnet: nobody outside knows it, so PTR queries for it are
+        # answered here at once (the app's own address -> our hostname) instead of waiting
+        # for the host resolver's timeout (xrdcp asks for its own address at start).
+        self.local_net = ipaddress.ip_network(local_net, strict=False) if local_net else None
+        self.local_names = dict(local_names or {})
         self.ipv6 = ipv6
         self.use_fake_ips = use_fake_ips
         self.relay = relay  # a --dns-server is reachable through the upstream
@@ -281,6 +293,13 @@ class DnsAnswerer:
                 return Reply(self._wire(r, max_size))
             if self.fake_ips.is_fake(ip):
                 return self._reply(query, dns.rcode.NXDOMAIN, max_size)
+            if self.local_net is not None and _in_net(ip, self.local_net):
+                local = self.local_names.get(ip)
+                if local is None:
+                    return self._reply(query, dns.rcode.NXDOMAIN, max_size)
+                r = self._response(query)
+                r.answer.append(dns.rrset.from_text(q.name, REAL_TTL, "IN", "PTR", local + "."))
+                return Reply(self._wire(r, max_size))
             return Lookup(query, ip, rdtype, max_size)
         if rdtype == dns.rdatatype.AAAA and not self.ipv6:
             return self._reply(query, dns.rcode.NOERROR, max_size)
@@ -385,6 +404,13 @@ def _is_address(text: str) -> bool:
 
 
 # -- DNS over TCP framing ------------------------------------------------------------------
+
+
+def _in_net(ip: str, net) -> bool:
+    try:
+        return ipaddress.ip_address(ip) in net
+    except ValueError:
+        return False
 
 
 def tcp_frame(message: bytes) -> bytes:
@@ -593,6 +619,8 @@ class DnsService:
         forward_servers: List[Tuple[str, int]] | None = None,
         max_inflight: int = 256,
         relay_timeout: float = 5.0,
+        local_net: str | None = None,
+        local_names: Dict[str, str] | None = None,
     ):
         self.server = parse_server(dns_server) if dns_server else None
         if self.server is not None and upstream is None:
@@ -604,6 +632,8 @@ class DnsService:
             use_fake_ips=use_fake_ips,
             relay=self.server is not None,
             clock=trio.current_time,
+            local_net=local_net,
+            local_names=local_names,
         )
         self.fake_ips = self.answerer.fake_ips
         self.lookup = lookup
@@ -614,6 +644,7 @@ class DnsService:
         )
         self.relay_timeout = relay_timeout
         self._limiter = trio.CapacityLimiter(max_inflight)
+        self._host_slow_until = 0.0
         self.dropped = 0
 
     async def _relay(self, wire: bytes) -> bytes | None:
@@ -630,10 +661,25 @@ class DnsService:
             self.answerer,
             wire,
             tcp=tcp,
-            lookup=self.lookup,
+            lookup=self._lookup,
             forward_servers=self.forward_servers,
             relay=self._relay if self.server is not None else None,
         )
+
+    async def _lookup(self, name: str, rdtype: int) -> LookupResult:
+        if self.lookup is not host_lookup:  # an injected resolver (tests) keeps its own rules
+            return await self.lookup(name, rdtype)
+        now = trio.current_time()
+        slow = now < self._host_slow_until
+        r = await host_lookup(name, rdtype, HOST_TIMEOUT_DEGRADED if slow else HOST_TIMEOUT)
+        # A timeout, or a slow "try again" (glibc gave up on an unreachable server first).
+        if r.status == "timeout" or (
+            r.status == "error" and trio.current_time() - now > HOST_TIMEOUT_DEGRADED
+        ):
+            self._host_slow_until = trio.current_time() + HOST_SLOW_HOLD
+        elif r.status in ("ok", "nxdomain", "nodata") and not slow:
+            self._host_slow_until = 0.0
+        return r
 
     async def serve_udp(self, relay, src, dst, payload: bytes) -> None:
         """One datagram from the app at `src` to our DNS address `dst`."""

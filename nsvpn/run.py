@@ -12,6 +12,8 @@ import argparse
 import functools
 import logging
 import os
+import signal
+import socket
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -95,6 +97,25 @@ def choose_mode(requested: str, quiet: bool) -> Optional[str]:
         _err(f"namespaces unusable ({bad[0].name}: {bad[0].detail.split(';')[0]}); "
              "using the LD_PRELOAD fallback (-q silences this)")
     return "preload"
+
+
+def namespace_hosts(addr: str, path: str = "/etc/hosts") -> str:
+    """The host's /etc/hosts plus our hostname at the namespace address.
+
+    Programs look up their own hostname and the name of their own address (xrdcp does both);
+    without this line each lookup waits for the resolver's timeout on a secluded node.
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        text = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    if text and not text.endswith("\n"):
+        text += "\n"
+    host = socket.gethostname()
+    names = [host] + ([host.split(".")[0]] if "." in host else [])
+    return text + "# added by nsvpn: this host inside its namespace\n" + \
+        f"{addr}\t{' '.join(names)}\n"
 
 
 def direct_networks(args: argparse.Namespace) -> List[str]:
@@ -209,9 +230,16 @@ async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[
         spec = namespace.NetnsSpec(mtu=stack_cfg.mtu, vnet_hdr=True,
                                    window=stack_cfg.tcp.rcv_buf)
         stack_cfg.tun_queue_len = spec.queue_len()
+        spec.hosts = namespace_hosts(spec.addr)
         fakes = FakeIpTable()
         router = routing.Router(direct=direct, allow_host_loopback=args.allow_host_loopback,
                                 fake_ip_lookup=fakes.name_for)
+        # Everything that can fail is built before CMD exists.
+        direct_up = DirectUpstream()
+        stack = Stack(stack_cfg)
+        dns = DnsService(fakes, upstream=pool, dns_server=args.dns_server,
+                         local_net=f"{spec.addr}/{spec.prefixlen}",
+                         local_names={spec.addr: socket.gethostname()})
         if user_nofile:  # CMD gets the user's own limits (select() users need <= 1024)
             _set_nofile(user_nofile)
         try:
@@ -223,9 +251,6 @@ async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[
         finally:
             if user_nofile:
                 _raise_nofile()
-        direct_up = DirectUpstream()
-        stack = Stack(stack_cfg)
-        dns = DnsService(fakes, upstream=pool, dns_server=args.dns_server)
 
         async def dial_upstream(host: str, port: int, timeout: float):
             return await pool.dial_tcp(host, port, timeout=timeout)
@@ -240,6 +265,9 @@ async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[
                 await n.start(relay.run)
                 status = await namespace.supervise(child)
                 n.cancel_scope.cancel()
+        except BaseException:
+            child.signal(signal.SIGKILL)  # never leave CMD running without its relay
+            raise
         finally:
             child.close()
         return status

@@ -453,3 +453,17 @@ async def test_service_in_relay_udp_and_tcp(nursery):
     assert addrs(parse(msgs[0])) == [fake]  # stable across UDP and TCP
     assert addrs(parse(msgs[1]), "PTR") == ["cern.example."]
     nursery.cancel_scope.cancel()
+
+
+def test_ptr_for_the_namespace_subnet_is_answered_locally():
+    ans = nd.DnsAnswerer(local_net="10.0.2.0/24", local_names={"10.0.2.100": "node17"})
+    own = ans.handle_query(q(dns.reversename.from_address("10.0.2.100"), "PTR"))
+    assert isinstance(own, nd.Reply)
+    m = parse(own.wire)
+    assert [r.to_text() for rr in m.answer for r in rr] == ["node17."]
+    other = ans.handle_query(q(dns.reversename.from_address("10.0.2.77"), "PTR"))
+    assert isinstance(other, nd.Reply)
+    assert parse(other.wire).rcode() == dns.rcode.NXDOMAIN
+    # outside the subnet the host resolver is still asked
+    assert isinstance(ans.handle_query(q(dns.reversename.from_address("172.31.2.2"), "PTR")),
+                      nd.Lookup)
