@@ -38,30 +38,33 @@ def _build_parser() -> argparse.ArgumentParser:
                          "(static and setuid programs cannot be helped)")
 
     ex = sub.add_parser("exec", help="run CMD with connectivity through the upstream")
-    ex.add_argument("--via", action="append", default=[], metavar="URL",
-                    help="upstream: ssh://[user@]host[:port], socks5://[user:pass@]host:port, "
-                         "openconnect://[user@]host[:port]; "
-                         "repeat for failover (default: $NSVPN_VIA or via= in the config file)")
-    ex.add_argument("--mode", choices=("auto", "ns", "preload"), default="auto")
-    ex.add_argument("--config", metavar="FILE", help="config file (default "
-                    "~/.config/nsvpn/config.toml)")
-    ex.add_argument("--ssh-opt", action="append", default=[], metavar="OPT",
-                    help="extra ssh option, passed as -o OPT (repeatable)")
-    ex.add_argument("--direct", action="append", default=[], metavar="CIDR",
-                    help="also dial this network directly with host sockets (repeatable)")
-    ex.add_argument("--no-direct", action="store_true",
-                    help="send everything through the upstream, even the host's own networks")
-    ex.add_argument("--dns-server", metavar="IP[:PORT]",
-                    help="resolve names the host cannot by DNS-over-TCP to this server "
-                         "through the upstream (default: fake IPs, resolved by the far side)")
+    from .config import add_config_args
+
+    add_config_args(ex)
+    ex.add_argument("--log-file", metavar="FILE",
+                    help="write nsvpn's log (timestamped; -v/-vv for more) to FILE, not stderr")
+    ex.add_argument("--pcap", metavar="FILE",
+                    help="ns mode (socks/ssh upstreams): write the namespace's packets to FILE "
+                         "in pcap format")
+    ex.add_argument("--pcap-max", metavar="MB", type=float, default=100.0,
+                    help="stop writing the pcap file at this size (default 100 MB)")
     ex.add_argument("--allow-host-loopback", action="store_true",
                     help="make the host's 127.0.0.1 reachable from CMD as 10.0.2.2")
     from .upstream.openconnect import add_openconnect_args
 
     add_openconnect_args(ex)
+    ex.add_argument("--no-proxy-env", action="store_true",
+                    help="preload mode: do not set ALL_PROXY=socks5h://... for CMD (Python "
+                         "requests/pip without PySocks fail on it)")
     ex.add_argument("-q", "--quiet", action="store_true", help="no notices on stderr")
     ex.add_argument("-v", "--verbose", action="count", default=0)
     ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    cf = sub.add_parser("config", help="configuration file tools")
+    cfs = cf.add_subparsers(dest="config_command", metavar="ACTION")
+    show = cfs.add_parser("show", help="the effective configuration for exec, with the source "
+                                       "of each value")
+    add_config_args(show)
+    show.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
     from .socks_cmd import add_socks_parser
 
     add_socks_parser(sub)
@@ -92,6 +95,20 @@ def _exec(args: argparse.Namespace) -> int:
     return run_exec(args, argv)
 
 
+def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .config import ConfigError, effective, format_show
+
+    if args.config_command != "show":
+        parser.error("usage: nsvpn config show [--config FILE] [--profile NAME] [--json]")
+    try:
+        d = effective(args).to_json_dict()
+    except ConfigError as e:
+        print(f"nsvpn: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(d, indent=2, sort_keys=True) if args.json else format_show(d))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -103,6 +120,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _probe(args)
         if args.command == "exec":
             return _exec(args)
+        if args.command == "config":
+            return _config(args, parser)
         if args.command == "socks":
             from .socks_cmd import run_socks
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
 import signal
 import socket
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import trio
@@ -32,10 +30,14 @@ def _err(msg: str) -> None:
     sys.stderr.flush()
 
 
-def _setup_logging(verbose: int) -> None:
+def _setup_logging(verbose: int, log_file: Optional[str] = None) -> None:
+    """Quiet by default (warnings only); -v info, -vv debug; --log-file instead of stderr."""
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s nsvpn %(levelname)s %(name)s: %(message)s")
+    fmt = "%(asctime)s nsvpn %(levelname)s %(name)s: %(message)s"
+    if log_file:
+        logging.basicConfig(level=level, filename=log_file, format=fmt)
+    else:
+        logging.basicConfig(level=level, stream=sys.stderr, format=fmt)
 
 
 def build_upstreams(vias: List[str], args: argparse.Namespace):
@@ -129,12 +131,16 @@ def direct_networks(args: argparse.Namespace) -> List[str]:
 
 
 def run_exec(args: argparse.Namespace, argv: List[str]) -> int:
-    _setup_logging(args.verbose)
     try:
-        fc = cfg.load_file(Path(args.config) if args.config else None,
-                           explicit=bool(args.config))
-        vias = cfg.resolve_via(args.via, dict(os.environ), fc)
-        pool = build_upstreams(vias.value, args)
+        _setup_logging(args.verbose, getattr(args, "log_file", None))
+    except OSError as e:
+        _err(f"cannot open the log file: {e}")
+        return EXIT_USAGE
+    try:
+        eff = cfg.apply_to_args(args)  # CLI > NSVPN_* > profile > file > default, onto args
+        for key, s in eff.values.items():
+            log.debug("config %s = %r (%s)", key, s.value, s.source)
+        pool = build_upstreams(args.via, args)
         direct = direct_networks(args)
         for c in args.direct:
             routing.Router(direct=[c])  # validates the CIDR
@@ -149,6 +155,9 @@ def run_exec(args: argparse.Namespace, argv: List[str]) -> int:
         return EXIT_SETUP
     from .upstream.openconnect import OpenconnectUpstream
 
+    if getattr(args, "pcap", None) and (mode != "ns" or isinstance(pool, OpenconnectUpstream)):
+        _err("--pcap works in namespace mode with ssh:// or socks5:// upstreams only")
+        return EXIT_USAGE
     quiet = args.quiet or args.verbose == 0  # pilot logs are precious
     if isinstance(pool, OpenconnectUpstream):
         if mode == "preload":
@@ -204,10 +213,69 @@ async def _run_preload(args: argparse.Namespace, argv: List[str], pool,
     try:
         # Warns about static/setuid CMDs (they would not be tunnelled) unless -q.
         return await run_preload(argv, pool, direct, quiet=args.quiet,
-                                 dns_server=args.dns_server)
+                                 dns_server=args.dns_server,
+                                 socks_env=not getattr(args, "no_proxy_env", False))
     finally:
         with trio.CancelScope(shield=True):
             await pool.aclose()
+
+
+def _open_pcap(args: argparse.Namespace):
+    """--pcap FILE -> PcapWriter (OSError propagates: checked before CMD exists)."""
+    if not getattr(args, "pcap", None):
+        return None
+    from .netstack.stack import VNET_HDR_LEN
+    from .pcap import PcapWriter
+
+    return PcapWriter(args.pcap, int(args.pcap_max * 1e6), strip=VNET_HDR_LEN)
+
+
+def _dump_counters(stack, relay, pool) -> None:
+    """SIGUSR1: one JSON line with the stack, relay and upstream numbers, to the log (or
+    stderr when there is no --log-file), whatever the -v level."""
+    import json
+
+    ups = [{"name": u.name, "healthy": bool(u.healthy)}
+           for u in getattr(pool, "upstreams", [pool])]
+    d = {"stack": stack.counters(), "relay": relay.stats(), "upstreams": ups}
+    if relay.pcap is not None:
+        try:
+            relay.pcap._f and relay.pcap._f.flush()
+        except OSError:
+            pass
+    root = logging.getLogger()
+    rec = logging.LogRecord("nsvpn.counters", logging.WARNING, __file__, 0,
+                            "counters %s", (json.dumps(d, sort_keys=True),), None)
+    for h in root.handlers:  # bypass the level: the user asked for it
+        h.handle(rec)
+    if not root.handlers:
+        _err("counters " + json.dumps(d, sort_keys=True))
+
+
+async def _supervise(child, dump) -> int:
+    """namespace.supervise, plus SIGUSR1 -> dump() *and* still forwarded to CMD.
+
+    The forwarder gets every other signal; our own SIGUSR1 receiver dumps first, then passes
+    the signal on, so CMD sees exactly what it would without nsvpn (issue 4).
+    """
+    others = tuple(s for s in namespace.FORWARDED_SIGNALS if s != signal.SIGUSR1)
+
+    async def usr1(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGUSR1) as batches:
+            task_status.started()
+            async for _ in batches:
+                try:
+                    dump()
+                except Exception as e:  # a dump must never end the session
+                    log.warning("counter dump failed: %s", e)
+                child.signal(signal.SIGUSR1)
+
+    async with trio.open_nursery() as n:
+        await n.start(namespace.forward_signals, child, others)
+        await n.start(usr1)
+        status = await child.wait()
+        n.cancel_scope.cancel()
+    return status
 
 
 async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[str]) -> int:
@@ -217,6 +285,7 @@ async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[
     from .upstream.base import UpstreamError
     from .upstream.direct import DirectUpstream
 
+    pcap = None
     user_nofile = _raise_nofile()
     try:
         await pool.start()
@@ -237,6 +306,11 @@ async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[
         # Everything that can fail is built before CMD exists.
         direct_up = DirectUpstream()
         stack = Stack(stack_cfg)
+        try:
+            pcap = _open_pcap(args)
+        except OSError as e:
+            _err(f"cannot write the pcap file: {e}")
+            return EXIT_USAGE
         dns = DnsService(fakes, upstream=pool, dns_server=args.dns_server,
                          local_net=f"{spec.addr}/{spec.prefixlen}",
                          local_names={spec.addr: socket.gethostname()})
@@ -260,10 +334,11 @@ async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[
 
         relay = Relay(child.tun_fd, stack, router, dial_upstream=dial_upstream,
                       dial_direct=dial_direct, dns_service=dns)
+        relay.pcap = pcap
         try:
             async with trio.open_nursery() as n:
                 await n.start(relay.run)
-                status = await namespace.supervise(child)
+                status = await _supervise(child, lambda: _dump_counters(stack, relay, pool))
                 n.cancel_scope.cancel()
         except BaseException:
             child.signal(signal.SIGKILL)  # never leave CMD running without its relay
@@ -272,5 +347,7 @@ async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[
             child.close()
         return status
     finally:
+        if pcap is not None:
+            pcap.close()
         with trio.CancelScope(shield=True):
             await pool.aclose()
