@@ -100,6 +100,7 @@ class Relay:
         self._nursery: Optional[trio.Nursery] = None
         self.write_errors = 0
         self._warned: Dict[int, float] = {}  # errno -> when it was last logged
+        self.pcap: Optional[object] = None  # a pcap.PcapWriter; set before run()
 
     def _warn_local(self, what: str, e: OSError) -> None:
         """Local failures (EMFILE...) come in storms: one line per errno per 10 s."""
@@ -127,6 +128,26 @@ class Relay:
             if d is not None and d < scope.deadline:
                 scope.deadline = d
 
+    def _after_stack_pcap(self) -> None:
+        """_after_stack that also records every packet written to the TUN (--pcap)."""
+        st = self.stack
+        writev = os.writev
+        fd = self.fd
+        rec = self.pcap.iovec
+        for iov in st.output_iovecs():
+            rec(iov)
+            try:
+                writev(fd, iov)
+            except OSError:
+                self.write_errors += 1
+        for ev in st.pop_events():
+            self._dispatch(ev)
+        scope = self._timer_scope
+        if scope is not None:
+            d = st.next_deadline()
+            if d is not None and d < scope.deadline:
+                scope.deadline = d
+
     def _dispatch(self, ev: object) -> None:
         if isinstance(ev, nstack.TcpFlowEvent):
             f = self.flows.get(id(ev.flow))
@@ -141,11 +162,15 @@ class Relay:
             self._udp_in(ev)
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        reader = self._tun_reader
+        if self.pcap is not None:  # chosen once: no per-packet test when pcap is off
+            self._after_stack = self._after_stack_pcap  # type: ignore[method-assign]
+            reader = self._tun_reader_pcap
         async with trio.open_nursery() as n:
             self._nursery = n
             n.start_soon(self._timer_loop)
             if self.read_tun:
-                n.start_soon(self._tun_reader)
+                n.start_soon(reader)
             task_status.started()
 
     def feed(self, pkt, now: float) -> None:
@@ -175,6 +200,38 @@ class Relay:
                 st.input_packet(pkt, now)
             self._after_stack()
             await trio.lowlevel.checkpoint_if_cancelled()
+
+    async def _tun_reader_pcap(self) -> None:
+        """_tun_reader that also records every packet read from the TUN (--pcap)."""
+        fd = self.fd
+        read = os.read
+        st = self.stack
+        rec = self.pcap.packet
+        bufsize = 65536 + 64
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            now = trio.current_time()
+            for _ in range(READ_BATCH):
+                try:
+                    pkt = read(fd, bufsize)
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    if e.errno == errno.EBADFD or e.errno == errno.EIO:
+                        return
+                    raise
+                rec(pkt)
+                st.input_packet(pkt, now)
+            self._after_stack()
+            await trio.lowlevel.checkpoint_if_cancelled()
+
+    def stats(self) -> dict:
+        """Relay-side numbers for the SIGUSR1 dump."""
+        d = {"tcp_flows": len(self.flows), "udp_flows": len(self.udp),
+             "tun_write_errors": self.write_errors}
+        if self.pcap is not None:
+            d["pcap"] = self.pcap.stats()
+        return d
 
     async def _timer_loop(self) -> None:
         while True:

@@ -115,7 +115,7 @@ def test_no_upstream_names_all_three_ways(home, tmp_path):
 
 
 def test_empty_nsvpn_via_and_config_without_via_count_as_none(home):
-    write_config(home, 'other = "x"\n')
+    write_config(home, 'mode = "auto"\n')  # a config file without via (unknown keys are errors now)
     r = nsvpn(["exec", "--", "true"], home, env={"NSVPN_VIA": " , "})
     assert r.returncode == 2
     assert "NSVPN_VIA" in one_line_error(r)
