@@ -209,7 +209,15 @@ async def _forward_signals(child: Child, *, task_status=trio.TASK_STATUS_IGNORED
     with trio.open_signal_receiver(*FORWARDED_SIGNALS) as batches:
         task_status.started()
         async for sig in batches:
+            if sig == signal.SIGINT and _terminal_signals_child(child):
+                continue  # the terminal's Ctrl-C already reached CMD: don't deliver it twice
             child.signal(sig)
+
+
+def _terminal_signals_child(child: Child) -> bool:
+    from .namespace import _terminal_signals_child as same_rule
+
+    return same_rule(child)
 
 
 def _runtime_dir() -> str:

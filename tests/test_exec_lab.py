@@ -699,12 +699,13 @@ def test_more_flows_than_the_users_soft_fd_limit(nsvpn_lab, ssh_via):
 
 PTY_CTRL_C_PY = r"""
 import os, pty, select, sys, time
-via, log = sys.argv[1], sys.argv[2]
+via, log, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 script = ('trap "echo INT >> %s" INT; echo READY; i=0; '
           'while [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done; echo DONE' % log)
 pid, fd = pty.fork()
 if pid == 0:
-    os.execvp("nsvpn", ["nsvpn", "exec", "--via", via, "--", "sh", "-c", script])
+    os.execvp("nsvpn", ["nsvpn", "exec", "-q", "--mode", mode, "--via", via, "--",
+                        "sh", "-c", script])
 buf = b""
 def pump(secs):
     global buf
@@ -725,11 +726,12 @@ print(os.waitstatus_to_exitcode(st), b"DONE" in buf)
 """
 
 
-def test_ctrl_c_on_a_terminal_reaches_cmd_exactly_once(nsvpn_lab, socks_via, user_tmp):
+@pytest.mark.parametrize("mode", ["ns", "preload"])
+def test_ctrl_c_on_a_terminal_reaches_cmd_exactly_once(nsvpn_lab, socks_via, user_tmp, mode):
     """nsvpn and CMD share the terminal's foreground group: CMD must see one SIGINT, not the
     terminal's plus a forwarded copy, and nsvpn must not die of it while CMD lives on."""
     log = os.path.join(user_tmp, "ints")
-    r = nsvpn_lab.run(["python3", "-c", PTY_CTRL_C_PY, socks_via, log], timeout=60)
+    r = nsvpn_lab.run(["python3", "-c", PTY_CTRL_C_PY, socks_via, log, mode], timeout=60)
     assert r.returncode == 0, explain(r)
     assert r.stdout.split() == ["0", "True"], explain(r)  # CMD went on and exited 0
     with open(log) as f:
