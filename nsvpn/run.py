@@ -237,7 +237,7 @@ def _dump_counters(stack, relay, pool) -> None:
 
     ups = [{"name": u.name, "healthy": bool(u.healthy)}
            for u in getattr(pool, "upstreams", [pool])]
-    d = {"stack": stack.counters(), "relay": relay.stats(), "upstreams": ups}
+    d = {"stack": stack.counters, "relay": relay.stats(), "upstreams": ups}
     if relay.pcap is not None:
         try:
             relay.pcap._f and relay.pcap._f.flush()
@@ -267,7 +267,7 @@ async def _supervise(child, dump) -> int:
                 try:
                     dump()
                 except Exception as e:  # a dump must never end the session
-                    log.warning("counter dump failed: %s", e)
+                    log.warning("counter dump failed: %s", e, exc_info=log.isEnabledFor(10))
                 child.signal(signal.SIGUSR1)
 
     async with trio.open_nursery() as n:
