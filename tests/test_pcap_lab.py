@@ -84,16 +84,19 @@ def test_pcap_refused_in_preload_mode(nsvpn_lab: labenv.Lab, user_tmp: str):
     assert "--pcap" in r.stderr and not os.path.exists(marker)
 
 
-def test_sigusr1_dumps_counters_and_still_reaches_cmd(nsvpn_lab: labenv.Lab, user_tmp: str):
+@pytest.mark.parametrize("to_file", [True, False], ids=["log-file", "stderr"])
+def test_sigusr1_dumps_counters_and_still_reaches_cmd(nsvpn_lab: labenv.Lab, user_tmp: str,
+                                                      to_file: bool):
     marker = "usr1" + uuid.uuid4().hex[:12]
     got = os.path.join(user_tmp, "got")
     ready = os.path.join(user_tmp, "ready")
     log = os.path.join(user_tmp, "nsvpn.log")
+    opts = ["--log-file", log] if to_file else []
     # CMD: one download (so the counters are not zero), then wait for USR1 and record it
     script = (f": {marker}; curl -sS -o /dev/null http://remote.lab/1M.bin; "
               f"trap 'echo USR1 >> {got}' USR1; touch {ready}; "
               f"while [ ! -s {got} ]; do sleep 0.1; done; exit 7")
-    p = nsvpn_lab.popen(["nsvpn", "exec", "--log-file", log, "--via", SOCKS, "--",
+    p = nsvpn_lab.popen(["nsvpn", "exec", *opts, "--via", SOCKS, "--",
                          "sh", "-c", script], timeout=90)
     with p:
         nsvpn_lab.wait_for(lambda: os.path.exists(ready) or p.poll() is not None,
@@ -107,9 +110,14 @@ def test_sigusr1_dumps_counters_and_still_reaches_cmd(nsvpn_lab: labenv.Lab, use
     assert status == 7, out  # CMD got its USR1 (the trap ran) and exited on its own
     with open(got) as f:
         assert f.read().split() == ["USR1"]  # delivered once, not twice
-    assert out == "", out  # quiet by default, and the dump went to the log file
-    with open(log) as f:
-        text = f.read()
+    if to_file:
+        assert out == "", out  # quiet by default, and the dump went to the log file
+        with open(log) as f:
+            text = f.read()
+    else:
+        assert not os.path.exists(log)
+        text = out
+        assert len(text.splitlines()) == 1, text  # the dump is all there is on stderr
     m = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+ .*counters (\{.*\})$", text, re.M)
     assert m, text
     d = json.loads(m.group(2))
