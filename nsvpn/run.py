@@ -199,9 +199,8 @@ def _raise_nofile():
     return (soft, hard)
 
 
-async def _run_preload(args: argparse.Namespace, argv: List[str], pool,
-                       direct: List[str]) -> int:
-    from .preload import run_preload
+async def _start_pool(pool) -> bool:
+    """Bring the upstreams up (bounded); False after saying why on stderr."""
     from .upstream.base import UpstreamError
 
     try:
@@ -209,6 +208,15 @@ async def _run_preload(args: argparse.Namespace, argv: List[str], pool,
     except UpstreamError as e:
         _err(f"upstream failed: {e}")
         await pool.aclose()
+        return False
+    return True
+
+
+async def _run_preload(args: argparse.Namespace, argv: List[str], pool,
+                       direct: List[str]) -> int:
+    from .preload import run_preload
+
+    if not await _start_pool(pool):
         return EXIT_UPSTREAM
     try:
         # Warns about static/setuid CMDs (they would not be tunnelled) unless -q.
@@ -282,16 +290,11 @@ async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[
     from .dns import DnsService, FakeIpTable
     from .netstack.stack import Stack, StackConfig
     from .relay import Relay
-    from .upstream.base import UpstreamError
     from .upstream.direct import DirectUpstream
 
     pcap = None
     user_nofile = _raise_nofile()
-    try:
-        await pool.start()
-    except UpstreamError as e:
-        _err(f"upstream failed: {e}")
-        await pool.aclose()
+    if not await _start_pool(pool):
         return EXIT_UPSTREAM
     try:
         stack_cfg = StackConfig(vnet_hdr=True)
