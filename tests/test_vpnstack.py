@@ -104,13 +104,14 @@ class FarSide:
     UNREACH answers ICMP host unreachable; SILENT drops everything; DNS_IP:53 answers A
     queries for remote.lab / www.lab. Every packet from us is kept in `seen`."""
 
-    def __init__(self, sock: socket.socket, delay: float = 0.0) -> None:
+    def __init__(self, sock: socket.socket, delay: float = 0.0, mtu: int = 1434) -> None:
         self.sock = sock
         self.delay = delay
         self.stack = nstack.Stack(nstack.StackConfig(
-            net="172.31.2.0/24", gateway="172.31.2.1", dns="172.31.2.3", mtu=1434,
+            net="172.31.2.0/24", gateway="172.31.2.1", dns="172.31.2.3", mtu=mtu,
             tun_queue_len=1 << 20))
         self.seen: List[bytes] = []
+        self.received = 0
         self.dns_queries: List[str] = []
         self.flows = {}
         self.nursery: Optional[trio.Nursery] = None
@@ -174,6 +175,7 @@ class FarSide:
                 st.tcp_shutdown(flow, now)
         else:
             data = st.tcp_recv(flow)
+            self.received += len(data)
             if data:
                 st.tcp_send(flow, bytes(data), now)
             if flow.conn.state == "CLOSE_WAIT" and not f[3]:
@@ -505,6 +507,29 @@ async def test_reset_by_the_far_side_breaks_the_stream():
         assert got == b"partial"  # data before the RST is still delivered
         with pytest.raises(trio.BrokenResourceError):
             await s.send_all(b"x")
+        await s.aclose()
+        await up.aclose()
+        n.cancel_scope.cancel()
+
+
+async def test_upload_segments_fit_the_vpn_mtu_whatever_mss_the_server_announces():
+    """A server on a 1500-byte LAN announces MSS 1460; our packets must still fit the
+    tunnel's 1434 (openconnect drops bigger ones)."""
+    async with trio.open_nursery() as n:
+        src = SessionSource()
+        far = FarSide(src.new_session(), mtu=1500)
+        n.start_soon(far.run)
+        up = VpnStackUpstream(src)
+        await up.start()
+        s = await up.dial_tcp(SERVER, 7, timeout=5)
+        data = b"u" * (3 << 20)
+        with trio.fail_after(10):
+            await s.send_all(data)
+            got = 0
+            while got < len(data):
+                got += len(await s.receive_some())
+        assert far.received == len(data)
+        assert max(len(p) for p in far.seen) == 1434
         await s.aclose()
         await up.aclose()
         n.cancel_scope.cancel()
