@@ -58,7 +58,25 @@ def _build_parser() -> argparse.ArgumentParser:
                          "requests/pip without PySocks fail on it)")
     ex.add_argument("-q", "--quiet", action="store_true", help="no notices on stderr")
     ex.add_argument("-v", "--verbose", action="count", default=0)
+    ex.add_argument("--name", metavar="N",
+                    help="run CMD in the shared tunnel N started by `nsvpn up` (no --via)")
     ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    up = sub.add_parser("up", help="start a named shared tunnel in the background (ns mode, "
+                                   "ssh:// or socks5://); returns once it is ready")
+    up.add_argument("--name", required=True, metavar="N", help="the tunnel's name")
+    add_config_args(up)
+    up.add_argument("--log-file", metavar="FILE", help="the daemon's log (default: none)")
+    up.add_argument("--allow-host-loopback", action="store_true",
+                    help="make the host's 127.0.0.1 reachable as 10.0.2.2")
+    up.add_argument("-q", "--quiet", action="store_true", help="no notices on stderr")
+    up.add_argument("-v", "--verbose", action="count", default=0,
+                    help="say what `up` waits for; the daemon logs at this level")
+    st = sub.add_parser("status", help="list named tunnels, their upstreams, flows and bytes")
+    st.add_argument("name", nargs="?", metavar="N")
+    st.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
+    dn = sub.add_parser("down", help="stop a named tunnel and everything running in it")
+    dn.add_argument("name", metavar="N")
+    dn.add_argument("-v", "--verbose", action="count", default=0)
     cf = sub.add_parser("config", help="configuration file tools")
     cfs = cf.add_subparsers(dest="config_command", metavar="ACTION")
     show = cfs.add_parser("show", help="the effective configuration for exec, with the source "
@@ -90,6 +108,14 @@ def _exec(args: argparse.Namespace) -> int:
         print("nsvpn exec: no command given (usage: nsvpn exec [--via URL] -- CMD [ARGS...])",
               file=sys.stderr)
         return EXIT_USAGE
+    if args.name:
+        if args.via:
+            print("nsvpn exec: --name joins a tunnel started by `nsvpn up`; give --via there",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        from .tunnels import run_join
+
+        return run_join(args.name, argv)
     from .run import run_exec
 
     return run_exec(args, argv)
@@ -122,6 +148,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _exec(args)
         if args.command == "config":
             return _config(args, parser)
+        if args.command in ("up", "status", "down"):
+            from . import tunnels
+
+            return {"up": tunnels.run_up, "status": tunnels.run_status,
+                    "down": tunnels.run_down}[args.command](args)
         if args.command == "socks":
             from .socks_cmd import run_socks
 

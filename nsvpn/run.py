@@ -286,7 +286,10 @@ async def _supervise(child, dump) -> int:
     return status
 
 
-async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[str]) -> int:
+async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[str],
+                  ready=None) -> int:
+    """ready(child, stack, relay, pool): an async task started next to the relay once CMD
+    runs (named tunnels: the holder is CMD; ready serves the control socket)."""
     from .dns import DnsService, FakeIpTable
     from .netstack.stack import Stack, StackConfig
     from .relay import Relay
@@ -341,6 +344,8 @@ async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[
         try:
             async with trio.open_nursery() as n:
                 await n.start(relay.run)
+                if ready is not None:
+                    n.start_soon(ready, child, stack, relay, pool)
                 status = await _supervise(child, lambda: _dump_counters(stack, relay, pool))
                 n.cancel_scope.cancel()
         except BaseException:

@@ -1,0 +1,205 @@
+"""Named shared tunnels in the lab (issue 7): `nsvpn up/exec --name/status/down`.
+
+Everything runs as the test user in the `worker` netns (no route out): a byte-exact download
+proves the traffic went through the tunnel; process checks look at the daemon's own children
+and the tunnel's netns, so other users of the lab (benchmarks) do not disturb them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from typing import List, Optional
+
+import labenv
+import pytest
+
+pytestmark = pytest.mark.lab
+
+FETCH = "curl -sS --fail --max-time 60 http://remote.lab/1M.bin | sha256sum"
+
+
+def _name() -> str:
+    return "t" + uuid.uuid4().hex[:8]
+
+
+def _stat(pid: int) -> Optional[List[str]]:
+    """/proc/PID/stat fields after the comm (None when gone or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].decode().split()
+    return None if fields[0] in ("Z", "X") else fields
+
+
+def _alive(pid: int) -> bool:
+    return _stat(pid) is not None
+
+
+def _children(ppid: int, comm: str) -> List[int]:
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        st = _stat(int(p))
+        try:
+            with open(f"/proc/{p}/comm") as f:
+                c = f.read().strip()
+        except OSError:
+            continue
+        if st is not None and int(st[1]) == ppid and c == comm:
+            out.append(int(p))
+    return out
+
+
+def _in_netns(inode: int) -> List[int]:
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                if os.stat(f"/proc/{p}/ns/net").st_ino == inode and _alive(int(p)):
+                    out.append(int(p))
+            except OSError:
+                pass
+    return out
+
+
+def status(lab: labenv.Lab, name: Optional[str] = None):
+    r = lab.run(["nsvpn", "status", "--json"] + ([name] if name else []), timeout=30)
+    return r, (json.loads(r.stdout) if r.returncode == 0 else None)
+
+
+def up(lab: labenv.Lab, name: str, via: str, *extra: str):
+    r = lab.run(["nsvpn", "up", "--name", name, "--via", via, *extra], timeout=90)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr}"
+    _, st = status(lab, name)
+    (t,) = st["tunnels"]
+    assert t["state"] == "running", t
+    return t
+
+
+def down(lab: labenv.Lab, name: str):
+    return lab.run(["nsvpn", "down", name], timeout=60)
+
+
+@pytest.fixture
+def ssh_via(nsvpn_lab: labenv.Lab) -> str:
+    s = nsvpn_lab.ssh
+    return f"ssh://{s['user']}@{s['host']}"
+
+
+def test_two_execs_share_one_ssh_and_down_ends_them(nsvpn_lab: labenv.Lab, ssh_via: str):
+    lab, name = nsvpn_lab, _name()
+    r = lab.run(["nsvpn", "up", "-v", "--name", name, "--via", ssh_via], timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "waiting for the upstream" in r.stderr and "ready" in r.stderr, r.stderr
+    try:
+        _, st = status(lab, name)
+        (t,) = st["tunnels"]
+        daemon, holder = t["pid"], t["holder_pid"]
+        assert t["state"] == "running" and _alive(daemon) and _alive(holder)
+        assert [u["healthy"] for u in t["upstreams"]] == [True]
+        ssh_before = _children(daemon, "ssh")
+        assert len(ssh_before) == 1, ssh_before
+        procs = [lab.popen(["nsvpn", "exec", "--name", name, "--", "sh", "-c",
+                            f"{FETCH}; {FETCH}"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=120) for _ in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        want = lab.sha256["1M.bin"]
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0, err
+            assert out.split()[::2] == [want, want], (out, err)
+        # one ssh for all four downloads: the same process as before
+        assert _children(daemon, "ssh") == ssh_before
+        _, st = status(lab, name)
+        (t,) = st["tunnels"]
+        assert t["stack"]["tcp_flows_total"] >= 4, t
+        assert t["stack"]["bytes_out"] >= 4 * 1024 * 1024, t
+        r = lab.run(["nsvpn", "status"], timeout=30)
+        assert name in r.stdout and "running" in r.stdout, r.stdout
+
+        # a CMD still running in the tunnel ends with `down`, and nothing is left
+        sleeper = lab.popen(["nsvpn", "exec", "--name", name, "--", "sleep", "60"])
+        lab.wait_for(lambda: len(_in_netns(t["netns"])) >= 2, timeout=10)
+        t0 = time.monotonic()
+        r = down(lab, name)
+        assert r.returncode == 0, r.stderr
+        sleeper.wait(timeout=10)
+        assert time.monotonic() - t0 < 10
+        assert not _alive(daemon) and not _alive(holder)
+        assert not any(_alive(p) for p in ssh_before)
+        assert _in_netns(t["netns"]) == []
+        r, _ = status(lab, name)
+        assert r.returncode == 2 and f"no tunnel named {name}" in r.stderr, r.stderr
+    finally:
+        down(lab, name)
+
+
+def test_killed_daemon_is_dead_and_down_cleans_it(nsvpn_lab: labenv.Lab):
+    lab, name = nsvpn_lab, _name()
+    t = up(lab, name, lab.socks5["url"])
+    try:
+        sleeper = lab.popen(["nsvpn", "exec", "--name", name, "--", "sleep", "60"])
+        lab.wait_for(lambda: len(_in_netns(t["netns"])) >= 2, timeout=10)
+        os.kill(t["pid"], signal.SIGKILL)
+        lab.wait_for(lambda: not _alive(t["holder_pid"]), timeout=5)  # PDEATHSIG
+        _, st = status(lab)
+        (mine,) = [x for x in st["tunnels"] if x["name"] == name]
+        assert mine["state"] == "dead", mine
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "true"], timeout=30)
+        assert r.returncode == 2 and "dead" in r.stderr, r.stderr
+        assert _in_netns(t["netns"]), "the sleeper keeps the netns until down"
+        r = down(lab, name)
+        assert r.returncode == 0, r.stderr
+        sleeper.wait(timeout=10)
+        assert _in_netns(t["netns"]) == []
+        r, _ = status(lab, name)
+        assert r.returncode == 2
+        # the name is free again: up works, and so does a download through it
+        up(lab, name, lab.socks5["url"])
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "sh", "-c", FETCH], timeout=60)
+        assert r.returncode == 0 and r.stdout.split()[0] == lab.sha256["1M.bin"], r.stderr
+    finally:
+        down(lab, name)
+
+
+def test_up_twice_and_up_after_kill(nsvpn_lab: labenv.Lab):
+    lab, name = nsvpn_lab, _name()
+    t = up(lab, name, lab.socks5["url"])
+    try:
+        r = lab.run(["nsvpn", "up", "--name", name, "--via", lab.socks5["url"]], timeout=60)
+        assert r.returncode == 2 and "already running" in r.stderr, r.stderr
+        os.kill(t["pid"], signal.SIGKILL)
+        lab.wait_for(lambda: not _alive(t["pid"]), timeout=5)
+        t2 = up(lab, name, lab.socks5["url"])  # cleans the dead one and starts anew
+        assert t2["pid"] != t["pid"]
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "sh", "-c", "exit 7"], timeout=30)
+        assert r.returncode == 7, r.stderr
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "sh", "-c", "kill -TERM $$"],
+                    timeout=30)
+        assert r.returncode == 128 + signal.SIGTERM, r.stderr
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "no-such-command-xyz"],
+                    timeout=30)
+        assert r.returncode == 127 and "no-such-command-xyz" in r.stderr, r.stderr
+    finally:
+        down(lab, name)
+
+
+def test_exec_name_missing_and_bad_upstream(nsvpn_lab: labenv.Lab):
+    lab, name = nsvpn_lab, _name()
+    r = lab.run(["nsvpn", "exec", "--name", name, "--", "true"], timeout=30)
+    assert r.returncode == 2 and f"no tunnel named {name}" in r.stderr, r.stderr
+    r = lab.run(["nsvpn", "down", name], timeout=30)
+    assert r.returncode == 2 and f"no tunnel named {name}" in r.stderr, r.stderr
+    # a refused upstream: up fails with the upstream's reason and leaves no state behind
+    r = lab.run(["nsvpn", "up", "--name", name, "--via", "socks5://127.0.0.1:9"], timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert "upstream" in r.stderr, r.stderr
+    r, _ = status(lab, name)
+    assert r.returncode == 2, r.stderr
