@@ -41,11 +41,15 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 
-# The holder: no fds of ours, waits for a signal (SIGTERM from the daemon, or PDEATHSIG).
+# The holder: no fds of ours, waits for SIGTERM/SIGINT (from the daemon) or PDEATHSIG. The
+# daemon forwards the signals it gets to its CMD: SIGUSR1 (counter dump), SIGUSR2 and SIGHUP
+# must not end the tunnel.
 HOLDER = ("import os,signal\n"
           "fd=os.open('/dev/null',os.O_RDWR)\n"
           "[os.dup2(fd,i) for i in (0,1,2)]\n"
           "signal.signal(signal.SIGINT,signal.SIG_DFL)\n"
+          "[signal.signal(s,signal.SIG_IGN) for s in "
+          "(signal.SIGUSR1,signal.SIGUSR2,signal.SIGHUP)]\n"
           "while True: signal.pause()\n")
 
 

@@ -203,3 +203,27 @@ def test_exec_name_missing_and_bad_upstream(nsvpn_lab: labenv.Lab):
     assert "upstream" in r.stderr, r.stderr
     r, _ = status(lab, name)
     assert r.returncode == 2, r.stderr
+
+
+def test_sigusr1_dumps_counters_to_log_file_and_keeps_running(nsvpn_lab: labenv.Lab,
+                                                              user_tmp: str):
+    lab, name = nsvpn_lab, _name()
+    logf = os.path.join(user_tmp, "tunnel.log")
+    t = up(lab, name, lab.socks5["url"], "--log-file", logf)
+    try:
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "sh", "-c", FETCH], timeout=60)
+        assert r.returncode == 0 and r.stdout.split()[0] == lab.sha256["1M.bin"], r.stderr
+        os.kill(t["pid"], signal.SIGUSR1)
+        lab.wait_for(lambda: os.path.exists(logf) and "counters" in open(logf).read(),
+                     timeout=5)
+        line = [x for x in open(logf).read().splitlines() if "counters" in x][-1]
+        d = json.loads(line.split("counters ", 1)[1])
+        assert d["stack"]["bytes_out"] >= 1024 * 1024, d
+        time.sleep(0.3)
+        _, st = status(lab, name)
+        assert st["tunnels"][0]["state"] == "running" and _alive(t["holder_pid"])
+        r = lab.run(["nsvpn", "exec", "--name", name, "--via", "socks5://x:1", "--", "true"],
+                    timeout=30)
+        assert r.returncode == 2 and "--name joins" in r.stderr, r.stderr
+    finally:
+        down(lab, name)
