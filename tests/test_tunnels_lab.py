@@ -227,3 +227,24 @@ def test_sigusr1_dumps_counters_to_log_file_and_keeps_running(nsvpn_lab: labenv.
         assert r.returncode == 2 and "--name joins" in r.stderr, r.stderr
     finally:
         down(lab, name)
+
+
+def test_exec_name_forwards_signals_and_keeps_cwd(nsvpn_lab: labenv.Lab, user_tmp: str):
+    lab, name = nsvpn_lab, _name()
+    up(lab, name, lab.socks5["url"])
+    try:
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "sh", "-c",
+                     "pwd; id -u; ip -o -4 addr show scope global"], cwd=user_tmp, timeout=30)
+        lines = r.stdout.splitlines()
+        assert r.returncode == 0 and lines[0] == user_tmp, r
+        assert lines[1] == str(labenv.pwd.getpwnam("nsvpntest").pw_uid)
+        assert "10.0.2.100/24" in lines[2], r.stdout
+        trap = os.path.join(user_tmp, "got-term")
+        p = lab.popen(["nsvpn", "exec", "--name", name, "--", "sh", "-c",
+                       f"trap 'echo term > {trap}; exit 9' TERM; sleep 30 & wait"])
+        time.sleep(1.0)  # the trap is set
+        os.kill(p.pid, signal.SIGTERM)  # to nsvpn only (ip netns exec and setpriv exec it)
+        assert p.wait(timeout=10) == 9
+        assert open(trap).read().strip() == "term"
+    finally:
+        down(lab, name)
