@@ -117,17 +117,27 @@ async def _send(sess: VpnSession, data: memoryview) -> bool:
 
 
 class DirectMatcher:
-    """Is a packet's destination in the networks kept out of the tunnel? (IPv4; cached per
-    destination address, so the per-packet cost is one slice and one dict lookup)."""
+    """Does a packet's destination belong to the networks kept out of the tunnel? Longest
+    prefix wins, as in a routing table: a split-include route more specific than a host
+    network (say 10.20.0.0/16 pushed by the VPN inside a 10.0.0.0/8 LAN) keeps its traffic
+    in the VPN; on a tie the directly connected network wins. IPv4 only. Cached per
+    destination, so the per-packet cost is one slice and one dict lookup."""
 
-    def __init__(self, nets: Sequence[str]) -> None:
+    def __init__(self, nets: Sequence[str], vpn_routes: Sequence[str] = ()) -> None:
         self.nets = [ipaddress.ip_network(n, strict=False) for n in nets]
-        self.nets4 = [(int(n.network_address), int(n.netmask)) for n in self.nets
+        self.nets4 = [(int(n.network_address), int(n.netmask), n.prefixlen) for n in self.nets
                       if n.version == 4]
+        self.vpn4 = [(int(n.network_address), int(n.netmask), n.prefixlen)
+                     for n in (ipaddress.ip_network(r, strict=False) for r in vpn_routes)
+                     if n.version == 4]
         self._cache: Dict[bytes, bool] = {}
 
     def __bool__(self) -> bool:
         return bool(self.nets4)
+
+    @staticmethod
+    def _best(a: int, table) -> int:
+        return max((plen for net, mask, plen in table if a & mask == net), default=-1)
 
     def match(self, pkt) -> bool:
         if len(pkt) < 20 or pkt[0] >> 4 != 4:
@@ -136,7 +146,8 @@ class DirectMatcher:
         hit = self._cache.get(dst)
         if hit is None:
             a = int.from_bytes(dst, "big")
-            hit = any(a & mask == net for net, mask in self.nets4)
+            d = self._best(a, self.nets4)
+            hit = d >= 0 and d >= self._best(a, self.vpn4)
             if len(self._cache) > 65536:
                 self._cache.clear()
             self._cache[dst] = hit
@@ -286,10 +297,11 @@ async def bridge(child: namespace.NamespaceChild, oc: OpenconnectUpstream,
 
     async with trio.open_nursery() as n:
         await n.start(namespace.forward_signals, child)
-        matcher = DirectMatcher(direct_nets)
+        assert oc.session is not None or not direct_nets
+        vpn_routes = oc.session.env.routes4() if oc.session is not None else []
+        matcher = DirectMatcher(direct_nets, vpn_routes)
         relay = None
         if matcher:
-            assert oc.session is not None
             relay = make_direct_relay(child.tun_fd, oc.session.env, direct_nets)
             await n.start(relay.run)
         n.start_soon(tun_to_vpn, child.tun_fd, oc, stats, relay, matcher)

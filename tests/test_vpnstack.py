@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import ipaddress
 import socket
 from typing import List, Optional
 
@@ -338,8 +339,6 @@ async def test_split_exclude_goes_to_host_sockets():
         assert isinstance(s, trio.SocketStream)
         await s.aclose()
         assert not any(True for _ in tcp_segments(far.seen))
-        import ipaddress
-
         up.direct_nets = [ipaddress.ip_network("172.31.2.0/24")]  # e.g. a host network
         assert not up.carries(SERVER) and up.carries("172.31.3.1")
         await up.aclose()
@@ -533,3 +532,38 @@ async def test_upload_segments_fit_the_vpn_mtu_whatever_mss_the_server_announces
         await s.aclose()
         await up.aclose()
         n.cancel_scope.cancel()
+
+
+def test_longest_prefix_decides_between_vpn_and_direct():
+    """A VPN route more specific than a host network keeps its traffic in the VPN; a host
+    network more specific than the VPN's routes (or equal) is direct."""
+    from nsvpn.bridge import DirectMatcher
+
+    env = parse_vpn_env({
+        "INTERNAL_IP4_ADDRESS": "10.77.0.5", "INTERNAL_IP4_NETMASK": "255.255.255.0",
+        "INTERNAL_IP4_DNS": "10.99.0.53",
+        "CISCO_SPLIT_INC": "1", "CISCO_SPLIT_INC_0_ADDR": "10.20.0.0",
+        "CISCO_SPLIT_INC_0_MASK": "255.255.0.0", "CISCO_SPLIT_INC_0_MASKLEN": "16",
+    })
+    lan = ["10.0.0.0/8"]
+    m = DirectMatcher(lan, env.routes4())
+    our = socket.inet_aton(env.address4)
+
+    def pkt(ip: str) -> bytes:
+        return wire.build_udp(our, socket.inet_aton(ip), 1, 2, b"")
+
+    assert not m.match(pkt("10.20.1.1"))  # /16 pushed by the VPN beats the /8 LAN
+    assert not m.match(pkt("10.99.0.53"))  # the VPN's DNS server (host route)
+    assert m.match(pkt("10.30.1.1"))
+    up = VpnStackUpstream(SessionSource())
+    up.env = env
+    up.direct_nets = [ipaddress.ip_network(n) for n in lan]
+    assert up.carries("10.20.1.1") and up.carries("10.99.0.53") and up.carries("10.77.0.9")
+    assert not up.carries("10.30.1.1")
+    assert not up.carries("192.0.2.1")  # outside the split-include list: not the VPN's
+    up.direct_nets = []
+    env_full = parse_vpn_env({"INTERNAL_IP4_ADDRESS": "10.77.0.5"})
+    up.env = env_full
+    assert up.carries("192.0.2.1")
+    # a tie goes to the directly connected network
+    assert DirectMatcher(["10.20.0.0/16"], ["10.20.0.0/16"]).match(pkt("10.20.1.1"))

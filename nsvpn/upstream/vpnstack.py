@@ -692,21 +692,22 @@ class VpnStackUpstream:
         """Does the VPN route this address (split-include / split-exclude)?"""
         env = self.env
         a = ipaddress.ip_address(ip)
-        if any(a in n for n in self.direct_nets):
-            return False
+        # longest prefix wins, as in a routing table; a tie goes to the direct network
+        direct = max((n.prefixlen for n in self.direct_nets
+                      if n.version == a.version and a in n), default=-1)
         if env is None:
-            return True
+            return direct < 0
         inc, exc = (env.split_inc4, env.split_exc4) if a.version == 4 else \
             (env.split_inc6, env.split_exc6)
-        if any(a in ipaddress.ip_network(n, strict=False) for n in exc):
-            return False
-        if not inc:
-            return True
-        if a.version == 4 and a in env.network4:
-            return True
-        if a.version == 4 and str(a) in env.dns4:
-            return True
-        return any(a in ipaddress.ip_network(n, strict=False) for n in inc)
+        nets = [ipaddress.ip_network(n, strict=False) for n in exc]
+        direct = max([direct] + [n.prefixlen for n in nets if a in n])
+        if a.version == 4:
+            routes = [ipaddress.ip_network(r) for r in env.routes4()]
+            routes.append(env.network4)
+        else:
+            routes = [ipaddress.ip_network(r) for r in env.routes6()]
+        vpn = max((n.prefixlen for n in routes if a in n), default=-1)
+        return vpn >= 0 and vpn > direct
 
     # -- names ----------------------------------------------------------------------------
     async def resolve(self, name: str) -> str:
