@@ -210,7 +210,10 @@ class SocksService:
         self.listen = listen
         self.forwards = forwards
         self.rundir = rundir
-        self.front = Front(upstream, runtime_dir=rundir, direct=direct)
+        # Direct networks are decided by the upstream (VpnStackUpstream.carries: longest
+        # prefix against the VPN's routes), not by the front's plain membership test.
+        self.front = Front(upstream, runtime_dir=rundir, direct=[])
+        self.direct = direct
         self.port = 0
         self.refused_users = 0
 
@@ -563,6 +566,18 @@ async def _main(args, oc, listen, forwards, rundir) -> int:
                 log.debug("rmdir %s: %s", rundir, e)
 
 
+def shim_direct(nets: List[str], env) -> List[str]:
+    """The direct networks that contain no more specific VPN route."""
+    vpn = [ipaddress.ip_network(r) for r in env.routes4() + env.routes6()]
+    out = []
+    for c in nets:
+        n = ipaddress.ip_network(c, strict=False)
+        if not any(r.version == n.version and r.prefixlen > n.prefixlen and r.overlaps(n)
+                   for r in vpn):
+            out.append(c)
+    return out
+
+
 def _host_networks() -> List[str]:
     from .upstream.direct import host_networks
 
@@ -596,7 +611,10 @@ async def run_preload_vpn(argv: List[str], oc, *, direct: List[str] = (),
         up.direct_nets = [ipaddress.ip_network(c, strict=False) for c in nets]
         if not quiet:
             _err(f"VPN {oc.url.host} up: {env.summary()}")
-        return await run_preload(list(argv), up, nets, quiet=quiet, dns_server=None)
+        # The shim leaves connections to its direct networks alone (plain membership), so
+        # it only gets those no VPN route cuts into; the upstream decides for the rest.
+        return await run_preload(list(argv), up, shim_direct(nets, env), quiet=quiet,
+                                 dns_server=None)
     finally:
         with trio.CancelScope(shield=True):
             await up.aclose()

@@ -567,3 +567,16 @@ def test_longest_prefix_decides_between_vpn_and_direct():
     assert up.carries("192.0.2.1")
     # a tie goes to the directly connected network
     assert DirectMatcher(["10.20.0.0/16"], ["10.20.0.0/16"]).match(pkt("10.20.1.1"))
+
+
+def test_shim_direct_leaves_out_lans_with_vpn_routes_inside():
+    from nsvpn.socks_cmd import shim_direct
+
+    env = parse_vpn_env({
+        "INTERNAL_IP4_ADDRESS": "10.77.0.5", "INTERNAL_IP4_NETMASK": "255.255.255.0",
+        "CISCO_SPLIT_INC": "1", "CISCO_SPLIT_INC_0_ADDR": "10.20.0.0",
+        "CISCO_SPLIT_INC_0_MASK": "255.255.0.0", "CISCO_SPLIT_INC_0_MASKLEN": "16",
+    })
+    assert shim_direct(["10.0.0.0/8", "172.31.1.0/24"], env) == ["172.31.1.0/24"]
+    full = parse_vpn_env({"INTERNAL_IP4_ADDRESS": "10.77.0.5"})
+    assert shim_direct(["10.0.0.0/8"], full) == ["10.0.0.0/8"]
