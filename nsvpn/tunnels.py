@@ -211,10 +211,16 @@ def run_up(args: argparse.Namespace) -> int:
             os._exit(0)
     os.close(w)
     os.waitpid(pid, 0)
-    return _await_ready(r, args, d)
+    daemon: List[int] = []
+    try:
+        return _await_ready(r, args, d, daemon)
+    except KeyboardInterrupt:  # Ctrl-C while waiting: no half-started tunnel stays behind
+        if daemon:
+            os.kill(daemon[0], signal.SIGTERM)
+        raise
 
 
-def _await_ready(r: int, args: argparse.Namespace, d: str) -> int:
+def _await_ready(r: int, args: argparse.Namespace, d: str, daemon_pid: List[int]) -> int:
     """Echo the daemon's early stderr until its ready/failed marker (or EOF)."""
     buf = b""
     daemon = 0
@@ -233,6 +239,7 @@ def _await_ready(r: int, args: argparse.Namespace, d: str) -> int:
             text = line.decode(errors="replace")
             if text.startswith(PID + " "):
                 daemon = int(text.split()[1])
+                daemon_pid.append(daemon)
             elif text.startswith(READY):
                 os.close(r)
                 if args.verbose:
