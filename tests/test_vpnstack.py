@@ -565,6 +565,7 @@ def test_longest_prefix_decides_between_vpn_and_direct():
     env_full = parse_vpn_env({"INTERNAL_IP4_ADDRESS": "10.77.0.5"})
     up.env = env_full
     assert up.carries("192.0.2.1")
+    assert not up.carries("127.0.0.1") and not up.carries("::1")
     # a tie goes to the directly connected network
     assert DirectMatcher(["10.20.0.0/16"], ["10.20.0.0/16"]).match(pkt("10.20.1.1"))
 

@@ -692,6 +692,8 @@ class VpnStackUpstream:
         """Does the VPN route this address (split-include / split-exclude)?"""
         env = self.env
         a = ipaddress.ip_address(ip)
+        if a.is_loopback:  # e.g. a name the VPN's DNS maps to 127.0.0.1: never the tunnel
+            return False
         # longest prefix wins, as in a routing table; a tie goes to the direct network
         direct = max((n.prefixlen for n in self.direct_nets
                       if n.version == a.version and a in n), default=-1)
