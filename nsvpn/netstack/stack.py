@@ -400,7 +400,7 @@ class Stack:
         if (ip.dst[0] >= 224) if len(ip.dst) == 4 else (ip.dst[0] == 0xFF):
             self._drop("tcp_syn_multicast")
             return
-        if self.half_open >= cfg.max_half_open:
+        if self.half_open >= cfg.max_half_open and not self._evict_pending(now):
             self._drop("tcp_syn_half_open_limit")
             return
         if len(self._tcp) >= cfg.max_tcp_flows and not self._evict_time_wait():
@@ -417,6 +417,23 @@ class Stack:
         self.tcp_flows_total += 1
         self._schedule(flow)
         self._events.append(NewTcpFlow(flow))
+
+    def _evict_pending(self, now: float) -> bool:
+        """A full half-open table gives up its oldest SYN still waiting for the upstream.
+        Dropping the new SYN instead let one burst (a scan, a flood of connects to a dead
+        destination) freeze every later connection for the whole accept timeout. A SYN
+        younger than a second keeps its place: the new one is dropped and its retry (the
+        kernel resends after 1 s) finds the slot."""
+        born = now - 1.0 + self.config.accept_timeout
+        for flow in self._tcp.values():  # insertion order: the oldest first
+            if flow.pending:
+                if flow.accept_deadline is None or flow.accept_deadline > born:
+                    return False
+                self._drop("tcp_syn_evicted")
+                self._events.append(TcpFlowEvent(flow, "timeout"))
+                self.unreachable(flow, now, "timeout")
+                return True
+        return False
 
     def _isn(self, key: tuple, now: float) -> int:
         # RFC 6528: a keyed hash of the 4-tuple plus a 4 us clock.
