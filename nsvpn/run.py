@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
+import re
 import signal
 import socket
 import sys
@@ -141,6 +143,10 @@ def run_exec(args: argparse.Namespace, argv: List[str]) -> int:
         for key, s in eff.values.items():
             log.debug("config %s = %r (%s)", key, s.value, s.source)
         pool = build_upstreams(args.via, args)
+        # CMD (and all it starts) inherits our environment: a socks5://user:pass@ given in
+        # $NSVPN_VIA must not reach it. The upstreams are built, nothing reads it again.
+        if re.search(r"://[^/@\s]*:[^/@\s]*@", os.environ.get("NSVPN_VIA", "")):
+            del os.environ["NSVPN_VIA"]
         direct = direct_networks(args)
         for c in args.direct:
             routing.Router(direct=[c])  # validates the CIDR
