@@ -272,3 +272,27 @@ def test_vpnenv_parse_raises_only_vpnenverror(env, with_base):
     v.resolv_conf()
     v.summary()
     assert 0 < v.link_mtu() <= 65535
+
+
+# ------------------------------------------------------------------------ regressions
+
+@fuzz(100)
+@given(st.integers(1, 8), st.integers(0, 20), st.floats(1.0, 70.0))
+def test_half_open_flood_does_not_lock_out_later_syns(limit, extra, later):
+    """Regression (test_security_lab SYN flood): with the half-open table full of SYNs whose
+    upstream never answers, a SYN arriving a second or more later used to be dropped until
+    the accept timeout (75 s); now the oldest waiting SYN gives way (ICMP to the app)."""
+    stack = Stack(StackConfig(max_half_open=limit))
+    for port in range(1, limit + extra + 1):
+        stack.input_packet(bytes(IP(src=APP, dst=REMOTE) / TCP(sport=port, dport=80,
+                                                              flags="S")), 0.0)
+    stack.pop_events()
+    stack.output_packets()
+    assert stack.counters["tcp_half_open"] == limit
+    stack.input_packet(bytes(IP(src=APP, dst=REMOTE) / TCP(sport=60000, dport=80, flags="S")),
+                       later)
+    new = [e for e in stack.pop_events() if isinstance(e, NewTcpFlow)]
+    assert [e.flow.src[1] for e in new] == [60000]
+    (icmp,) = stack.output_packets()  # the evicted SYN's app hears about it
+    assert IP(icmp)[ICMP].type == 3
+    assert stack.counters["tcp_half_open"] == limit
