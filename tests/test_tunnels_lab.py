@@ -103,7 +103,7 @@ def test_two_execs_share_one_ssh_and_down_ends_them(nsvpn_lab: labenv.Lab, ssh_v
         _, st = status(lab, name)
         (t,) = st["tunnels"]
         daemon, holder = t["pid"], t["holder_pid"]
-        assert t["state"] == "running" and _alive(daemon) and _alive(holder)
+        assert t["state"] == "running" and _alive(daemon) and _alive(holder), t
         assert [u["healthy"] for u in t["upstreams"]] == [True]
         ssh_before = _children(daemon, "ssh")
         assert len(ssh_before) == 1, ssh_before
@@ -116,7 +116,7 @@ def test_two_execs_share_one_ssh_and_down_ends_them(nsvpn_lab: labenv.Lab, ssh_v
             assert p.returncode == 0, err
             assert out.split()[::2] == [want, want], (out, err)
         # one ssh for all four downloads: the same process as before
-        assert _children(daemon, "ssh") == ssh_before
+        assert _children(daemon, "ssh") == ssh_before, (ssh_before, status(lab, name)[1])
         _, st = status(lab, name)
         (t,) = st["tunnels"]
         assert t["stack"]["tcp_flows_total"] >= 4, t
@@ -131,9 +131,9 @@ def test_two_execs_share_one_ssh_and_down_ends_them(nsvpn_lab: labenv.Lab, ssh_v
         r = down(lab, name)
         assert r.returncode == 0, r.stderr
         sleeper.wait(timeout=10)
-        assert time.monotonic() - t0 < 10
-        assert not _alive(daemon) and not _alive(holder)
-        assert not any(_alive(p) for p in ssh_before)
+        assert time.monotonic() - t0 < 10, r.stderr
+        assert not _alive(daemon) and not _alive(holder), (_stat(daemon), _stat(holder))
+        assert not any(_alive(p) for p in ssh_before), [_stat(p) for p in ssh_before]
         assert _in_netns(t["netns"]) == []
         r, _ = status(lab, name)
         assert r.returncode == 2 and f"no tunnel named {name}" in r.stderr, r.stderr
