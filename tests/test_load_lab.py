@@ -266,14 +266,37 @@ def test_concurrent_flows_byte_exact(nsvpn_lab: labenv.Lab, user_tmp: str, mode:
         assert ses.finish() == 0, ses.explain()
 
 
+# Idle flows go to a private server in the edge netns that accepts and holds (the shared
+# nginx allows 2 x 4096 connections and closes silent ones after 60 s).
+HOLD_SERVER = r'''
+import asyncio, resource
+_s, _h = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (_h, _h))
+held = []
+async def client(r, w):
+    held.append(w)
+    await r.read()
+    held.remove(w)
+    w.close()
+async def main():
+    await asyncio.start_server(client, "172.31.1.1", 1184, backlog=4096)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+'''
+
+
 def test_idle_flows_rss_and_churn_back_to_baseline(nsvpn_lab: labenv.Lab, user_tmp: str):
     host_e, port_e = EDGE.split(":")
+    hold = nsvpn_lab.popen(["python3", "-c", HOLD_SERVER], netns="edge", user="root",
+                           timeout=1800)
+    nsvpn_lab.wait_for(lambda: nsvpn_lab.port_open("172.31.1.1", 1184), timeout=10,
+                       what="hold server")
     steps = [f"churn:{host_e}:{port_e}:50:10", "wait:go",
-             f"idle:{host_e}:{port_e}:{IDLE}",
+             f"idle:{host_e}:1184:{IDLE}",
              f"churn:{host_e}:{port_e}:{CHURN}:100", "wait:more",
              f"churn:{host_e}:{port_e}:{CHURN}:100", "wait:end"]
-    ses = Session(nsvpn_lab, user_tmp, ["--via", SOCKS], steps)
-    with ses.p:
+    ses = Session(nsvpn_lab, user_tmp, ["--via", SOCKS], steps, timeout=1800)
+    with ses.p, hold:
         assert ses.result(0)["bad"] == 0, ses.explain()
 
         def settled():
@@ -282,7 +305,7 @@ def test_idle_flows_rss_and_churn_back_to_baseline(nsvpn_lab: labenv.Lab, user_t
         base = nsvpn_lab.wait_for(settled, timeout=30, interval=0.5, what="warm-up flows gone")
         base_rss, base_fds = ses.rss_kib(), ses.fds()
         ses.touch("go")
-        up = ses.result(2, suffix=".up")
+        up = ses.result(2, suffix=".up", timeout=60 + IDLE / 50)
         assert up["open"] == IDLE, up
         held = ses.counters()["stack"]
         idle_rss, idle_fds = ses.rss_kib(), ses.fds()
@@ -291,14 +314,14 @@ def test_idle_flows_rss_and_churn_back_to_baseline(nsvpn_lab: labenv.Lab, user_t
         idle_res = ses.result(2)
         assert idle_res["alive_at_release"] == IDLE, idle_res
         per_flow = (idle_rss - base_rss) * 1024 / IDLE
-        c1 = ses.result(3, timeout=240)
+        c1 = ses.result(3, timeout=60 + CHURN / 50)
         assert c1["bad"] == 0, c1
-        after1 = nsvpn_lab.wait_for(settled, timeout=30, interval=1, what="flow table to drain")
+        after1 = nsvpn_lab.wait_for(settled, timeout=90, interval=1, what="flow table to drain")
         rss1, fds1 = ses.rss_kib(), ses.fds()
         ses.touch("more")
-        c2 = ses.result(5, timeout=240)
+        c2 = ses.result(5, timeout=60 + CHURN / 50)
         assert c2["bad"] == 0, c2
-        after2 = nsvpn_lab.wait_for(settled, timeout=30, interval=1, what="flow table to drain")
+        after2 = nsvpn_lab.wait_for(settled, timeout=90, interval=1, what="flow table to drain")
         rss2, fds2 = ses.rss_kib(), ses.fds()
         ses.touch("end")
         assert ses.finish() == 0, ses.explain()
