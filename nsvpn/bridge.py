@@ -295,6 +295,7 @@ async def bridge(child: namespace.NamespaceChild, oc: OpenconnectUpstream,
         await trio.sleep(KILL_AFTER)
         child.signal(signal.SIGKILL)
 
+    ns_inode = namespace.netns_inode(child.pid)
     async with trio.open_nursery() as n:
         await n.start(namespace.forward_signals, child)
         assert oc.session is not None or not direct_nets
@@ -308,6 +309,7 @@ async def bridge(child: namespace.NamespaceChild, oc: OpenconnectUpstream,
         n.start_soon(vpn_to_tun, child.tun_fd, oc, stats)
         n.start_soon(watch_fatal)
         status = await child.wait()
+        await namespace.end_leftovers(ns_inode)  # nothing keeps running after nsvpn
         n.cancel_scope.cancel()
     child.close()
     ru = resource.getrusage(resource.RUSAGE_SELF)

@@ -337,6 +337,58 @@ async def supervise(child: NamespaceChild) -> int:
     return status
 
 
+def netns_inode(pid: int) -> int | None:
+    """The inode of `pid`'s network namespace (its identity), None when it is gone."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def netns_members(inode: int | None) -> List[int]:
+    """Our own live processes in the network namespace `inode` (zombies have no namespace)."""
+    if not inode:
+        return []
+    me, uid = os.getpid(), os.getuid()
+    pids = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or int(p) == me:
+            continue
+        try:
+            if os.stat(f"/proc/{p}/ns/net").st_ino == inode and os.stat(f"/proc/{p}").st_uid == uid:
+                pids.append(int(p))
+        except OSError:
+            continue
+    return pids
+
+
+async def end_leftovers(inode: int | None, grace: float = 1.0) -> int:
+    """SIGTERM what CMD left running in its namespace, SIGKILL it after `grace` seconds.
+
+    Without a PID namespace, CMD's background children would outlive nsvpn (with no network:
+    the TUN is gone). Returns how many processes were found.
+    """
+    import trio
+
+    members = netns_members(inode)
+    found = len(members)
+    if not members:
+        return 0
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 1.0)):
+        for p in members:
+            try:
+                os.kill(p, sig)
+            except OSError:
+                pass
+        with trio.move_on_after(wait):
+            while netns_members(inode):
+                await trio.sleep(0.02)
+        members = netns_members(inode)
+        if not members:
+            break
+    return found
+
+
 # ----------------------------------------------------------------------------------------------
 # rtnetlink: just the four requests we need
 

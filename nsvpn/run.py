@@ -344,6 +344,7 @@ async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[
         async def dial_direct(host: str, port: int, timeout: float):
             return await direct_up.dial_tcp(host, port, timeout=timeout)
 
+        ns_inode = namespace.netns_inode(child.pid)
         relay = Relay(child.tun_fd, stack, router, dial_upstream=dial_upstream,
                       dial_direct=dial_direct, dns_service=dns)
         relay.pcap = pcap
@@ -353,6 +354,10 @@ async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[
                 if ready is not None:
                     n.start_soon(ready, child, stack, relay, pool)
                 status = await _supervise(child, lambda: _dump_counters(stack, relay, pool))
+                # Nothing keeps running after nsvpn: end what CMD left in its namespace.
+                left = await namespace.end_leftovers(ns_inode)
+                if left:
+                    log.info("ended %d process(es) CMD left running in its namespace", left)
                 n.cancel_scope.cancel()
         except BaseException:
             child.signal(signal.SIGKILL)  # never leave CMD running without its relay

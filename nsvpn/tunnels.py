@@ -506,19 +506,9 @@ def run_status(args: argparse.Namespace) -> int:
 
 def _netns_members(inode: Optional[int]) -> List[int]:
     """Our processes in the tunnel's netns (CMDs started by exec --name, the holder)."""
-    if not inode:
-        return []
-    pids = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit() or int(p) == os.getpid():
-            continue
-        try:
-            if os.stat(f"/proc/{p}/ns/net").st_ino == inode and \
-                    os.stat(f"/proc/{p}").st_uid == os.getuid():
-                pids.append(int(p))
-        except OSError:
-            continue
-    return pids
+    from . import namespace
+
+    return namespace.netns_members(inode)
 
 
 def _wait_gone(check, timeout: float) -> bool:

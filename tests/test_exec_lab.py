@@ -806,3 +806,16 @@ def test_ping_gateway_and_dns_address(nsvpn_lab, socks_via):
                "ping -n -c1 -W3 10.0.2.2 && ping -n -c1 -W3 10.0.2.3", timeout=30)
     assert r.returncode == 0, explain(r)
     assert r.stdout.count("1 received") == 2, explain(r)
+
+
+def test_background_processes_do_not_outlive_nsvpn(nsvpn_lab, socks_via):
+    """CMD's children left in the namespace (even one ignoring SIGTERM) end with nsvpn."""
+    n = 300000 + int(uuid.uuid4().hex[:5], 16)  # a duration no other test uses
+    r = nsexec(nsvpn_lab, ["--via", socks_via],
+               f"sleep {n} & (trap '' TERM; exec sleep {n + 1}) & sleep 0.2; exit 3",
+               timeout=30)
+    assert r.returncode == 3, explain(r)
+    left = nsvpn_lab.run(["sh", "-c", f"sleep 0.3; ps -u nsvpntest -o stat=,args= | "
+                                      f"grep -v '^Z' | grep -E 'sleep ({n}|{n + 1})$' || true"],
+                         timeout=10)
+    assert left.stdout.strip() == "", left.stdout
