@@ -142,7 +142,8 @@ def _ips(text: str | None, version: int) -> List[str]:
 
 
 def _int(text: str | None) -> int | None:
-    if text is None or not text.strip().isdigit():
+    # isdigit() alone admits '²' and other digits int() refuses (a crash, found by fuzzing)
+    if text is None or not (text.strip().isascii() and text.strip().isdigit()):
         return None
     return int(text.strip())
 
