@@ -296,3 +296,13 @@ def test_half_open_flood_does_not_lock_out_later_syns(limit, extra, later):
     (icmp,) = stack.output_packets()  # the evicted SYN's app hears about it
     assert IP(icmp)[ICMP].type == 3
     assert stack.counters["tcp_half_open"] == limit
+
+
+def test_vpnenv_superscript_mtu_is_not_a_number():
+    """Regression (scripts/soak fuzz): INTERNAL_IP4_MTU='²' passed isdigit() and int() raised
+    ValueError out of parse_vpn_env."""
+    try:
+        v = vpnenv.parse_vpn_env({"INTERNAL_IP4_ADDRESS": "10.77.0.5", "INTERNAL_IP4_MTU": "²"})
+    except vpnenv.VpnEnvError:
+        return
+    assert 0 < v.link_mtu() <= 65535
