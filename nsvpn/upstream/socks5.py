@@ -153,32 +153,51 @@ async def socks5_dial(
             await trio.aclose_forcefully(stream)
 
 
-async def socks5_greeting_ok(
+def _why_connect_failed(e: OSError) -> str:
+    """trio's "all attempts to connect failed" hides the errno in its cause: dig it out."""
+    cause = e.__cause__
+    for x in getattr(cause, "exceptions", None) or ([cause] if cause is not None else []):
+        if isinstance(x, OSError) and x.strerror:
+            return x.strerror
+    return e.strerror or str(e)
+
+
+async def socks5_greeting_problem(
     connect: Connector, timeout: float, username: str | None = None, password: str | None = None
-) -> bool:
-    """Does something SOCKS5-speaking answer (and accept our credentials) at `connect()`?"""
+) -> str | None:
+    """None when something SOCKS5-speaking answers (and accepts our credentials) at
+    `connect()`; otherwise what went wrong, for the user."""
     hs = socks.ClientHandshake(socks.CMD_CONNECT, "0.0.0.0", 0, username, password)
     with trio.move_on_after(timeout):
         try:
             stream = await connect()
-        except OSError:
-            return False
+        except OSError as e:
+            return _why_connect_failed(e)
         async with stream:
             try:
                 await stream.send_all(hs.data_to_send())
                 while True:
                     data = await stream.receive_some(RECV)
                     if not data:
-                        return False
+                        return "the server closed the connection during the SOCKS5 greeting"
                     hs.receive_data(data)
                     out = hs.data_to_send()
                     if hs.awaiting_reply:
-                        return True  # method (and auth) accepted; no request sent
+                        return None  # method (and auth) accepted; no request sent
                     if out:
                         await stream.send_all(out)
-            except (socks.SocksError, trio.BrokenResourceError, OSError):
-                return False
-    return False
+            except socks.SocksError as e:
+                return f"SOCKS5 greeting failed: {e}"
+            except (trio.BrokenResourceError, OSError) as e:
+                return f"connection lost during the SOCKS5 greeting: {e}"
+    return f"no SOCKS5 answer within {timeout:g} s"
+
+
+async def socks5_greeting_ok(
+    connect: Connector, timeout: float, username: str | None = None, password: str | None = None
+) -> bool:
+    """Does something SOCKS5-speaking answer (and accept our credentials) at `connect()`?"""
+    return await socks5_greeting_problem(connect, timeout, username, password) is None
 
 
 class Socks5Upstream:
@@ -220,14 +239,12 @@ class Socks5Upstream:
         return await trio.open_tcp_stream(self.host, self.port)
 
     async def start(self) -> None:
-        if not await socks5_greeting_ok(
+        why = await socks5_greeting_problem(
             self._connect, self.start_timeout, self.username, self.password
-        ):
+        )
+        if why is not None:
             self._healthy = False
-            raise UpstreamError(
-                f"{self.name}: no SOCKS5 server answers there (or it rejects our "
-                f"credentials) within {self.start_timeout:g} s"
-            )
+            raise UpstreamError(f"{self.name}: {why}")
         self._healthy = True
 
     async def dial_tcp(self, host: str, port: int, *, timeout: float) -> trio.abc.Stream:
