@@ -74,3 +74,27 @@ class Upstream(Protocol):
 
     async def aclose(self) -> None:
         """Stop helpers; idempotent."""
+
+
+async def read_lines(pipe, on_line) -> None:
+    """Feed each line a helper process writes on `pipe` (its stdout/stderr file) to `on_line`,
+    until EOF. The file object is closed; trio reads a dup of its fd without blocking."""
+    import os
+
+    fd = os.dup(pipe.fileno())
+    pipe.close()
+    buf = b""
+    async with trio.lowlevel.FdStream(fd) as stream:
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
+            if not data:
+                if buf.strip():
+                    on_line(buf.decode(errors="replace"))
+                return
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                on_line(raw.decode(errors="replace").rstrip("\r"))

@@ -51,7 +51,7 @@ import trio
 
 from ..urls import OpenconnectUpstreamUrl
 from ..vpnenv import VpnEnv, VpnEnvError, parse_vpn_env
-from .base import UpstreamError
+from .base import UpstreamError, read_lines
 from .ssh import runtime_dir
 
 log = logging.getLogger("nsvpn.upstream.openconnect")
@@ -516,23 +516,7 @@ class OpenconnectUpstream:
 
     async def _read_output(self, proc: _OcProcess) -> None:
         assert proc.popen.stdout is not None
-        fd = os.dup(proc.popen.stdout.fileno())
-        proc.popen.stdout.close()
-        buf = b""
-        async with trio.lowlevel.FdStream(fd) as stream:
-            while True:
-                try:
-                    data = await stream.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    data = b""
-                if not data:
-                    if buf.strip():
-                        self._line(buf.decode(errors="replace"))
-                    return
-                buf += data
-                *lines, buf = buf.split(b"\n")
-                for raw in lines:
-                    self._line(raw.decode(errors="replace").rstrip("\r"))
+        await read_lines(proc.popen.stdout, self._line)
 
     def _line(self, line: str) -> None:
         if not line.strip():

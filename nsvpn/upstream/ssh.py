@@ -40,7 +40,7 @@ from typing import Deque, List, Sequence, Tuple
 import trio
 
 from ..urls import SshUpstreamUrl
-from .base import DialError, UpstreamError, upstream_down
+from .base import DialError, UpstreamError, read_lines, upstream_down
 from .socks5 import socks5_dial, socks5_greeting_ok
 
 log = logging.getLogger("nsvpn.upstream.ssh")
@@ -400,23 +400,7 @@ class SshUpstream:
 
     async def _read_stderr(self, proc: _SshProcess) -> None:
         assert proc.popen.stderr is not None
-        fd = os.dup(proc.popen.stderr.fileno())
-        proc.popen.stderr.close()
-        buf = b""
-        async with trio.lowlevel.FdStream(fd) as stream:
-            while True:
-                try:
-                    data = await stream.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    data = b""
-                if not data:
-                    if buf:
-                        self._stderr_line(buf.decode(errors="replace"))
-                    return
-                buf += data
-                *lines, buf = buf.split(b"\n")
-                for raw in lines:
-                    self._stderr_line(raw.decode(errors="replace").rstrip("\r"))
+        await read_lines(proc.popen.stderr, self._stderr_line)
 
     def _stderr_line(self, line: str) -> None:
         if not line.strip():
