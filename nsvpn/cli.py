@@ -53,6 +53,10 @@ def _build_parser() -> argparse.ArgumentParser:
     from .upstream.openconnect import add_openconnect_args
 
     add_openconnect_args(ex)
+    ex.add_argument("--tsocks-conf", metavar="FILE",
+                    help="import a tsocks.conf: its server is the upstream unless --via is "
+                         "given, its local = networks are direct, its path sections route "
+                         "their networks through their own SOCKS5 server")
     ex.add_argument("--no-proxy-env", action="store_true",
                     help="preload mode: do not set ALL_PROXY=socks5h://... for CMD (Python "
                          "requests/pip without PySocks fail on it)")

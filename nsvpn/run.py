@@ -139,10 +139,14 @@ def run_exec(args: argparse.Namespace, argv: List[str]) -> int:
         _err(f"cannot open the log file: {e}")
         return EXIT_USAGE
     try:
+        tconf = _load_tsocks_conf(args)
         eff = cfg.apply_to_args(args)  # CLI > NSVPN_* > profile > file > default, onto args
         for key, s in eff.values.items():
             log.debug("config %s = %r (%s)", key, s.value, s.source)
         pool = build_upstreams(args.via, args)
+        if tconf is not None:
+            args.direct = list(args.direct) + [str(n) for n in tconf.local]
+            pool = _with_tsocks_paths(pool, tconf)
         # CMD (and all it starts) inherits our environment: a socks5://user:pass@ given in
         # $NSVPN_VIA must not reach it. The upstreams are built, nothing reads it again.
         if re.search(r"://[^/@\s]*:[^/@\s]*@", os.environ.get("NSVPN_VIA", "")):
@@ -180,6 +184,40 @@ def run_exec(args: argparse.Namespace, argv: List[str]) -> int:
     if mode == "preload":
         return trio.run(_run_preload, args, argv, pool, direct)
     return trio.run(_run_ns, args, argv, pool, direct)
+
+
+def _load_tsocks_conf(args: argparse.Namespace):
+    """--tsocks-conf FILE: its server is the upstream unless --via names one."""
+    path = getattr(args, "tsocks_conf", None)
+    if not path:
+        return None
+    from .tsocks_conf import parse_tsocks_conf
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    conf = parse_tsocks_conf(text, path)
+    if not args.via and conf.default is not None:
+        args.via = [conf.default_url()]
+    return conf
+
+
+def _with_tsocks_paths(pool, conf):
+    """tsocks.conf `path` sections: their destinations use their own SOCKS5 server."""
+    if not conf.paths:
+        return pool
+    from .upstream.routed import RoutedUpstream
+    from .upstream.socks5 import Socks5Upstream
+    from .urls import parse_upstream_url
+
+    routes = []
+    for p in conf.paths:
+        up = Socks5Upstream.from_url(parse_upstream_url(p.server.url()))
+        routes.append((lambda host, port, rs=p.reaches: any(r.matches(host, port) for r in rs),
+                       up))
+    return RoutedUpstream(pool, routes)
 
 
 def _set_nofile(limits) -> None:
