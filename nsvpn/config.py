@@ -234,6 +234,10 @@ def add_config_args(p) -> None:
                    help="upstream: ssh://[user@]host[:port], socks5://[user:pass@]host:port, "
                         "openconnect://[user@]host[:port]; "
                         "repeat for failover (default: $NSVPN_VIA or via= in the config file)")
+    p.add_argument("--upstream-policy", choices=("first", "round-robin"), default="first",
+                   help="with several --via: new flows go to the first healthy one (default) "
+                        "or round-robin over the healthy ones; a dead one is skipped and "
+                        "retried with backoff")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="force a mode (default: auto, or $NSVPN_MODE / mode= in the file)")
     p.add_argument("--config", metavar="FILE",

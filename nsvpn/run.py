@@ -69,7 +69,7 @@ def build_upstreams(vias: List[str], args: argparse.Namespace):
             return upstream_from_args(url, args)
         else:  # pragma: no cover - parse_upstream_url knows only these
             raise ValueError(f"{text}: unsupported upstream")
-    return UpstreamPool(ups)
+    return UpstreamPool(ups, policy=getattr(args, "upstream_policy", None) or "first")
 
 
 def choose_mode(requested: str, quiet: bool) -> Optional[str]:

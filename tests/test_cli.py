@@ -294,3 +294,16 @@ def test_probe_table(home):
     lines = r.stdout.splitlines()
     names = {ln.split()[0] for ln in lines if ln.strip() and not ln.startswith(" ")}
     assert {"userns", "tun", "mount", "preload", "ssh", "openconnect", "mode"} <= names
+
+
+def test_upstream_policy_reaches_the_pool():
+    from nsvpn.cli import _build_parser
+    from nsvpn.run import build_upstreams
+
+    args = _build_parser().parse_args(
+        ["exec", "--upstream-policy", "round-robin", "--via", "socks5://127.0.0.1:1",
+         "--via", "socks5://127.0.0.1:2", "--", "true"])
+    pool = build_upstreams(args.via, args)
+    assert pool.policy == "round-robin" and len(pool.upstreams) == 2
+    args = _build_parser().parse_args(["exec", "--via", "socks5://127.0.0.1:1", "--", "true"])
+    assert build_upstreams(args.via, args).policy == "first"
