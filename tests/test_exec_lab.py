@@ -582,9 +582,10 @@ def test_ssh_restarted_after_it_dies(nsvpn_lab, ssh_via):
 
 
 HALF_CLOSE_PY = r"""
-import hashlib, socket, sys
+import hashlib, os, socket, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
-s.sendall(b"GET /1M.bin HTTP/1.0\r\nHost: lab\r\n\r\n")
+data = os.urandom(1 << 20)
+s.sendall(data)
 s.shutdown(socket.SHUT_WR)  # the server must still be able to answer after our FIN
 buf = b""
 while True:
@@ -592,8 +593,26 @@ while True:
     if not b:
         break
     buf += b
-head, _, body = buf.partition(b"\r\n\r\n")
-print(head.split(b"\r\n")[0].decode(), hashlib.sha256(body).hexdigest())
+print("ok" if buf == data[::-1] else "BAD %d bytes back" % len(buf))
+"""
+
+# Reads until the client's FIN, then answers (the data reversed). nginx cannot serve here: it
+# aborts a response when the client half-closes (seen without nsvpn, from the edge netns).
+AFTER_EOF_SERVER_PY = r"""
+import socket, sys, threading
+ls = socket.create_server((sys.argv[1], int(sys.argv[2])), reuse_port=True)
+def serve(c):
+    buf = b""
+    while True:
+        b = c.recv(65536)
+        if not b:
+            break
+        buf += b
+    c.sendall(buf[::-1])
+    c.close()
+while True:
+    c, _ = ls.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
 """
 
 BANNER_PY = r"""
@@ -608,16 +627,25 @@ def test_half_close_and_server_speaks_first(nsvpn_lab, ssh_via, no_direct):
     """A FIN from the app is a half-close, not the end of the connection, and a server that
     talks first (ssh's banner) is heard. Through ssh -D only: microsocks closes both ways on
     the client's EOF (checked by hand with a raw SOCKS5 client, no nsvpn involved)."""
-    edge = nsvpn_lab.info["http"]["edge"]
-    cmd = ("python3 -c \"$0\" remote.lab 80 && "
-           f"python3 -c \"$0\" {edge['host']} {edge['port']} && "
+    port = 31000 + os.getpid() % 1000
+    servers = [nsvpn_lab.popen(["python3", "-c", AFTER_EOF_SERVER_PY, ip, str(port)],
+                               netns=ns, user="nobody", cwd="/", timeout=60)
+               for ns, ip in (("remote", "172.31.2.2"), ("edge", nsvpn_lab.edge_ip))]
+    for ns, ip in (("remote", "172.31.2.2"), ("edge", nsvpn_lab.edge_ip)):
+        nsvpn_lab.wait_for(lambda ip=ip, ns=ns: nsvpn_lab.port_open(ip, port, netns=ns),
+                           what="after-EOF server")
+    cmd = (f"python3 -c \"$0\" remote.lab {port} && "
+           f"python3 -c \"$0\" {nsvpn_lab.edge_ip} {port} && "
            f"python3 -c \"$1\" {nsvpn_lab.ssh['ip']} {nsvpn_lab.ssh['port']}")
     opts = ["--via", ssh_via] + (["--no-direct"] if no_direct else [])
-    r = nsexec(nsvpn_lab, opts, ["sh", "-c", cmd, HALF_CLOSE_PY, BANNER_PY])
+    try:
+        r = nsexec(nsvpn_lab, opts, ["sh", "-c", cmd, HALF_CLOSE_PY, BANNER_PY])
+    finally:
+        for srv in servers:
+            srv.stop()
     assert r.returncode == 0, explain(r)
     far, near, banner = r.stdout.splitlines()
-    want = "HTTP/1.1 200 OK " + nsvpn_lab.sha256["1M.bin"]
-    assert far == want and near == want, explain(r)
+    assert far == "ok" and near == "ok", explain(r)
     assert banner.startswith("SSH-2.0-"), explain(r)
 
 
