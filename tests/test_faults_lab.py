@@ -176,8 +176,11 @@ def test_ssh_killed_mid_transfer_is_restarted(nsvpn_lab: labenv.Lab, user_tmp: s
     def restart():
         pass  # nsvpn's job
 
-    _transfer(nsvpn_lab, user_tmp, ["--via", ssh_url(nsvpn_lab)], kill, restart, "ssh killed:")
+    res = _transfer(nsvpn_lab, user_tmp, ["--via", ssh_url(nsvpn_lab)], kill, restart,
+                    "ssh killed:")
     assert seen["old"]
+    # A reset, not a clean EOF: a length-unaware app must not take a cut file as complete.
+    assert res["end"] == "ConnectionResetError", res
 
 
 HOLD_PY = r'''

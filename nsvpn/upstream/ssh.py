@@ -166,6 +166,47 @@ def expand_ssh_opts(opts: Sequence[str]) -> List[str]:
     return out
 
 
+def _process_gone(pid: int) -> bool:
+    """Exited (a zombie not yet reaped counts) without reaping it: the watcher does that."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b") ", 1)[1][:1] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
+class _SshChannelStream(trio.abc.HalfCloseableStream):
+    """A flow through ssh -D. When ssh dies, its channels end in a plain EOF, which would let
+    an app take a cut-short transfer for a complete one: an EOF while ssh is gone is turned
+    into a broken stream, so the relay resets the app's connection instead."""
+
+    def __init__(self, stream: trio.abc.Stream, proc: _SshProcess | None):
+        self.stream = stream
+        self._proc = proc
+
+    def _ssh_gone(self) -> bool:
+        p = self._proc
+        return p is None or p.exited.is_set() or _process_gone(p.popen.pid)
+
+    async def send_all(self, data) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()  # type: ignore[attr-defined]
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.stream.receive_some(max_bytes)
+        if not data and self._ssh_gone():
+            raise trio.BrokenResourceError("ssh exited: the channel ended without a close")
+        return data
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
 class _SshProcess:
     """One ssh run: the Popen, a pidfd to await its exit, and its stderr reader."""
 
@@ -285,7 +326,7 @@ class SshUpstream:
         if not self.healthy:
             why = f" (last: {self.last_error})" if self.last_error else ""
             raise upstream_down(f"{self.name}: ssh is not connected, restarting{why}")
-        return await socks5_dial(
+        stream = await socks5_dial(
             self._connect,
             host,
             port,
@@ -293,6 +334,7 @@ class SshUpstream:
             proxy_name=f"ssh {self.url.host}",
             on_eof=self._explain_eof,
         )
+        return _SshChannelStream(stream, self._proc)
 
     async def aclose(self) -> None:
         self._closing = True
