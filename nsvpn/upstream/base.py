@@ -98,3 +98,24 @@ async def read_lines(pipe, on_line) -> None:
             *lines, buf = buf.split(b"\n")
             for raw in lines:
                 on_line(raw.decode(errors="replace").rstrip("\r"))
+
+
+async def wait_exit(popen) -> int:
+    """Await a helper process's exit without a thread (a pidfd; polling on kernels < 5.3)
+    and reap it; its exit status."""
+    import os
+
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except (AttributeError, OSError):
+        pidfd = -1
+    try:
+        if pidfd >= 0:
+            await trio.lowlevel.wait_readable(pidfd)
+        else:  # pragma: no cover - kernels before 5.3
+            while popen.poll() is None:
+                await trio.sleep(0.1)
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+    return popen.wait()

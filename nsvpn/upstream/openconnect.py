@@ -51,7 +51,7 @@ import trio
 
 from ..urls import OpenconnectUpstreamUrl
 from ..vpnenv import VpnEnv, VpnEnvError, parse_vpn_env
-from .base import UpstreamError, read_lines
+from .base import UpstreamError, read_lines, wait_exit
 from .ssh import runtime_dir
 
 log = logging.getLogger("nsvpn.upstream.openconnect")
@@ -184,20 +184,7 @@ class _OcProcess:
         self.returncode: int | None = None
 
     async def watch(self) -> None:
-        try:
-            pidfd = os.pidfd_open(self.popen.pid)
-        except (AttributeError, OSError):
-            pidfd = -1
-        try:
-            if pidfd >= 0:
-                await trio.lowlevel.wait_readable(pidfd)
-            else:  # pragma: no cover - kernels before 5.3
-                while self.popen.poll() is None:
-                    await trio.sleep(0.1)
-        finally:
-            if pidfd >= 0:
-                os.close(pidfd)
-        self.returncode = self.popen.wait()
+        self.returncode = await wait_exit(self.popen)
         self.exited.set()
 
     def signal(self, sig: int) -> None:

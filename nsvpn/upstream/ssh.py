@@ -40,7 +40,7 @@ from typing import Deque, List, Sequence, Tuple
 import trio
 
 from ..urls import SshUpstreamUrl
-from .base import DialError, UpstreamError, read_lines, upstream_down
+from .base import DialError, UpstreamError, read_lines, upstream_down, wait_exit
 from .socks5 import socks5_dial, socks5_greeting_ok
 
 log = logging.getLogger("nsvpn.upstream.ssh")
@@ -216,21 +216,7 @@ class _SshProcess:
         self.returncode: int | None = None
 
     async def watch(self) -> None:
-        pid = self.popen.pid
-        try:
-            pidfd = os.pidfd_open(pid)
-        except (AttributeError, OSError):
-            pidfd = -1
-        try:
-            if pidfd >= 0:
-                await trio.lowlevel.wait_readable(pidfd)
-            else:  # pragma: no cover - kernels before 5.3
-                while self.popen.poll() is None:
-                    await trio.sleep(0.1)
-        finally:
-            if pidfd >= 0:
-                os.close(pidfd)
-        self.returncode = self.popen.wait()
+        self.returncode = await wait_exit(self.popen)
         self.exited.set()
 
 
