@@ -100,6 +100,19 @@ class FrontStats:
     by_reason: Dict[str, int] = field(default_factory=dict)
 
 
+async def accept_forever(listener, what: str, start) -> None:
+    """Accept on a trio socket until cancelled; start(sock, addr) takes each connection.
+    A failed accept (EMFILE and friends) is logged and retried after a pause, never spun on."""
+    while True:
+        try:
+            sock, addr = await listener.accept()
+        except OSError as exc:
+            log.warning("%s failed: %s", what, exc)
+            await trio.sleep(0.1)
+            continue
+        start(sock, addr)
+
+
 def _linger_close(sock: trio.socket.SocketType) -> None:
     """Close with RST: the program's socket sees an error, not an orderly EOF."""
     try:
@@ -302,14 +315,9 @@ class Front:
     # ------------------------------------------------------------------ TCP side
 
     async def _accept_loop(self, listener, tag: int, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                sock, addr = await listener.accept()
-            except OSError as exc:  # EMFILE and friends: do not spin
-                log.warning("front accept failed: %s", exc)
-                await trio.sleep(0.1)
-                continue
-            nursery.start_soon(self._handle_tcp, sock, (tag, addr[1]))
+        await accept_forever(listener, "front accept",
+                             lambda sock, addr: nursery.start_soon(self._handle_tcp, sock,
+                                                                   (tag, addr[1])))
 
     async def _peek(self, sock, n: int, deadline: float) -> bytes:
         """The first n bytes without consuming them (they stay in the kernel's buffer, so a
@@ -583,14 +591,9 @@ class Front:
     # ------------------------------------------------------------------ control channel
 
     async def _ctl_loop(self, listener, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                sock, _ = await listener.accept()
-            except OSError as exc:
-                log.warning("front control accept failed: %s", exc)
-                await trio.sleep(0.1)
-                continue
-            nursery.start_soon(self._handle_ctl, trio.SocketStream(sock))
+        await accept_forever(listener, "front control accept",
+                             lambda sock, _: nursery.start_soon(self._handle_ctl,
+                                                                trio.SocketStream(sock)))
 
     async def _handle_ctl(self, stream: trio.SocketStream) -> None:
         keep = False

@@ -262,14 +262,10 @@ class SocksService:
                     pass
 
     async def _socks_loop(self, lsock, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                sock, _ = await lsock.accept()
-            except OSError as e:
-                log.warning("accept: %s", e)
-                await trio.sleep(0.1)
-                continue
-            nursery.start_soon(self._serve_socks, sock)
+        from .front import accept_forever
+
+        await accept_forever(lsock, "accept",
+                             lambda sock, _: nursery.start_soon(self._serve_socks, sock))
 
     async def _serve_socks(self, sock) -> None:
         """RFC 1929 authentication with the front's per-session secret, then CONNECT (the
@@ -446,14 +442,11 @@ class SocksService:
             await stream.aclose()
 
     async def _forward_loop(self, lsock, host: str, port: int, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                sock, _ = await lsock.accept()
-            except OSError as e:
-                log.warning("accept: %s", e)
-                await trio.sleep(0.1)
-                continue
-            nursery.start_soon(self._forward, sock, host, port)
+        from .front import accept_forever
+
+        await accept_forever(lsock, "accept",
+                             lambda sock, _: nursery.start_soon(self._forward, sock, host,
+                                                                port))
 
     async def _forward(self, sock, host: str, port: int) -> None:
         from .upstream.base import DialError
