@@ -477,14 +477,14 @@ static int fakeable_name(const char *name)
     return 1;
 }
 
-/* Ask the front for an address for a name the host resolver could not answer. */
-static int fake_lookup(const char *name, unsigned char ip4[4])
+/* One "<op> NAME" -> "A <ipv4>" exchange with the front; 0 and ip4 filled on an answer. */
+static int ask_front_addr(char op, const char *name, int timeout_ms, unsigned char ip4[4])
 {
     if (!cfg.active || !fakeable_name(name))
         return -1;
     char req[300], resp[128];
-    snprintf(req, sizeof req, "F %s\n", name);
-    if (ctl_request(req, resp, sizeof resp, 15000) < 2 || resp[0] != 'A')
+    snprintf(req, sizeof req, "%c %s\n", op, name);
+    if (ctl_request(req, resp, sizeof resp, timeout_ms) < 2 || resp[0] != 'A')
         return -1;
     struct in_addr ia;
     if (inet_pton(AF_INET, resp + 2, &ia) != 1)
@@ -493,22 +493,18 @@ static int fake_lookup(const char *name, unsigned char ip4[4])
     return 0;
 }
 
+/* Ask the front for an address for a name the host resolver could not answer. */
+static int fake_lookup(const char *name, unsigned char ip4[4])
+{
+    return ask_front_addr('F', name, 15000, ip4);
+}
+
 /* A name already in the session's fake table (the host resolver failed on it before, in this
  * or another process): answer at once instead of waiting for the host resolver again, which
  * on a node without working DNS costs its full timeout on every lookup. */
 static int known_fake(const char *name, unsigned char ip4[4])
 {
-    if (!cfg.active || !fakeable_name(name))
-        return -1;
-    char req[300], resp[128];
-    snprintf(req, sizeof req, "K %s\n", name);
-    if (ctl_request(req, resp, sizeof resp, 2000) < 2 || resp[0] != 'A')
-        return -1;
-    struct in_addr ia;
-    if (inet_pton(AF_INET, resp + 2, &ia) != 1)
-        return -1;
-    memcpy(ip4, &ia, 4);
-    return 0;
+    return ask_front_addr('K', name, 2000, ip4);
 }
 
 /* The name behind a fake IP (IPv4 or v4-mapped), or -1. */
