@@ -28,6 +28,7 @@ import trio
 
 from . import routing
 from .netstack import stack as nstack
+from .stacktimer import StackTimer
 from .upstream.base import DialError
 
 log = logging.getLogger("nsvpn.relay")
@@ -96,7 +97,7 @@ class Relay:
         self.dns = dns_service
         self.flows: Dict[int, _Flow] = {}
         self.udp: Dict[Tuple, _UdpFlow] = {}
-        self._timer_scope: Optional[trio.CancelScope] = None
+        self._timer = StackTimer(stack, lambda: self._after_stack())
         self._nursery: Optional[trio.Nursery] = None
         self.write_errors = 0
         self._warned: Dict[int, float] = {}  # errno -> when it was last logged
@@ -127,11 +128,7 @@ class Relay:
                 self.write_errors += 1
         for ev in st.pop_events():
             self._dispatch(ev)
-        scope = self._timer_scope
-        if scope is not None:
-            d = st.next_deadline()
-            if d is not None and d < scope.deadline:
-                scope.deadline = d
+        self._timer.tighten()
 
     def _dispatch(self, ev: object) -> None:
         if isinstance(ev, nstack.TcpFlowEvent):
@@ -151,7 +148,7 @@ class Relay:
             self._pcap_in, self._pcap_out = self.pcap.packet, self.pcap.iovec
         async with trio.open_nursery() as n:
             self._nursery = n
-            n.start_soon(self._timer_loop)
+            n.start_soon(self._timer.run)
             if self.read_tun:
                 n.start_soon(self._tun_reader)
             task_status.started()
@@ -194,19 +191,6 @@ class Relay:
         if self.pcap is not None:
             d["pcap"] = self.pcap.stats()
         return d
-
-    async def _timer_loop(self) -> None:
-        while True:
-            d = self.stack.next_deadline()
-            with trio.CancelScope(deadline=d if d is not None else math.inf) as scope:
-                self._timer_scope = scope
-                await trio.sleep_forever()
-            self._timer_scope = None
-            now = trio.current_time()
-            d = self.stack.next_deadline()
-            if d is not None and d <= now:
-                self.stack.on_timer(now)
-                self._after_stack()
 
     # -- TCP ------------------------------------------------------------------------------
     async def _dial(self, decision: routing.Decision) -> trio.abc.Stream:

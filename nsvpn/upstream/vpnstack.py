@@ -29,7 +29,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
-import math
 import random
 import socket
 import time
@@ -41,6 +40,7 @@ import trio
 from ..netstack import stack as nstack
 from ..netstack import wire
 from ..netstack.tcp import TcpConfig
+from ..stacktimer import StackTimer
 from .base import DialError, UpstreamError, upstream_down
 from .direct import DirectUpstream
 
@@ -123,7 +123,7 @@ class _Session:
         self.backlog: Deque[tuple] = deque()
         self.backlog_ev = trio.Event()
         self.dead: Optional[str] = None
-        self._timer_scope: Optional[trio.CancelScope] = None
+        self._timer = StackTimer(self.stack, lambda: self.after_stack())
         self.write_drops = 0
 
     # -- plumbing -------------------------------------------------------------------------
@@ -139,11 +139,7 @@ class _Session:
                 self._send(out)
             if not evs:
                 break
-        scope = self._timer_scope
-        if scope is not None:
-            d = st.next_deadline()
-            if d is not None and d < scope.deadline:
-                scope.deadline = d
+        self._timer.tighten()
 
     def _send(self, out: list) -> None:
         if self.backlog:
@@ -249,7 +245,7 @@ class _Session:
         async with trio.open_nursery() as n:
             n.start_soon(self._reader, n.cancel_scope)
             n.start_soon(self._writer, n.cancel_scope)
-            n.start_soon(self._timer_loop)
+            n.start_soon(self._timer.run)
             await self.vpn.lost.wait()
             n.cancel_scope.cancel()
 
@@ -298,20 +294,6 @@ class _Session:
         except (OSError, ValueError, trio.ClosedResourceError) as e:  # ValueError: closed fd
             log.debug("VPNFD write ended: %s", e)
             scope.cancel()
-
-    async def _timer_loop(self) -> None:
-        st = self.stack
-        while True:
-            d = st.next_deadline()
-            with trio.CancelScope(deadline=d if d is not None else math.inf) as scope:
-                self._timer_scope = scope
-                await trio.sleep_forever()
-            self._timer_scope = None
-            now = trio.current_time()
-            d = st.next_deadline()
-            if d is not None and d <= now:
-                st.on_timer(now)
-                self.after_stack()
 
     def kill(self, why: str) -> None:
         """The session is over: every flow sees a reset, every dial in progress fails."""
