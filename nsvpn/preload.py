@@ -15,7 +15,6 @@ nothing reads LD_PRELOAD) and setuid/setgid programs (the loader ignores LD_PREL
 from __future__ import annotations
 
 import ctypes
-import glob
 import logging
 import os
 import shutil
@@ -46,9 +45,12 @@ except (OSError, AttributeError):  # pragma: no cover - not glibc
 
 
 def shim_path() -> Optional[str]:
-    """The built shim (nsvpn/_preload*.so next to this module), or None."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    found = sorted(glob.glob(os.path.join(here, "_preload*.so")))
+    """The shim: the installed build (nsvpn/_preload*.so next to this module), or in a
+    single-file nsvpn.pyz one built or extracted at first use (nsvpn/shim.py); None when
+    there is none (shim.problem() says why)."""
+    from . import shim
+
+    found = shim.locate()
     return found[0] if found else None
 
 
@@ -251,8 +253,9 @@ async def run_preload(
     started, like a shell)."""
     shim = shim_path()
     if shim is None:
-        _err("the preload shim (nsvpn/_preload*.so) is not built: reinstall nsvpn with a C "
-             "compiler available")
+        from . import shim as shim_mod
+
+        _err(shim_mod.problem())
         return 1
     base_env = dict(os.environ if env is None else env)
     if not quiet:

@@ -8,8 +8,6 @@ The sysctls are read only to explain a failure.
 
 from __future__ import annotations
 
-import glob
-import os
 import shutil
 import socket
 import subprocess
@@ -51,9 +49,10 @@ class Capabilities:
 
 
 def shim_path() -> Optional[str]:
-    """The built LD_PRELOAD shim inside the installed package, if any."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    found = sorted(glob.glob(os.path.join(here, "_preload*.so")))
+    """The LD_PRELOAD shim: installed, or built/extracted at first use (nsvpn/shim.py)."""
+    from . import shim
+
+    found = shim.locate()
     return found[0] if found else None
 
 
@@ -63,29 +62,17 @@ def _trial(fn) -> Check:
 
 
 def check_preload() -> Check:
-    path = shim_path()
-    if path is None:
-        return Check(False, "shim not built (no nsvpn/_preload*.so in the installed package)")
-    true = shutil.which("true") or "/bin/true"
-    r, w = os.pipe()
-    try:
-        env = dict(os.environ, LD_PRELOAD=path, NSVPN_PROBE_FD=str(w))
-        proc = subprocess.run([true], env=env, pass_fds=(w,), stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=5)
-        os.close(w)
-        w = -1
-        marker = os.read(r, 200).decode(errors="replace").strip()
-    except (OSError, subprocess.SubprocessError) as e:
-        return Check(False, f"running `true` with the shim failed: {e}", {"path": path})
-    finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
-    if proc.returncode != 0 or not marker.startswith("nsvpn-shim"):
-        err = proc.stderr.decode(errors="replace").strip().splitlines()
-        why = err[-1] if err else f"exit status {proc.returncode}, no marker"
-        return Check(False, f"shim does not load: {why}", {"path": path})
-    return Check(True, f"loads into `true` ({marker})", {"path": path, "version": marker})
+    from . import shim
+
+    found = shim.locate()
+    if found is None:
+        return Check(False, shim.problem(), {"source": None})
+    path, how = found
+    ok, detail = shim.trial_load(path)
+    if not ok:
+        return Check(False, f"shim does not load: {detail}", {"path": path, "source": how})
+    return Check(True, f"loads into `true` ({detail}; {how})",
+                 {"path": path, "version": detail, "source": how})
 
 
 def _tool_version(name: str, args: List[str]) -> Check:
