@@ -15,6 +15,8 @@ import struct
 
 import dns.message
 import dns.rdatatype
+import fuzz_targets
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.all import ICMP, IP, TCP, UDP
@@ -306,3 +308,36 @@ def test_vpnenv_superscript_mtu_is_not_a_number():
     except vpnenv.VpnEnvError:
         return
     assert 0 < v.link_mtu() <= 65535
+
+
+# ------------------------------------------------------------------------ byte targets
+# The targets of tests/fuzz_targets.py (also run by scripts/fuzz_atheris.py, coverage-guided):
+# the wire parsers alone, a peer driving one TCP connection segment by segment (both the
+# namespace side and the VPN side's active open), and the codecs above through one byte input.
+
+@pytest.mark.parametrize("target", sorted(fuzz_targets.TARGETS))
+def test_byte_target(target):
+    fn = fuzz_targets.TARGETS[target]
+    seeds = fuzz_targets.seeds(target)
+
+    @fuzz(300)
+    @given(st.one_of(mutated(seeds), st.binary(max_size=300)))
+    def run(data):
+        fn(data)
+
+    run()
+
+
+@pytest.mark.parametrize("target,path", fuzz_targets.regression_inputs() or [
+    pytest.param(None, None, marks=pytest.mark.skip(reason="no saved crash inputs"))])
+def test_saved_crash_input(target, path):
+    """Every input a long fuzz run (scripts/soak) found crashing, replayed: it must not
+    crash any more. The file name says where it came from."""
+    with open(path, "rb") as f:
+        fuzz_targets.TARGETS[target](f.read())
+
+
+def test_seeds_run_clean():
+    for name, fn in fuzz_targets.TARGETS.items():
+        for s in fuzz_targets.seeds(name):
+            fn(s)
