@@ -26,7 +26,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import trio
 
-from . import routing
+from . import routing, sockpump
 from .netstack import stack as nstack
 from .stacktimer import StackTimer
 from .upstream.base import DialError
@@ -44,10 +44,11 @@ Dialer = Callable[[str, int, float], "trio.abc.Stream"]
 class _Flow:
     """Trio-side companion of a stack TcpFlow: wake-ups for the two pumps."""
 
-    __slots__ = ("flow", "readable", "writable", "connected", "done", "reset", "eof")
+    __slots__ = ("flow", "readable", "writable", "connected", "done", "reset", "eof", "link")
 
     def __init__(self, flow: object) -> None:
         self.flow = flow
+        self.link: Optional[sockpump.Link] = None  # set: the socket pump moves its bytes
         self.readable = trio.Event()
         self.writable = trio.Event()
         self.connected = trio.Event()
@@ -98,6 +99,7 @@ class Relay:
         self.flows: Dict[int, _Flow] = {}
         self.udp: Dict[Tuple, _UdpFlow] = {}
         self._timer = StackTimer(stack, lambda: self._after_stack())
+        self.pump = sockpump.SockPump(stack, self._after_stack, self._link_closed)
         self._nursery: Optional[trio.Nursery] = None
         self.write_errors = 0
         self._warned: Dict[int, float] = {}  # errno -> when it was last logged
@@ -119,22 +121,31 @@ class Relay:
         writev = os.writev
         fd = self.fd
         rec = self._pcap_out  # None unless --pcap: one test per packet, ~30 ns
-        for iov in st.output_iovecs():  # writev: a 64 KiB payload is not joined to its headers
-            if rec is not None:
-                rec(iov)
-            try:
-                writev(fd, iov)
-            except OSError:  # queue full / namespace gone: TCP retransmits, UDP is lossy
-                self.write_errors += 1
-        for ev in st.pop_events():
-            self._dispatch(ev)
+        # events may make the socket pump touch the stack again (data, window updates):
+        # go round until the stack has nothing more to say
+        for _ in range(8):
+            for iov in st.output_iovecs():  # writev: a 64 KiB payload is not joined to its headers
+                if rec is not None:
+                    rec(iov)
+                try:
+                    writev(fd, iov)
+                except OSError:  # queue full / namespace gone: TCP retransmits, UDP is lossy
+                    self.write_errors += 1
+            events = st.pop_events()
+            if not events:
+                break
+            for ev in events:
+                self._dispatch(ev)
         self._timer.tighten()
 
     def _dispatch(self, ev: object) -> None:
         if isinstance(ev, nstack.TcpFlowEvent):
             f = self.flows.get(id(ev.flow))
             if f is not None:
-                f.wake(ev.kind)
+                if f.link is not None:
+                    self.pump.stack_event(f.link, ev.kind)
+                else:
+                    f.wake(ev.kind)
         elif isinstance(ev, nstack.NewTcpFlow):
             f = _Flow(ev.flow)
             self.flows[id(ev.flow)] = f
@@ -146,12 +157,16 @@ class Relay:
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         if self.pcap is not None:
             self._pcap_in, self._pcap_out = self.pcap.packet, self.pcap.iovec
-        async with trio.open_nursery() as n:
-            self._nursery = n
-            n.start_soon(self._timer.run)
-            if self.read_tun:
-                n.start_soon(self._tun_reader)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as n:
+                self._nursery = n
+                n.start_soon(self._timer.run)
+                n.start_soon(self.pump.run)
+                if self.read_tun:
+                    n.start_soon(self._tun_reader)
+                task_status.started()
+        finally:
+            self.pump.close()
 
     def feed(self, pkt, now: float) -> None:
         """One packet read from the TUN by someone else; call flush() after a batch."""
@@ -193,6 +208,9 @@ class Relay:
         return d
 
     # -- TCP ------------------------------------------------------------------------------
+    def _link_closed(self, f: _Flow) -> None:
+        self.flows.pop(id(f.flow), None)
+
     async def _dial(self, decision: routing.Decision) -> trio.abc.Stream:
         if decision.action == routing.DIRECT:
             return await self.dial_direct(decision.host, decision.port, DIAL_TIMEOUT)
@@ -239,6 +257,14 @@ class Relay:
                     st.refuse(flow, now)
                 self._after_stack()
                 return
+            parts = sockpump.detach_socket(stream)
+            if parts is not None:  # the pump carries it from here: no task, no nursery
+                f.link = self.pump.attach(f, flow, *parts)
+                st.accept(flow, trio.current_time())
+                self._after_stack()
+                if f.done.is_set():  # the app gave up while we dialled: its reset came already
+                    self.pump.drop(f.link)
+                return
             async with stream:
                 st.accept(flow, trio.current_time())
                 self._after_stack()
@@ -249,7 +275,8 @@ class Relay:
                     n.start_soon(self._pump_to_upstream, f, stream, n.cancel_scope)
                     n.start_soon(self._pump_from_upstream, f, stream, n.cancel_scope)
         finally:
-            self.flows.pop(id(flow), None)
+            if f.link is None:
+                self.flows.pop(id(flow), None)
 
     async def _pump_to_upstream(self, f: _Flow, stream: trio.abc.Stream,
                                 scope: trio.CancelScope) -> None:

@@ -21,7 +21,7 @@ import trio
 
 from .. import socks
 from ..urls import Socks5UpstreamUrl
-from .base import DialError, UpstreamError, upstream_down
+from .base import DialError, UpstreamError, open_tcp, upstream_down
 
 log = logging.getLogger("nsvpn.upstream.socks5")
 
@@ -57,6 +57,16 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         await self.stream.aclose()
 
+    def raw_parts(self):
+        """For the socket pump: the socket underneath, with our prefix in front."""
+        from ..sockpump import detach_socket
+
+        parts = detach_socket(self.stream)
+        if parts is None:
+            return None
+        sock, prefix, check = parts
+        return sock, self._prefix + prefix, check
+
 
 def _oserror_errno(exc: BaseException) -> int | None:
     """trio.open_tcp_stream hides per-attempt errors behind an OSError without errno."""
@@ -85,10 +95,12 @@ async def socks5_dial(
     username: str | None = None,
     password: str | None = None,
     on_eof: EofHandler | None = None,
+    pipeline: bool = False,
 ) -> trio.abc.Stream:
     """CONNECT to host:port through the proxy reached by `connect()`; bounded by `timeout`."""
     try:
-        hs = socks.ClientHandshake(socks.CMD_CONNECT, host, port, username, password)
+        hs = socks.ClientHandshake(socks.CMD_CONNECT, host, port, username, password,
+                                   pipeline=pipeline)
     except socks.SocksError as exc:
         raise DialError(errno.EINVAL, f"cannot ask {proxy_name} for {host}:{port}: {exc}") from None
     stream: trio.abc.Stream | None = None
@@ -236,7 +248,7 @@ class Socks5Upstream:
         if self.path is not None:
             return await trio.open_unix_socket(self.path)
         assert self.host is not None
-        return await trio.open_tcp_stream(self.host, self.port)
+        return await open_tcp(self.host, self.port)
 
     async def start(self) -> None:
         why = await socks5_greeting_problem(

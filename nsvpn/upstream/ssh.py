@@ -40,7 +40,7 @@ from typing import Deque, List, Sequence, Tuple
 import trio
 
 from ..urls import SshUpstreamUrl
-from .base import DialError, UpstreamError, read_lines, upstream_down, wait_exit
+from .base import DialError, UpstreamError, open_tcp, read_lines, upstream_down, wait_exit
 from .socks5 import socks5_dial, socks5_greeting_ok
 
 log = logging.getLogger("nsvpn.upstream.ssh")
@@ -206,6 +206,16 @@ class _SshChannelStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         await self.stream.aclose()
 
+    def raw_parts(self):
+        """For the socket pump: the channel's socket, and our broken-EOF rule."""
+        from ..sockpump import detach_socket
+
+        parts = detach_socket(self.stream)
+        if parts is None:
+            return None
+        sock, prefix, _check = parts
+        return sock, prefix, self._ssh_gone
+
 
 class _SshProcess:
     """One ssh run: the Popen, a pidfd to await its exit, and its stderr reader."""
@@ -319,6 +329,7 @@ class SshUpstream:
             timeout=timeout,
             proxy_name=f"ssh {self.url.host}",
             on_eof=self._explain_eof,
+            pipeline=True,  # ssh reads the request that follows the greeting: one wake-up less
         )
         return _SshChannelStream(stream, self._proc)
 
@@ -337,7 +348,7 @@ class SshUpstream:
         if self.socket_path is not None:
             return await trio.open_unix_socket(self.socket_path)
         assert self.tcp_port is not None
-        return await trio.open_tcp_stream("127.0.0.1", self.tcp_port)
+        return await open_tcp("127.0.0.1", self.tcp_port)
 
     async def _explain_eof(self, host: str, port: int) -> DialError:
         """ssh closed our CONNECT without a reply: find its "open failed" line.
