@@ -282,8 +282,12 @@ async def vpn_to_tun(tun_fd: int, oc: OpenconnectUpstream, stats: BridgeStats) -
 
 
 async def bridge(child: namespace.NamespaceChild, oc: OpenconnectUpstream,
-                 stats: BridgeStats | None = None, direct_nets: Sequence[str] = ()) -> int:
-    """Copy packets until CMD exits; CMD's status (or EXIT_UPSTREAM if the VPN failed)."""
+                 stats: BridgeStats | None = None, direct_nets: Sequence[str] = (),
+                 ready=None) -> int:
+    """Copy packets until CMD exits; CMD's status (or EXIT_UPSTREAM if the VPN failed).
+
+    ready(child, stats, relay): an async task started next to the copy loops (named tunnels:
+    CMD is a holder process and ready serves the control socket; relay may be None)."""
     stats = stats or BridgeStats()
     failed: List[str] = []
 
@@ -308,6 +312,8 @@ async def bridge(child: namespace.NamespaceChild, oc: OpenconnectUpstream,
         n.start_soon(tun_to_vpn, child.tun_fd, oc, stats, relay, matcher)
         n.start_soon(vpn_to_tun, child.tun_fd, oc, stats)
         n.start_soon(watch_fatal)
+        if ready is not None:
+            n.start_soon(ready, child, stats, relay)
         status = await child.wait()
         await namespace.end_leftovers(ns_inode)  # nothing keeps running after nsvpn
         n.cancel_scope.cancel()
@@ -322,7 +328,7 @@ async def bridge(child: namespace.NamespaceChild, oc: OpenconnectUpstream,
 async def run_vpn_ns(argv: Sequence[str], oc: OpenconnectUpstream, *, quiet: bool = False,
                      ipv6: bool = False, env: Dict[str, str] | None = None,
                      cwd: str | None = None, direct: Sequence[str] = (),
-                     host_direct: bool = True) -> int:
+                     host_direct: bool = True, ready=None) -> int:
     """Bring openconnect up, run CMD in a namespace bridged to the VPN, return CMD's status.
 
     Failures before CMD runs are reported on stderr: EXIT_UPSTREAM (3) when the VPN cannot be
@@ -345,7 +351,7 @@ async def run_vpn_ns(argv: Sequence[str], oc: OpenconnectUpstream, *, quiet: boo
             _err(f"VPN {oc.url.host} up: {sess.env.summary()}")
         if not quiet and direct_nets:
             _err("not through the VPN (host sockets): " + ", ".join(direct_nets))
-        return await bridge(child, oc, direct_nets=direct_nets)
+        return await bridge(child, oc, direct_nets=direct_nets, ready=ready)
     finally:
         await oc.aclose()
 

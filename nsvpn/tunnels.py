@@ -1,17 +1,23 @@
 """Named shared tunnels: `nsvpn up/status/down` and `nsvpn exec --name` (issue 7).
 
-`up` forks a daemon (double fork + setsid) that runs the same relay as `exec` (run._run_ns)
-with a tiny *holder* process as CMD: the holder keeps the user+net+mount namespace alive and
-dies with the daemon (PDEATHSIG from namespace.spawn). Until it is ready, the daemon's stderr
-is a pipe to `up`, which echoes it (errors, -v progress) and returns when a marker line says
-the upstream and the namespace are up. `exec --name` joins the holder's namespaces (setns
-user, then net, then mount: the only order the kernel accepts for a non-root joiner), keeps
-the user's credentials (identity map) and the cwd, and execs CMD.
+`up` forks a daemon (double fork + setsid). In namespace mode it runs the same relay as `exec`
+(run._run_ns; bridge.run_vpn_ns for openconnect://) with a tiny *holder* process as CMD: the
+holder keeps the user+net+mount namespace alive and dies with the daemon (PDEATHSIG from
+namespace.spawn). In preload mode it runs the preload front (tunnel_preload.py) and `exec
+--name` starts CMD under the shim pointed at that front. A VPN password is read by `up`
+(file, fd or prompt) before the daemon exists and handed to it in memory only. Until it is
+ready, the daemon's stderr is a pipe to `up`, which echoes it (errors, -v progress) and
+returns when a marker line says the upstream and the namespace (or front) are up. In
+namespace mode `exec --name` joins the holder's namespaces (setns user, then net, then mount:
+the only order the kernel accepts for a non-root joiner), keeps the user's credentials
+(identity map) and the cwd, and execs CMD.
 
 State is node-local, never in $HOME (shared between nodes): $XDG_RUNTIME_DIR/nsvpn/tunnels/N
 or /tmp/nsvpn-<uid>-<host>/tunnels/N (0700), holding state.json (pids with their start times,
-so a recycled pid is not mistaken for the daemon; netns inode; upstreams) and control.sock
-(0600; one JSON request line, one JSON reply line: {"cmd": "status"} or {"cmd": "down"}).
+so a recycled pid is not mistaken for the daemon; mode; netns inode or the front's control
+socket; upstreams), front.json in preload mode (0600: the shim environment with the front's
+per-session secret) and control.sock (0600; one JSON request line, one JSON reply line:
+{"cmd": "status"} or {"cmd": "down"}).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import sys
 import time
 from typing import List, Optional
 
-from .cli import EXIT_SETUP, EXIT_USAGE
+from .cli import EXIT_SETUP, EXIT_UPSTREAM, EXIT_USAGE
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 READY = "nsvpn-up-ready"
@@ -166,25 +172,22 @@ def control(d: str, request: dict, timeout: float = 3.0) -> dict:
 def run_up(args: argparse.Namespace) -> int:
     from . import config as cfg
     from . import run
-    from .urls import OpenconnectUpstreamUrl, parse_upstream_url
+    from .upstream.openconnect import OpenconnectUpstream
 
     try:
         d = tunnel_dir(args.name)
         cfg.apply_to_args(args)
-        for v in args.via:
-            if isinstance(parse_upstream_url(v), OpenconnectUpstreamUrl):
-                raise TunnelError("named tunnels support ssh:// and socks5:// upstreams only")
         pool = run.build_upstreams(args.via, args)
-        if args.mode == "preload":
-            raise TunnelError("named tunnels need namespace mode")
         direct = run.direct_networks(args)
         for c in args.direct:
             run.routing.Router(direct=[c])  # validates the CIDR
     except (TunnelError, cfg.ConfigError, ValueError) as e:
         _err(str(e))
         return EXIT_USAGE
-    if run.choose_mode("ns", args.quiet) is None:
+    mode = run.choose_mode(args.mode or "auto", args.quiet)
+    if mode is None:
         return EXIT_SETUP
+    args.mode = mode
     if os.path.isdir(d):
         st = tunnel_state(d)
         if st["state"] != "dead":
@@ -194,6 +197,8 @@ def run_up(args: argparse.Namespace) -> int:
         if args.verbose:
             _err(f"up: cleaning up dead tunnel {args.name}")
         _cleanup(d, st)
+    if isinstance(pool, OpenconnectUpstream) and not _vpn_password(pool):
+        return EXIT_UPSTREAM
     try:
         os.mkdir(d, 0o700)
     except FileExistsError:
@@ -218,6 +223,25 @@ def run_up(args: argparse.Namespace) -> int:
         if daemon:
             os.kill(daemon[0], signal.SIGTERM)
         raise
+
+
+def _vpn_password(oc) -> bool:
+    """Read the VPN password now, while `up` still has its terminal and its fds (the daemon
+    has neither); the daemon gets it in memory (for openconnect's stdin and its restarts),
+    never in an argv or environment. False after saying why."""
+    import trio
+
+    from .upstream.base import UpstreamError
+
+    try:
+        pw = trio.run(oc._obtain_password)
+    except UpstreamError as e:
+        _err(f"upstream failed: {e}")
+        return False
+    oc._password = pw
+    oc.passwd_fd = oc.passwd_file = None
+    oc.interactive = False  # no terminal in the daemon: openconnect must not prompt
+    return True
 
 
 def _await_ready(r: int, args: argparse.Namespace, d: str, daemon_pid: List[int]) -> int:
@@ -260,9 +284,12 @@ def _await_ready(r: int, args: argparse.Namespace, d: str, daemon_pid: List[int]
 
 def _daemon(args: argparse.Namespace, pool, direct: List[str], d: str, w: int) -> None:
     """The background process (never returns). fd 2 is the pipe to `up` until ready."""
+    import functools
+
     import trio
 
     from . import run
+    from .upstream.openconnect import OpenconnectUpstream
 
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
@@ -276,19 +303,20 @@ def _daemon(args: argparse.Namespace, pool, direct: List[str], d: str, w: int) -
     print(f"{PID} {me}", file=sys.stderr, flush=True)
     code = 1
     ready_seen = []
+    vpn = isinstance(pool, OpenconnectUpstream)
     try:
         run._setup_logging(args.verbose, args.log_file)
         if args.verbose:
             _err("up: waiting for the upstream: " + ", ".join(args.via))
 
-        async def ready(child, stack, relay, pool) -> None:
+        async def on_ready(tunnel) -> None:
+            """Serve the control socket of a tunnel that is up (never returns)."""
             if args.verbose:
-                _err(f"up: upstream ready; namespace up (holder pid {child.pid}); "
-                     "starting the control socket")
-            ups = [u.name for u in getattr(pool, "upstreams", [pool])]
+                _err(f"up: upstream ready; {tunnel.mode} tunnel up; starting the control "
+                     "socket")
 
             async def serve(stream) -> None:
-                await _serve_one(stream, child, stack, relay, pool, args.name)
+                await _serve_one(stream, tunnel)
 
             sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             path = os.path.join(d, "control.sock")
@@ -298,12 +326,14 @@ def _daemon(args: argparse.Namespace, pool, direct: List[str], d: str, w: int) -
             finally:
                 os.umask(old)
             sock.listen(16)
-            _write_state(d, {
+            state = {
                 "name": args.name, "pid": me, "pid_start": _starttime(me),
-                "holder_pid": child.pid, "holder_start": _starttime(child.pid),
-                "netns": os.stat(f"/proc/{child.pid}/ns/net").st_ino,
-                "upstreams": ups, "started": time.time(), "log_file": args.log_file,
-            })
+                "mode": tunnel.mode, "kind": tunnel.kind,
+                "upstreams": [u["name"] for u in tunnel.upstreams()],
+                "started": time.time(), "log_file": args.log_file,
+            }
+            state.update(tunnel.state_extra())
+            _write_state(d, state)
             ready_seen.append(True)
             print(READY, file=sys.stderr, flush=True)
             # From here on nobody reads the pipe: stderr goes to the log file or nowhere.
@@ -314,7 +344,25 @@ def _daemon(args: argparse.Namespace, pool, direct: List[str], d: str, w: int) -
 
         holder = [sys.executable, "-I", "-S", "-c", HOLDER]
         os.chdir("/")  # the daemon must not pin a cwd (unmounts, deleted dirs)
-        code = trio.run(run._run_ns, args, holder, pool, direct, ready)
+        if args.mode == "preload":
+            from .tunnel_preload import serve_preload
+
+            code = trio.run(serve_preload, args, pool, direct, d, on_ready,
+                            lambda t: _dump(t.status()))
+        elif vpn:
+            from .bridge import run_vpn_ns
+
+            async def ready_vpn(child, stats, relay) -> None:
+                await on_ready(_VpnNsTunnel(child, stats, relay, pool))
+
+            code = trio.run(functools.partial(
+                run_vpn_ns, holder, pool, quiet=not args.verbose, direct=list(args.direct),
+                host_direct=not args.no_direct, ready=ready_vpn))
+        else:
+            async def ready_ns(child, stack, relay, pool) -> None:
+                await on_ready(_NsTunnel(child, stack, relay, pool))
+
+            code = trio.run(run._run_ns, args, holder, pool, direct, ready_ns)
     except BaseException as e:  # never a traceback in a daemon's void
         _err(f"tunnel {args.name}: {type(e).__name__}: {e}")
         code = 5
@@ -330,7 +378,70 @@ def _daemon(args: argparse.Namespace, pool, direct: List[str], d: str, w: int) -
         os._exit(code)
 
 
-async def _serve_one(stream, child, stack, relay, pool, name: str) -> None:
+def _dump(d: dict) -> None:
+    """SIGUSR1 in preload mode: the counters as one log line, whatever the -v level."""
+    import logging
+
+    rec = logging.LogRecord("nsvpn.counters", logging.WARNING, __file__, 0, "counters %s",
+                            (json.dumps(d, sort_keys=True),), None)
+    for h in logging.getLogger().handlers:
+        h.handle(rec)
+
+
+def _upstream_list(pool) -> List[dict]:
+    return [{"name": u.name, "healthy": bool(u.healthy)}
+            for u in getattr(pool, "upstreams", [pool])]
+
+
+class _NsTunnel:
+    """Namespace mode, ssh/SOCKS5 upstreams: the userspace stack + relay (run._run_ns)."""
+
+    mode, kind = "ns", "socks"
+
+    def __init__(self, child, stack, relay, pool) -> None:
+        self.child, self.stack, self.relay, self.pool = child, stack, relay, pool
+
+    def upstreams(self) -> List[dict]:
+        return _upstream_list(self.pool)
+
+    def state_extra(self) -> dict:
+        pid = self.child.pid
+        return {"holder_pid": pid, "holder_start": _starttime(pid),
+                "netns": os.stat(f"/proc/{pid}/ns/net").st_ino}
+
+    def status(self) -> dict:
+        c = self.stack.counters
+        return {"stack": c, "relay": self.relay.stats(), "upstreams": self.upstreams(),
+                "flows": c["tcp_flows"] + c["udp_flows"],
+                "flows_total": c["tcp_flows_total"] + c["udp_flows_total"],
+                "bytes_up": c["bytes_in"], "bytes_down": c["bytes_out"],
+                "drops": sum(c["drops"].values())}
+
+    def stop(self) -> None:
+        self.child.signal(signal.SIGTERM)  # the holder ends -> the relay tears all down
+
+
+class _VpnNsTunnel(_NsTunnel):
+    """Namespace mode, openconnect: the packet bridge (bridge.py); kernel TCP in the netns,
+    so nsvpn sees packets, not flows (flows are those of the direct-network relay)."""
+
+    kind = "vpn"
+
+    def __init__(self, child, stats, relay, oc) -> None:
+        self.child, self.stats, self.relay, self.pool = child, stats, relay, oc
+
+    def status(self) -> dict:
+        s = self.stats
+        d = {"bridge": dict(vars(s)), "upstreams": self.upstreams(),
+             "bytes_up": s.to_vpn_bytes, "bytes_down": s.to_tun_bytes, "drops": s.dropped,
+             "vpn": self.pool.session.env.summary() if self.pool.session else None}
+        if self.relay is not None:
+            d["relay"] = self.relay.stats()
+            d["flows"] = d["relay"]["tcp_flows"] + d["relay"]["udp_flows"]
+        return d
+
+
+async def _serve_one(stream, tunnel) -> None:
     import trio
 
     buf = b""
@@ -344,12 +455,9 @@ async def _serve_one(stream, child, stack, relay, pool, name: str) -> None:
         req = json.loads(buf.decode() or "{}")
     except ValueError:
         req = {}
-    cmd = req.get("cmd")
+    cmd = req.get("cmd") if isinstance(req, dict) else None
     if cmd == "status":
-        ups = [{"name": u.name, "healthy": bool(u.healthy)}
-               for u in getattr(pool, "upstreams", [pool])]
-        reply = {"name": name, "upstreams": ups, "stack": stack.counters,
-                 "relay": relay.stats()}
+        reply = tunnel.status()
     elif cmd == "down":
         reply = {"ok": True}
     else:
@@ -360,7 +468,7 @@ async def _serve_one(stream, child, stack, relay, pool, name: str) -> None:
         pass
     await stream.aclose()
     if cmd == "down":
-        child.signal(signal.SIGTERM)  # the holder ends -> _run_ns tears everything down
+        tunnel.stop()
 
 
 # -- exec --name -----------------------------------------------------------------------------
@@ -378,14 +486,19 @@ def _running(name: str) -> dict:
         raise TunnelError(f"no tunnel named {name} (start it with `nsvpn up --name {name} "
                           "--via URL`)")
     st = tunnel_state(d)
-    if st["state"] != "running" or not _alive(st.get("holder_pid"), st.get("holder_start")):
+    ok = st["state"] == "running" and (
+        st.get("mode") == "preload" or _alive(st.get("holder_pid"), st.get("holder_start")))
+    if not ok:
         raise TunnelError(f"tunnel {name} is {st['state'] if st['state'] != 'running' else 'dead'}"
                           f" (`nsvpn down {name}` cleans it up)")
     return st
 
 
-def run_join(name: str, argv: List[str]) -> int:
-    """Run argv in the namespaces of tunnel `name`; its exit status (128+N for signal N)."""
+def run_join(name: str, argv: List[str], *, quiet: bool = False,
+             socks_env: bool = True) -> int:
+    """Run argv in tunnel `name`; its exit status (128+N for signal N). Namespace mode: in the
+    holder's namespaces. Preload mode: under the shim, pointed at the tunnel's front (quiet:
+    no warning about static/setuid programs; socks_env: set ALL_PROXY as exec does)."""
     import trio
 
     from . import namespace
@@ -395,6 +508,11 @@ def run_join(name: str, argv: List[str]) -> int:
     except TunnelError as e:
         _err(str(e))
         return EXIT_USAGE
+    if st.get("mode") == "preload":
+        from .tunnel_preload import run_join_preload
+
+        return run_join_preload(name, tunnel_dir(name), argv, quiet=quiet,
+                                socks_env=socks_env)
     holder = st["holder_pid"]
     try:
         fds = [os.open(f"/proc/{holder}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
@@ -462,12 +580,14 @@ def collect(name: Optional[str] = None) -> List[dict]:
             raise TunnelError(f"no tunnel named {n}")
         st = tunnel_state(d)
         st["name"] = n
+        st.setdefault("mode", "ns")  # state written before preload tunnels existed
         if st["state"] == "running":
             try:
                 live = control(d, {"cmd": "status"})
-                st["upstreams"] = live.get("upstreams", st.get("upstreams"))
-                st["stack"] = live.get("stack")
-                st["relay"] = live.get("relay")
+                if "error" in live:
+                    st["control_error"] = live["error"]
+                else:
+                    st.update(live)
             except (OSError, ValueError) as e:
                 st["control_error"] = str(e)
         out.append(st)
@@ -477,17 +597,18 @@ def collect(name: Optional[str] = None) -> List[dict]:
 def _format(rows: List[dict]) -> str:
     if not rows:
         return "no tunnels"
-    lines = [f"{'NAME':<16} {'STATE':<8} {'PID':>7} {'FLOWS':>6} {'BYTES IN/OUT':>21}  UPSTREAMS"]
+    lines = [f"{'NAME':<16} {'STATE':<8} {'MODE':<11} {'PID':>7} {'FLOWS':>6} "
+             f"{'BYTES UP/DOWN':>21}  UPSTREAMS"]
     for t in rows:
-        s = t.get("stack") or {}
         ups = t.get("upstreams") or []
         up_text = ", ".join(
             (f"{u['name']} ({'up' if u['healthy'] else 'DOWN'})" if isinstance(u, dict) else u)
             for u in ups)
-        flows = s.get("tcp_flows", 0) + s.get("udp_flows", 0) if s else "-"
-        io = f"{s.get('bytes_in', 0)}/{s.get('bytes_out', 0)}" if s else "-"
-        lines.append(f"{t['name']:<16} {t['state']:<8} {t.get('pid') or '-':>7} {flows:>6} "
-                     f"{io:>21}  {up_text}")
+        flows = t.get("flows", "-")
+        io = f"{t['bytes_up']}/{t['bytes_down']}" if "bytes_up" in t else "-"
+        mode = t.get("mode", "ns") + ("/vpn" if t.get("kind") == "vpn" else "")
+        lines.append(f"{t['name']:<16} {t['state']:<8} {mode:<11} {t.get('pid') or '-':>7} "
+                     f"{flows:>6} {io:>21}  {up_text}")
     return "\n".join(lines)
 
 
@@ -521,8 +642,15 @@ def _wait_gone(check, timeout: float) -> bool:
 
 
 def _cleanup(d: str, st: dict) -> None:
-    """Kill whatever is left in the tunnel's netns, remove its state."""
-    members = _netns_members(st.get("netns"))
+    """Kill whatever is left of the tunnel (namespace mode: the processes in its netns;
+    preload mode: the processes started with its front in their environment), remove its
+    state."""
+    if st.get("mode") == "preload":
+        from .tunnel_preload import tunnel_processes
+
+        members = tunnel_processes(st.get("ctl"))
+    else:
+        members = _netns_members(st.get("netns"))
     for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):
         for p in members:
             try:
@@ -531,6 +659,9 @@ def _cleanup(d: str, st: dict) -> None:
                 pass
         if _wait_gone(lambda: any(_starttime(p) is not None for p in members), wait):
             break
+    fdir = st.get("front_dir")
+    if fdir and fdir != d and os.path.basename(fdir).startswith("nsvpn-front-"):
+        shutil.rmtree(fdir, ignore_errors=True)
     shutil.rmtree(d, ignore_errors=True)
 
 
