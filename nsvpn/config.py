@@ -12,6 +12,12 @@ The file (XDG_CONFIG_HOME honoured; `--config FILE` overrides the path):
     dns_server = "10.0.0.53"
     ssh_opts = ["ConnectTimeout=5"]
     mode = "auto"                            # auto | ns | preload
+    upstream_policy = "first"                # first | round-robin (several via)
+    tsocks_conf = "/etc/tsocks.conf"         # its server, local nets and path sections
+    allow_host_loopback = false
+    no_proxy_env = false                     # preload mode: no ALL_PROXY for CMD
+    oc_opts = ["--servercert=pin-sha256:..."]  # openconnect options
+    passwd_file = "~/.vpnpass"               # openconnect password (first line)
 
     [profile.cern]                           # selected by --profile cern / NSVPN_PROFILE
     via = "ssh://lxplus.cern.ch"
@@ -20,6 +26,7 @@ The file (XDG_CONFIG_HOME honoured; `--config FILE` overrides the path):
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +52,10 @@ def default_config_path(env: Optional[Mapping[str, str]] = None) -> Path:
 class Sourced:
     value: Any
     source: str  # "command line", "NSVPN_VIA", "/path/config.toml", "/path [profile.x]", "default"
+    level: int = 4  # which of LEVELS it came from (lower wins)
+
+
+LEVELS = ("command line", "environment", "profile", "file", "default")
 
 
 @dataclass
@@ -54,8 +65,10 @@ class FileConfig:
 
 
 MODES = ("auto", "ns", "preload")
+POLICIES = ("first", "round-robin")
 # key -> (kind, NSVPN_* variable, default). Kinds: "list" (string or list of strings in the
-# file; space/comma separated in the environment), "str", "bool".
+# file; space/comma separated in the environment), "str", "path" (a string; ~ is expanded),
+# "bool".
 KEYS: Dict[str, tuple] = {
     "via": ("list", "NSVPN_VIA", None),
     "direct": ("list", "NSVPN_DIRECT", []),
@@ -63,7 +76,17 @@ KEYS: Dict[str, tuple] = {
     "dns_server": ("str", "NSVPN_DNS_SERVER", None),
     "ssh_opts": ("list", "NSVPN_SSH_OPTS", []),
     "mode": ("str", "NSVPN_MODE", "auto"),
+    "upstream_policy": ("str", "NSVPN_UPSTREAM_POLICY", "first"),
+    "tsocks_conf": ("path", "NSVPN_TSOCKS_CONF", None),
+    "allow_host_loopback": ("bool", "NSVPN_ALLOW_HOST_LOOPBACK", False),
+    "no_proxy_env": ("bool", "NSVPN_NO_PROXY_ENV", False),
+    "oc_opts": ("list", "NSVPN_OC_OPTS", []),
+    "passwd_file": ("path", "NSVPN_PASSWD_FILE", None),
 }
+# Values that are lists in the environment but whose items may hold spaces: comma separated.
+_COMMA_LISTS = ("ssh_opts", "oc_opts")
+# Choices of "str" keys.
+_CHOICES = {"mode": MODES, "upstream_policy": POLICIES}
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
@@ -122,15 +145,19 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         return value
     if not isinstance(value, str):
         raise ConfigError(f"{where}: '{key}' must be a string")
-    if key == "mode" and value not in MODES:
-        raise ConfigError(f"{where}: 'mode' must be one of {', '.join(MODES)}, not {value!r}")
+    choices = _CHOICES.get(key)
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: '{key}' must be one of {', '.join(choices)}, "
+                          f"not {value!r}")
+    if kind == "path":
+        return os.path.expanduser(value)
     return value
 
 
 def _from_env(key: str, text: str, var: str) -> Any:
     kind = KEYS[key][0]
     if kind == "list":
-        if key == "ssh_opts":  # an ssh option may contain spaces ("ProxyCommand ssh -W ...")
+        if key in _COMMA_LISTS:  # an option may contain spaces ("ProxyCommand ssh -W ...")
             return [s.strip() for s in text.split(",") if s.strip()]
         return text.replace(",", " ").split()
     if kind == "bool":
@@ -167,19 +194,20 @@ def resolve(cli: Mapping[str, Any], env: Mapping[str, str], fc: FileConfig,
     for key, (_kind, var, default) in KEYS.items():
         v = cli.get(key)
         if v is not None and v != []:
-            out[key] = Sourced(v, "command line")
+            out[key] = Sourced(v, "command line", 0)
             continue
         text = env.get(var)
         if text is not None and text.strip():
             ev = _from_env(key, text, var)
             if ev != []:  # " , " names no upstream: as if unset
-                out[key] = Sourced(ev, var)
+                out[key] = Sourced(ev, var, 1)
                 continue
         if key in table:
-            out[key] = Sourced(_check_value(key, table[key], ""), f"{fc.path} [profile.{profile}]")
+            where = f"{fc.path} [profile.{profile}]"
+            out[key] = Sourced(_check_value(key, table[key], where), where, 2)
             continue
         if fc.path is not None and key in fc.data:
-            out[key] = Sourced(_check_value(key, fc.data[key], str(fc.path)), str(fc.path))
+            out[key] = Sourced(_check_value(key, fc.data[key], str(fc.path)), str(fc.path), 3)
             continue
         out[key] = Sourced(list(default) if isinstance(default, list) else default, "default")
     return out
@@ -197,20 +225,34 @@ def resolve_via(cli: List[str], env: Mapping[str, str], fc: FileConfig,
     return via
 
 
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]*@")
+
+
+def _redact(value: Any) -> Any:
+    """socks5://user:PASS@host -> socks5://user:***@host: `config show` output gets pasted."""
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1***@", value)
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value
+
+
 def show_dict(values: Mapping[str, Sourced], fc: FileConfig, profile: Sourced) -> dict:
-    """`nsvpn config show --json` (schema 1)."""
+    """`nsvpn config show --json` (schema 1). Passwords in URLs are shown as ***."""
     return {
         "schema": 1,
         "config_file": str(fc.path) if fc.path else None,
         "profile": {"value": profile.value, "source": profile.source},
-        "settings": {k: {"value": s.value, "source": s.source} for k, s in values.items()},
+        "settings": {k: {"value": _redact(s.value), "source": s.source}
+                     for k, s in values.items()},
     }
 
 
 def format_show(d: dict) -> str:
-    lines = [f"config file: {d['config_file'] or '(none)'}"]
+    w = max([len(k) for k in d["settings"]] + [12])
+    lines = [f"{'config file:':<{w}} {d['config_file'] or '(none)'}"]
     prof = d["profile"]
-    lines.append(f"profile:     {prof['value'] or '(none)'}  [{prof['source']}]")
+    lines.append(f"{'profile:':<{w}} {prof['value'] or '(none)'}  [{prof['source']}]")
     for key, s in d["settings"].items():
         v = s["value"]
         if isinstance(v, list):
@@ -221,7 +263,7 @@ def format_show(d: dict) -> str:
             text = "true" if v else "false"
         else:
             text = str(v)
-        lines.append(f"{key:<11} {text}  [{s['source']}]")
+        lines.append(f"{key:<{w}} {text}  [{s['source']}]")
     return "\n".join(lines)
 
 
@@ -234,10 +276,10 @@ def add_config_args(p) -> None:
                    help="upstream: ssh://[user@]host[:port], socks5://[user:pass@]host:port, "
                         "openconnect://[user@]host[:port]; "
                         "repeat for failover (default: $NSVPN_VIA or via= in the config file)")
-    p.add_argument("--upstream-policy", choices=("first", "round-robin"), default="first",
+    p.add_argument("--upstream-policy", choices=POLICIES, default=None,
                    help="with several --via: new flows go to the first healthy one (default) "
                         "or round-robin over the healthy ones; a dead one is skipped and "
-                        "retried with backoff")
+                        "retried with backoff (or $NSVPN_UPSTREAM_POLICY / upstream_policy=)")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="force a mode (default: auto, or $NSVPN_MODE / mode= in the file)")
     p.add_argument("--config", metavar="FILE",
@@ -265,6 +307,13 @@ def cli_values(args) -> Dict[str, Any]:
         "dns_server": getattr(args, "dns_server", None),
         "ssh_opts": list(getattr(args, "ssh_opt", None) or []),
         "mode": getattr(args, "mode", None),
+        "upstream_policy": getattr(args, "upstream_policy", None),
+        "tsocks_conf": getattr(args, "tsocks_conf", None),
+        # store_true flags: False means "not given", so a lower source may still say true
+        "allow_host_loopback": getattr(args, "allow_host_loopback", None) or None,
+        "no_proxy_env": getattr(args, "no_proxy_env", None) or None,
+        "oc_opts": list(getattr(args, "oc_opt", None) or []),
+        "passwd_file": getattr(args, "passwd_file", None),
     }
 
 
@@ -286,7 +335,9 @@ def effective(args, env: Optional[Mapping[str, str]] = None) -> Effective:
         path = env["NSVPN_CONFIG"]
     fc = load_file(Path(path) if path else None, explicit=bool(path), env=env)
     prof = select_profile(getattr(args, "profile", None), env)
-    return Effective(fc, prof, resolve(cli_values(args), env, fc, prof.value))
+    values = resolve(cli_values(args), env, fc, prof.value)
+    _tsocks_upstream(values)
+    return Effective(fc, prof, values)
 
 
 def apply_to_args(args, env: Optional[Mapping[str, str]] = None) -> Effective:
@@ -305,4 +356,33 @@ def apply_to_args(args, env: Optional[Mapping[str, str]] = None) -> Effective:
     args.dns_server = v["dns_server"].value
     args.ssh_opt = list(v["ssh_opts"].value)
     args.mode = v["mode"].value
+    args.upstream_policy = v["upstream_policy"].value
+    args.tsocks_conf = v["tsocks_conf"].value
+    args.allow_host_loopback = bool(v["allow_host_loopback"].value)
+    args.no_proxy_env = bool(v["no_proxy_env"].value)
+    args.oc_opt = list(v["oc_opts"].value)
+    # --passwd-fd on the command line wins over a passwd_file from anywhere else
+    if getattr(args, "passwd_fd", None) is None or v["passwd_file"].level == 0:
+        args.passwd_file = v["passwd_file"].value
     return eff
+
+
+def _tsocks_upstream(v: Dict[str, Sourced]) -> None:
+    """A tsocks.conf's server is an upstream given at the tsocks_conf's own level: it replaces
+    a `via` from a weaker source (--tsocks-conf beats $NSVPN_VIA; a profile's tsocks_conf beats
+    the file's top-level via) and yields to one from the same or a stronger source."""
+    ts = v["tsocks_conf"]
+    if not ts.value or (v["via"].value and v["via"].level <= ts.level):
+        return
+    from .tsocks_conf import parse_tsocks_conf
+
+    try:
+        with open(ts.value, encoding="utf-8") as f:
+            conf = parse_tsocks_conf(f.read(), ts.value)
+    except OSError as e:
+        raise ConfigError(f"cannot read tsocks_conf {ts.value} ({ts.source}): "
+                          f"{e.strerror}") from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if conf.default is not None:
+        v["via"] = Sourced([conf.default_url()], f"{ts.source} (tsocks.conf server)", ts.level)

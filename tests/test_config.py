@@ -67,7 +67,9 @@ def test_defaults_without_any_file(tmp_path):
     assert e.file.path is None
     assert {k: s.value for k, s in e.values.items()} == {
         "via": None, "direct": [], "no_direct": False, "dns_server": None,
-        "ssh_opts": [], "mode": "auto"}
+        "ssh_opts": [], "mode": "auto", "upstream_policy": "first", "tsocks_conf": None,
+        "allow_host_loopback": False, "no_proxy_env": False, "oc_opts": [],
+        "passwd_file": None}
     assert set(sources(e).values()) == {"default"}
 
 
@@ -77,7 +79,9 @@ def test_top_level_file_values(tmp_path):
     assert e.values["via"].value == ["ssh://file-a", "ssh://file-b"]
     assert e.values["no_direct"].value is True
     assert e.values["ssh_opts"].value == ["ConnectTimeout=5"]
-    assert set(sources(e).values()) == {path}
+    in_file = ("via", "direct", "no_direct", "dns_server", "ssh_opts", "mode")
+    assert {sources(e)[k] for k in in_file} == {path}
+    assert {sources(e)[k] for k in cfg.KEYS if k not in in_file} == {"default"}
 
 
 def test_env_beats_file_and_cli_beats_env(tmp_path):
@@ -86,21 +90,27 @@ def test_env_beats_file_and_cli_beats_env(tmp_path):
            "NSVPN_SSH_OPTS": "ProxyCommand ssh -W %h:%p gw,BatchMode=yes",
            "NSVPN_MODE": "preload"}
     e = eff(tmp_path, [], env)
-    v = {k: s.value for k, s in e.values.items()}
+    v = {k: s.value for k, s in e.values.items() if k in env_keys(env)}
     assert v == {"via": ["socks5://e:1", "socks5://e:2"],
                  "direct": ["10.2.0.0/16", "10.3.0.0/16"], "no_direct": False,
                  "dns_server": "10.0.0.99",
                  "ssh_opts": ["ProxyCommand ssh -W %h:%p gw", "BatchMode=yes"],
                  "mode": "preload"}
-    assert sources(e) == {"via": "NSVPN_VIA", "direct": "NSVPN_DIRECT",
+    assert {k: x for k, x in sources(e).items() if k in env_keys(env)} == {
+                          "via": "NSVPN_VIA", "direct": "NSVPN_DIRECT",
                           "no_direct": "NSVPN_NO_DIRECT", "dns_server": "NSVPN_DNS_SERVER",
                           "ssh_opts": "NSVPN_SSH_OPTS", "mode": "NSVPN_MODE"}
     e = eff(tmp_path, ["--via", "ssh://cli", "--direct", "192.168.0.0/24", "--no-direct",
                        "--dns-server", "1.2.3.4", "--ssh-opt", "Port=22", "--mode", "ns"], env)
-    v = {k: s.value for k, s in e.values.items()}
+    v = {k: s.value for k, s in e.values.items() if k in env_keys(env)}
     assert v == {"via": ["ssh://cli"], "direct": ["192.168.0.0/24"], "no_direct": True,
                  "dns_server": "1.2.3.4", "ssh_opts": ["Port=22"], "mode": "ns"}
-    assert set(sources(e).values()) == {"command line"}
+    assert {sources(e)[k] for k in env_keys(env)} == {"command line"}
+
+
+def env_keys(env: Dict[str, str]) -> List[str]:
+    """The config keys these NSVPN_* variables set."""
+    return [k for k, (_kind, var, _d) in cfg.KEYS.items() if var in env]
 
 
 def test_blank_env_counts_as_unset(tmp_path):
@@ -247,9 +257,11 @@ def test_config_show_text_and_explicit_file(home, tmp_path):
     r = nsvpn(["config", "show", "--config", str(other)], home)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == f"config file: {other}"
-    assert f"via         socks5://127.0.0.1:1080  [{other}]" in lines
-    assert "mode        auto  [default]" in lines
+    w = max(len(k) for k in cfg.KEYS)
+    assert lines[0] == f"{'config file:':<{w}} {other}"
+    assert f"{'via':<{w}} socks5://127.0.0.1:1080  [{other}]" in lines
+    assert f"{'mode':<{w}} auto  [default]" in lines
+    assert f"{'upstream_policy':<{w}} first  [default]" in lines
 
 
 def test_config_show_error_is_one_line(home):
@@ -301,3 +313,180 @@ def test_exec_logs_effective_config_to_log_file(home, tmp_path):
     first = text.splitlines()[0]
     assert first[:4].isdigit() and first[4] == "-" and " nsvpn DEBUG " in first  # timestamp
     assert "config via" not in r.stderr
+
+
+# ------------------------------------------------------------------------- issue 7's other keys
+# (upstream policy, tsocks.conf import, host loopback, proxy env, openconnect options): every
+# exec option a site would keep in a profile, with the same precedence.
+
+def parse_exec(argv: List[str]) -> argparse.Namespace:
+    """The real `nsvpn exec` parser (it has the options add_config_args does not define)."""
+    from nsvpn.cli import _build_parser
+
+    return _build_parser().parse_args(["exec", *argv, "--", "true"])
+
+
+def exec_eff(tmp_path: Path, argv: List[str], env: Dict[str, str], text: str):
+    e = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    e.update(env)
+    return cfg.effective(parse_exec(["--config", str(write(tmp_path, text))] + argv), e)
+
+
+POLICY_FILE = """
+via = ["socks5://a:1", "socks5://b:1"]
+upstream_policy = "round-robin"
+[profile.p]
+upstream_policy = "first"
+[profile.q]
+"""
+
+
+def test_upstream_policy_through_all_five_levels(tmp_path):
+    path = str(tmp_path / "config.toml")
+    e = exec_eff(tmp_path, [], {}, 'via = "ssh://x"\n')
+    assert (e.values["upstream_policy"].value, e.values["upstream_policy"].source) == \
+        ("first", "default")
+    e = exec_eff(tmp_path, [], {}, POLICY_FILE)
+    assert (e.values["upstream_policy"].value, e.values["upstream_policy"].source) == \
+        ("round-robin", path)
+    e = exec_eff(tmp_path, ["--profile", "p"], {}, POLICY_FILE)
+    assert (e.values["upstream_policy"].value, e.values["upstream_policy"].source) == \
+        ("first", f"{path} [profile.p]")
+    e = exec_eff(tmp_path, ["--profile", "p"], {"NSVPN_UPSTREAM_POLICY": "round-robin"},
+                 POLICY_FILE)
+    assert (e.values["upstream_policy"].value, e.values["upstream_policy"].source) == \
+        ("round-robin", "NSVPN_UPSTREAM_POLICY")
+    e = exec_eff(tmp_path, ["--profile", "p", "--upstream-policy", "first"],
+                 {"NSVPN_UPSTREAM_POLICY": "round-robin"}, POLICY_FILE)
+    assert (e.values["upstream_policy"].value, e.values["upstream_policy"].source) == \
+        ("first", "command line")
+
+
+def test_upstream_policy_reaches_the_upstream_pool(tmp_path):
+    """apply_to_args writes the policy where exec builds its pool from."""
+    from nsvpn.run import build_upstreams
+
+    args = parse_exec(["--config", str(write(tmp_path, POLICY_FILE))])
+    cfg.apply_to_args(args, {})
+    assert args.upstream_policy == "round-robin"
+    pool = build_upstreams(args.via, args)
+    assert pool.policy == "round-robin"
+    args = parse_exec(["--config", str(write(tmp_path, 'via = ["socks5://a:1"]\n', "b.toml"))])
+    cfg.apply_to_args(args, {})
+    assert build_upstreams(args.via, args).policy == "first"
+
+
+@pytest.mark.parametrize("key,flag,var", [
+    ("allow_host_loopback", "--allow-host-loopback", "NSVPN_ALLOW_HOST_LOOPBACK"),
+    ("no_proxy_env", "--no-proxy-env", "NSVPN_NO_PROXY_ENV"),
+])
+def test_store_true_flags_from_file_env_and_cli(tmp_path, key, flag, var):
+    path = str(tmp_path / "config.toml")
+    text = f'via = "ssh://x"\n{key} = true\n[profile.off]\n{key} = false\n'
+    e = exec_eff(tmp_path, [], {}, text)  # the flag absent on the command line is not "false"
+    assert (e.values[key].value, e.values[key].source) == (True, path)
+    e = exec_eff(tmp_path, ["--profile", "off"], {}, text)
+    assert (e.values[key].value, e.values[key].source) == (False, f"{path} [profile.off]")
+    e = exec_eff(tmp_path, ["--profile", "off"], {var: "yes"}, text)
+    assert (e.values[key].value, e.values[key].source) == (True, var)
+    e = exec_eff(tmp_path, ["--profile", "off", flag], {var: "0"}, text)
+    assert (e.values[key].value, e.values[key].source) == (True, "command line")
+    args = parse_exec(["--config", str(write(tmp_path, text, "c.toml"))])
+    cfg.apply_to_args(args, {})
+    assert getattr(args, key) is True
+
+
+def test_openconnect_options_and_password_file(tmp_path):
+    text = ('via = "openconnect://vpn.example"\n'
+            'oc_opts = ["--servercert=pin-sha256:AAAA", "--usergroup=x y"]\n'
+            'passwd_file = "~/vpnpass"\n')
+    home = os.path.expanduser("~")
+    args = parse_exec(["--config", str(write(tmp_path, text))])
+    cfg.apply_to_args(args, {})
+    assert args.oc_opt == ["--servercert=pin-sha256:AAAA", "--usergroup=x y"]
+    assert args.passwd_file == os.path.join(home, "vpnpass")
+    e = exec_eff(tmp_path, [], {"NSVPN_OC_OPTS": "--no-dtls,--usergroup=a b"}, text)
+    assert e.values["oc_opts"].value == ["--no-dtls", "--usergroup=a b"]
+    # --passwd-fd on the command line: the file's passwd_file must not be used as well
+    args = parse_exec(["--config", str(write(tmp_path, text, "b.toml")), "--passwd-fd", "7"])
+    cfg.apply_to_args(args, {})
+    assert args.passwd_fd == 7 and args.passwd_file is None
+    args = parse_exec(["--config", str(write(tmp_path, text, "c.toml")),
+                       "--passwd-file", "/p"])
+    cfg.apply_to_args(args, {})
+    assert args.passwd_file == "/p"
+
+
+TSOCKS = "server = 192.0.2.7\nserver_port = 1081\nlocal = 10.9.0.0/255.255.0.0\n"
+
+
+def test_tsocks_conf_server_is_the_upstream_at_its_own_level(tmp_path):
+    ts = write(tmp_path, TSOCKS, "tsocks.conf")
+    path = str(tmp_path / "config.toml")
+    # only a tsocks_conf in the file: its server is the upstream
+    e = exec_eff(tmp_path, [], {}, f'tsocks_conf = "{ts}"\n')
+    assert e.values["tsocks_conf"].value == str(ts)
+    assert e.values["via"].value == ["socks5://192.0.2.7:1081"]
+    assert e.values["via"].source == f"{path} (tsocks.conf server)"
+    # a via at the same level wins
+    e = exec_eff(tmp_path, [], {}, f'tsocks_conf = "{ts}"\nvia = "ssh://login"\n')
+    assert e.values["via"].value == ["ssh://login"]
+    # a profile's tsocks_conf beats the top-level via; $NSVPN_VIA beats both
+    text = f'via = "ssh://login"\n[profile.site]\ntsocks_conf = "{ts}"\n'
+    e = exec_eff(tmp_path, ["--profile", "site"], {}, text)
+    assert e.values["via"].value == ["socks5://192.0.2.7:1081"]
+    e = exec_eff(tmp_path, ["--profile", "site"], {"NSVPN_VIA": "ssh://env"}, text)
+    assert e.values["via"].value == ["ssh://env"]
+    # --tsocks-conf beats $NSVPN_VIA (as before: "unless --via names one")
+    e = exec_eff(tmp_path, ["--tsocks-conf", str(ts)], {"NSVPN_VIA": "ssh://env"}, "")
+    assert e.values["via"].value == ["socks5://192.0.2.7:1081"]
+    assert e.values["via"].source == "command line (tsocks.conf server)"
+    e = exec_eff(tmp_path, ["--tsocks-conf", str(ts), "--via", "ssh://cli"], {}, "")
+    assert e.values["via"].value == ["ssh://cli"]
+    # from the environment, and written back for exec
+    args = parse_exec(["--config", str(write(tmp_path, "", "empty.toml"))])
+    cfg.apply_to_args(args, {"NSVPN_TSOCKS_CONF": str(ts)})
+    assert args.tsocks_conf == str(ts) and args.via == ["socks5://192.0.2.7:1081"]
+
+
+def test_tsocks_conf_errors_name_the_source(tmp_path):
+    path = str(tmp_path / "config.toml")
+    with pytest.raises(cfg.ConfigError) as ei:
+        exec_eff(tmp_path, [], {}, f'tsocks_conf = "{tmp_path}/nope.conf"\n')
+    assert "nope.conf" in str(ei.value) and path in str(ei.value)
+    bad = write(tmp_path, "server = 192.0.2.7\nserver_type = 4\n", "t4.conf")
+    with pytest.raises(cfg.ConfigError, match="SOCKS4"):
+        exec_eff(tmp_path, [], {}, f'tsocks_conf = "{bad}"\n')
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ('upstream_policy = "random"\n', "'upstream_policy' must be one of first, round-robin"),
+    ('allow_host_loopback = "yes"\n', "'allow_host_loopback' must be true or false"),
+    ("tsocks_conf = 1\n", "'tsocks_conf' must be a string"),
+    ('oc_opts = [1]\n', "'oc_opts' must be a string or a list"),
+])
+def test_bad_values_of_the_new_keys(tmp_path, text, fragment):
+    with pytest.raises(cfg.ConfigError) as ei:
+        eff(tmp_path, [], {}, text=text)
+    assert fragment in str(ei.value) and str(tmp_path / "config.toml") in str(ei.value)
+    with pytest.raises(cfg.ConfigError, match="NSVPN_UPSTREAM_POLICY"):
+        eff(tmp_path, [], {"NSVPN_UPSTREAM_POLICY": "random"})
+
+
+def test_config_show_new_keys_and_no_passwords(home, tmp_path):
+    ts = write(tmp_path, "server = 192.0.2.7\ndefault_user = u\ndefault_pass = s3cret\n",
+               "tsocks.conf")
+    path = str(home / ".config" / "nsvpn" / "config.toml")
+    (home / ".config" / "nsvpn" / "config.toml").write_text(
+        f'tsocks_conf = "{ts}"\nallow_host_loopback = true\n')
+    r = nsvpn(["config", "show", "--json", "--upstream-policy", "round-robin"], home,
+              env={"NSVPN_NO_PROXY_ENV": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "s3cret" not in r.stdout
+    s = json.loads(r.stdout)["settings"]
+    assert s["via"] == {"value": ["socks5://u:***@192.0.2.7:1080"],
+                        "source": f"{path} (tsocks.conf server)"}
+    assert s["upstream_policy"] == {"value": "round-robin", "source": "command line"}
+    assert s["allow_host_loopback"] == {"value": True, "source": path}
+    assert s["no_proxy_env"] == {"value": True, "source": "NSVPN_NO_PROXY_ENV"}
+    assert s["tsocks_conf"] == {"value": str(ts), "source": path}
