@@ -88,9 +88,12 @@ def compiler() -> Optional[str]:
 
 def cache_dir() -> str:
     """Node-local, private (0700, ours): the same root as the named tunnels' state."""
-    from .tunnels import state_root  # one rule for node-local state, not a second copy
+    from .tunnels import TunnelError, state_root  # one rule for node-local state
 
-    d = os.path.join(os.path.dirname(state_root()), "shim")
+    try:
+        d = os.path.join(os.path.dirname(state_root()), "shim")
+    except TunnelError as e:  # a state directory someone else owns
+        raise OSError(str(e)) from None
     os.makedirs(d, mode=0o700, exist_ok=True)
     st = os.lstat(d)
     if st.st_uid != os.getuid() or not os.path.isdir(d) or os.path.islink(d):
