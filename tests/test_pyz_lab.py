@@ -192,3 +192,23 @@ def test_no_compiler_and_no_prebuilt_is_one_clear_line(lab, pyz_dir, python_argv
     assert len(lines) == 1 and lines[0].startswith("nsvpn: ") and "no C compiler" in lines[0] \
         and why in lines[0], explain(r)
     assert shim_files(rt) == []
+
+
+def test_shared_tunnel_from_the_pyz(lab, pyz_dir, python_argv, rt):
+    """up (a daemon forked from the zipapp), exec --name, status, down."""
+    pyz = os.path.join(pyz_dir, "nsvpn.pyz")
+    name = f"pyz{os.getpid()}"
+    r = run_pyz(lab, python_argv, pyz, ["up", "--name", name, "--via", lab.socks5["url"]],
+                rt=rt)
+    assert r.returncode == 0, explain(r)
+    try:
+        r = run_pyz(lab, python_argv, pyz, ["exec", "--name", name, "--", "/bin/sh", "-c",
+                                            CURL_SHA.format(name="1M.bin")], rt=rt)
+        assert r.returncode == 0 and r.stdout.split()[0] == lab.sha256["1M.bin"], explain(r)
+        r = run_pyz(lab, python_argv, pyz, ["status", name, "--json"], rt=rt)
+        assert r.returncode == 0, explain(r)
+        assert name in r.stdout and "running" in r.stdout, explain(r)
+    finally:
+        r = run_pyz(lab, python_argv, pyz, ["down", name], rt=rt)
+    assert r.returncode == 0, explain(r)
+    assert not os.path.exists(os.path.join(rt, "nsvpn", "tunnels", name))
