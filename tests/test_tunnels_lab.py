@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -248,3 +249,283 @@ def test_exec_name_forwards_signals_and_keeps_cwd(nsvpn_lab: labenv.Lab, user_tm
         assert open(trap).read().strip() == "term"
     finally:
         down(lab, name)
+
+
+# -- preload tunnels and openconnect tunnels --------------------------------------------------
+
+SLOW_READER = """
+import signal, socket, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the front's reset may end this read
+out = sys.argv[1]
+s = socket.create_connection(("remote.lab", 80), timeout=30)
+s.sendall(b"GET /100M.bin HTTP/1.1\\r\\nHost: remote.lab\\r\\n\\r\\n")
+n = 0
+try:
+    while True:
+        b = s.recv(65536)
+        if not b:
+            res = "EOF"
+            break
+        n += len(b)
+        if n > 1 << 20:
+            open(out + ".started", "w").close()
+        time.sleep(0.01)
+except OSError as e:
+    res = type(e).__name__
+open(out, "w").write(res)
+"""
+
+
+def state_dir(name: str) -> str:
+    """Where nsvpn keeps tunnel `name` of the test user (no XDG_RUNTIME_DIR in the lab)."""
+    host = socket.gethostname().split(".")[0]
+    uid = labenv.pwd.getpwnam("nsvpntest").pw_uid
+    return f"/tmp/nsvpn-{uid}-{host}/tunnels/{name}"
+
+
+def _descendants(pid: int) -> List[int]:
+    kids: dict = {}
+    for p in os.listdir("/proc"):
+        st = _stat(int(p)) if p.isdigit() else None
+        if st is not None:
+            kids.setdefault(int(st[1]), []).append(int(p))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def _with_env(var: bytes) -> List[int]:
+    """Live processes whose initial environment contains the entry `var` (b"K=V")."""
+    out = []
+    for p in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{p}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if var in env and _alive(int(p)):
+            out.append(int(p))
+    return out
+
+
+def _argv_env_holding(secret: bytes, pids: List[int]) -> List[str]:
+    hits = []
+    for p in pids:
+        for what in ("cmdline", "environ"):
+            try:
+                with open(f"/proc/{p}/{what}", "rb") as f:
+                    if secret in f.read():
+                        hits.append(f"{p}/{what}")
+            except OSError:
+                pass
+    return hits
+
+
+def _all_pids() -> List[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def test_preload_tunnel_shared_by_two_execs_and_down_resets(nsvpn_lab: labenv.Lab,
+                                                             ssh_via: str, user_tmp: str):
+    lab, name = nsvpn_lab, _name()
+    r = lab.run(["nsvpn", "up", "-v", "--name", name, "--mode", "preload", "--via", ssh_via],
+                timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "preload tunnel up" in r.stderr, r.stderr
+    try:
+        _, st = status(lab, name)
+        (t,) = st["tunnels"]
+        daemon = t["pid"]
+        assert t["state"] == "running" and t["mode"] == "preload" and t["kind"] == "socks", t
+        assert "holder_pid" not in t and [u["healthy"] for u in t["upstreams"]] == [True], t
+        d = state_dir(name)
+        assert os.stat(d).st_mode & 0o777 == 0o700
+        assert os.stat(os.path.join(d, "front.json")).st_mode & 0o777 == 0o600
+        with open(os.path.join(d, "front.json")) as f:
+            front = json.load(f)
+        secret = front["socks_url"].split("://", 1)[1].split("@")[0].split(":")[1].encode()
+        assert len(secret) >= 16
+        ssh_before = _children(daemon, "ssh")
+        assert len(ssh_before) == 1, ssh_before
+
+        procs = [lab.popen(["nsvpn", "exec", "--name", name, "--", "sh", "-c",
+                            f"{FETCH}; {FETCH}"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=120) for _ in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        want = lab.sha256["1M.bin"]
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0, err
+            assert out.split()[::2] == [want, want], (out, err)
+        assert _children(daemon, "ssh") == ssh_before  # one ssh carried all four
+        _, st = status(lab, name)
+        (t,) = st["tunnels"]
+        assert t["flows_total"] >= 4 and t["bytes_down"] >= 4 * 1024 * 1024, t
+        assert t["front"]["failed"] == 0, t
+        r = lab.run(["nsvpn", "status"], timeout=30)
+        line = [x for x in r.stdout.splitlines() if x.startswith(name)][0]
+        assert "running" in line and "preload" in line, r.stdout
+
+        # the same warning as `exec --mode preload` for a program the shim cannot divert
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "/bin/busybox", "true"],
+                    timeout=30)
+        assert r.returncode == 0 and "statically linked" in r.stderr, r.stderr
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "no-such-command-xyz"],
+                    timeout=30)
+        assert r.returncode == 127 and "no-such-command-xyz" in r.stderr, r.stderr
+
+        # down: a transfer in flight is reset, CMDs end, the state goes
+        marker = f"NSVPN_CTL={t['ctl']}".encode()
+        sleeper = lab.popen(["nsvpn", "exec", "--name", name, "--", "sleep", "60"])
+        res = os.path.join(user_tmp, "reader")
+        reader = lab.popen(["nsvpn", "exec", "--name", name, "--", "python3", "-c",
+                            SLOW_READER, res])
+        lab.wait_for(lambda: os.path.exists(res + ".started"), timeout=20,
+                     what="the slow reader's transfer")
+        cmds = lab.wait_for(lambda: len(_with_env(marker)) >= 2 and _with_env(marker),
+                            timeout=10)
+        assert not _argv_env_holding(secret, [p for p in _all_pids() if p not in cmds])
+        _, st = status(lab, name)
+        assert st["tunnels"][0]["flows"] >= 1 and st["tunnels"][0]["processes"] >= 2, st
+        t0 = time.monotonic()
+        r = down(lab, name)
+        assert r.returncode == 0, r.stderr
+        assert sleeper.wait(timeout=10) == 128 + signal.SIGTERM
+        reader.wait(timeout=10)
+        assert time.monotonic() - t0 < 10
+        with open(res) as f:
+            assert f.read() == "ConnectionResetError"
+        assert not _alive(daemon) and not any(_alive(p) for p in ssh_before)
+        assert _with_env(marker) == []
+        assert not os.path.exists(d)
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "true"], timeout=30)
+        assert r.returncode == 2 and f"no tunnel named {name}" in r.stderr, r.stderr
+    finally:
+        down(lab, name)
+
+
+def test_preload_tunnel_killed_daemon_is_cleaned_up_by_next_up(nsvpn_lab: labenv.Lab):
+    lab, name = nsvpn_lab, _name()
+    via = lab.socks5["url"]
+    t = up(lab, name, via, "--mode", "preload")
+    try:
+        r = lab.run(["nsvpn", "up", "--name", name, "--mode", "preload", "--via", via],
+                    timeout=60)
+        assert r.returncode == 2 and "already running" in r.stderr, r.stderr
+        marker = f"NSVPN_CTL={t['ctl']}".encode()
+        sleeper = lab.popen(["nsvpn", "exec", "--name", name, "--", "sleep", "60"])
+        lab.wait_for(lambda: _with_env(marker), timeout=10)
+        os.kill(t["pid"], signal.SIGKILL)
+        lab.wait_for(lambda: not _alive(t["pid"]), timeout=5)
+        _, st = status(lab, name)
+        assert st["tunnels"][0]["state"] == "dead", st
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "true"], timeout=30)
+        assert r.returncode == 2 and "dead" in r.stderr, r.stderr
+        # the next up finds the dead one, ends what it left and starts anew
+        r = lab.run(["nsvpn", "up", "-v", "--name", name, "--mode", "preload", "--via", via],
+                    timeout=60)
+        assert r.returncode == 0 and "cleaning up dead tunnel" in r.stderr, r.stderr
+        assert sleeper.wait(timeout=10) == 128 + signal.SIGTERM
+        _, st = status(lab, name)
+        (t2,) = st["tunnels"]
+        assert t2["state"] == "running" and t2["pid"] != t["pid"], t2
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "sh", "-c", FETCH], timeout=60)
+        assert r.returncode == 0 and r.stdout.split()[0] == lab.sha256["1M.bin"], r.stderr
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "sh", "-c", "exit 7"], timeout=30)
+        assert r.returncode == 7, r.stderr
+    finally:
+        down(lab, name)
+
+
+def test_bad_names(nsvpn_lab: labenv.Lab):
+    lab = nsvpn_lab
+    for bad in ("../x", ".hidden", "-x", "a/b", "x" * 65, ""):
+        r = lab.run(["nsvpn", "up", f"--name={bad}", "--via", lab.socks5["url"]], timeout=30)
+        assert r.returncode == 2 and "bad tunnel name" in r.stderr, (bad, r.stderr)
+        if bad:  # (an empty --name is no --name for exec)
+            r = lab.run(["nsvpn", "exec", f"--name={bad}", "--", "true"], timeout=30)
+            assert r.returncode == 2 and "bad tunnel name" in r.stderr, (bad, r.stderr)
+        r = lab.run(["nsvpn", "down", "--", bad], timeout=30)
+        assert r.returncode == 2 and "bad tunnel name" in r.stderr, (bad, r.stderr)
+
+
+def _pin(lab: labenv.Lab) -> str:
+    with open(os.path.join(lab.info["state_dir"], "ocserv", "pin-sha256")) as f:
+        return f.read().strip()
+
+
+def oc_up(lab: labenv.Lab, name: str, *extra: str, passwd_file: Optional[str] = None):
+    """`up --via openconnect://` through the entry that has the openconnect options."""
+    oc = lab.ocserv
+    return lab.run(["python3", "-m", "nsvpn.tunnel_cli", "up", "-v", "--name", name,
+                    "--via", f"openconnect://{oc['user']}@{oc['host']}:{oc['port']}",
+                    "--passwd-file", passwd_file or oc["password_file"],
+                    f"--oc-opt=--servercert={_pin(lab)}", *extra], timeout=90)
+
+
+@pytest.mark.parametrize("mode", ["ns", "preload"])
+def test_openconnect_tunnel(nsvpn_lab: labenv.Lab, mode: str):
+    lab, name = nsvpn_lab, _name()
+    r = oc_up(lab, name, "--mode", mode)
+    assert r.returncode == 0, r.stderr
+    assert "VPN 172.31.1.1 up" in r.stderr, r.stderr
+    password = lab.ocserv["password"].encode()
+    try:
+        _, st = status(lab, name)
+        (t,) = st["tunnels"]
+        daemon = t["pid"]
+        assert t["state"] == "running" and t["mode"] == mode and t["kind"] == "vpn", t
+        assert [u["healthy"] for u in t["upstreams"]] == [True], t
+        oc_before = _children(daemon, "openconnect")
+        assert len(oc_before) == 1, oc_before
+        procs = [lab.popen(["nsvpn", "exec", "--name", name, "--", "sh", "-c", FETCH],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+                 for _ in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0 and out.split()[0] == lab.sha256["1M.bin"], (out, err)
+        _, st = status(lab, name)
+        (t,) = st["tunnels"]
+        assert t["bytes_down"] >= 2 * 1024 * 1024, t
+        assert _children(daemon, "openconnect") == oc_before  # one VPN login for both
+        r = lab.run(["nsvpn", "status"], timeout=30)
+        assert f"{mode}/vpn" in r.stdout, r.stdout
+
+        sleeper = lab.popen(["nsvpn", "exec", "--name", name, "--", "sleep", "60"])
+        if mode == "ns":
+            lab.wait_for(lambda: len(_in_netns(t["netns"])) >= 2, timeout=10)
+            cmds = _in_netns(t["netns"])
+        else:
+            marker = f"NSVPN_CTL={t['ctl']}".encode()
+            cmds = lab.wait_for(lambda: _with_env(marker), timeout=10)
+        # the password is in no argv and no environment: not the daemon's, not
+        # openconnect's, not the CMDs'
+        mine = _descendants(daemon) + cmds + [sleeper.pid]
+        assert not _argv_env_holding(password, mine), _argv_env_holding(password, mine)
+        r = down(lab, name)
+        assert r.returncode == 0, r.stderr
+        assert sleeper.wait(timeout=10) == 128 + signal.SIGTERM
+        assert not _alive(daemon) and not any(_alive(p) for p in oc_before)
+        assert not os.path.exists(state_dir(name))
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "true"], timeout=30)
+        assert r.returncode == 2 and f"no tunnel named {name}" in r.stderr, r.stderr
+    finally:
+        down(lab, name)
+
+
+def test_openconnect_tunnel_wrong_password_leaves_nothing(nsvpn_lab: labenv.Lab,
+                                                          user_tmp: str):
+    lab, name = nsvpn_lab, _name()
+    bad = os.path.join(user_tmp, "wrong")
+    with open(bad, "w") as f:
+        f.write("not-the-password\n")
+    os.chown(bad, labenv.pwd.getpwnam("nsvpntest").pw_uid, -1)
+    r = oc_up(lab, name, passwd_file=bad)
+    assert r.returncode == 3 and "Login failed" in r.stderr, r.stderr
+    r, _ = status(lab, name)
+    assert r.returncode == 2 and not os.path.exists(state_dir(name)), r.stderr
+    r = oc_up(lab, name, passwd_file=os.path.join(user_tmp, "missing"))
+    assert r.returncode == 3 and "cannot read --passwd-file" in r.stderr, r.stderr
+    assert not os.path.exists(state_dir(name))
