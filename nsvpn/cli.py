@@ -139,7 +139,27 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _os_errors(e: BaseException) -> List[OSError]:
+    """The OSErrors an exception is made of (through trio's exception groups), or [] when
+    anything else is among them."""
+    if isinstance(e, OSError):
+        return [e]
+    subs = getattr(e, "exceptions", None)
+    if not subs:
+        return []
+    out: List[OSError] = []
+    for sub in subs:
+        leaves = _os_errors(sub)
+        if not leaves:
+            return []
+        out += leaves
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    from . import logerrors
+
+    logerrors.install()
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -166,6 +186,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as e:  # one line for users; the traceback only when asked for
         if os.environ.get("NSVPN_DEBUG"):
             raise
+        oserrs = _os_errors(e)
+        if oserrs:
+            # The node said no (a full /tmp, no permission, no file descriptors left) somewhere
+            # without its own message: say what and where, in one line.
+            o = oserrs[0]
+            what = f"{o.strerror or o}" + (f": {o.filename!r}" if o.filename else "")
+            print(f"nsvpn: {what} (NSVPN_DEBUG=1 shows where)", file=sys.stderr)
+            return EXIT_SETUP
         print(f"nsvpn: internal error: {type(e).__name__}: {e} (NSVPN_DEBUG=1 shows details)",
               file=sys.stderr)
         return EXIT_INTERNAL

@@ -4,7 +4,8 @@ Link type LINKTYPE_RAW (101): each record is a bare IPv4/IPv6 packet. The TUN ca
 virtio-net header in front of every packet (IFF_VNET_HDR); it is stripped. Segmentation-offload
 super-packets (up to 64 KiB, checksums possibly partial) are written as they are: Wireshark
 dissects them and only flags the checksum. The file is bounded: once the next record would pass
-`max_bytes`, writing stops for good, with one log line, and the run goes on.
+`max_bytes`, writing stops for good, with one log line, and the run goes on; so it does when
+the disk is full.
 """
 
 from __future__ import annotations
@@ -34,8 +35,19 @@ class PcapWriter:
         self.clock = clock
         self.packets = 0
         self.full = False
+        self.error: Optional[str] = None  # why writing stopped early (a full disk)
         self._f: Optional[BinaryIO] = open(path, "wb")  # noqa: SIM115 - lives for the run
-        self._f.write(_GLOBAL)
+        try:
+            # Written through now: a full disk is refused before CMD runs, not found later.
+            self._f.write(_GLOBAL)
+            self._f.flush()
+        except OSError:
+            f, self._f = self._f, None
+            try:
+                f.close()
+            except OSError:
+                pass  # the same error again, from the close-time flush
+            raise
         self.size = len(_GLOBAL)
 
     def packet(self, data) -> None:
@@ -50,8 +62,13 @@ class PcapWriter:
             return
         t = self.clock()
         sec = int(t)
-        f.write(_REC.pack(sec, int((t - sec) * 1e6), n, n))
-        f.write(mv)
+        try:
+            f.write(_REC.pack(sec, int((t - sec) * 1e6), n, n))
+            f.write(mv)
+        except OSError as e:
+            # A full disk (or quota) must not end the relay: the capture stops, the run goes on.
+            self._fail(e)
+            return
         self.size += _REC.size + n
         self.packets += 1
 
@@ -65,14 +82,23 @@ class PcapWriter:
                     "are written to it", self.path, self.size, self.packets)
         self.close()
 
+    def _fail(self, e: OSError) -> None:
+        self.error = e.strerror or str(e)
+        log.warning("pcap %s: cannot write (%s) after %d packets: no more packets are "
+                    "written to it", self.path, self.error, self.packets)
+        self.close()
+
     def close(self) -> None:
         f, self._f = self._f, None
         if f is not None:
             try:
                 f.close()
-            except OSError:
-                pass
+            except OSError as e:  # the last buffered records did not make it
+                if self.error is None:
+                    self._fail(e)
 
     def stats(self) -> dict:
-        return {"file": self.path, "packets": self.packets, "bytes": self.size,
-                "full": self.full}
+        d = {"file": self.path, "packets": self.packets, "bytes": self.size, "full": self.full}
+        if self.error is not None:
+            d["error"] = self.error
+        return d

@@ -27,6 +27,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import trio
 
+from .cli import EXIT_SETUP
 from .front import Front
 
 log = logging.getLogger("nsvpn.preload")
@@ -261,7 +262,13 @@ async def run_preload(
     if not quiet:
         for w in check_binary(argv[0], env_path=base_env.get("PATH")):
             _err("warning: " + w)
-    rundir = _runtime_dir()
+    try:
+        rundir = _runtime_dir()
+    except OSError as e:  # e.g. /tmp full (ENOSPC), out of inodes, read-only
+        _err(f"cannot create a private directory for nsvpn's sockets "
+             f"({e.filename or 'in $XDG_RUNTIME_DIR, $TMPDIR or /tmp'}): {e.strerror or e}; "
+             "point XDG_RUNTIME_DIR or TMPDIR at a writable node-local directory")
+        return EXIT_SETUP
     front = Front(pool, runtime_dir=rundir, direct=direct_cidrs, dns_server=dns_server,
                   connect_timeout=connect_timeout)
     try:

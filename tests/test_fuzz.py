@@ -315,17 +315,15 @@ def test_vpnenv_superscript_mtu_is_not_a_number():
 # the wire parsers alone, a peer driving one TCP connection segment by segment (both the
 # namespace side and the VPN side's active open), and the codecs above through one byte input.
 
+TARGET_INPUTS = {name: st.one_of(mutated(fuzz_targets.seeds(name)), st.binary(max_size=300))
+                 for name in fuzz_targets.TARGETS}
+
+
 @pytest.mark.parametrize("target", sorted(fuzz_targets.TARGETS))
-def test_byte_target(target):
-    fn = fuzz_targets.TARGETS[target]
-    seeds = fuzz_targets.seeds(target)
-
-    @fuzz(300)
-    @given(st.one_of(mutated(seeds), st.binary(max_size=300)))
-    def run(data):
-        fn(data)
-
-    run()
+@fuzz(300)
+@given(data=st.data())
+def test_byte_target(target, data):
+    fuzz_targets.TARGETS[target](data.draw(TARGET_INPUTS[target]))
 
 
 @pytest.mark.parametrize("target,path", fuzz_targets.regression_inputs() or [
