@@ -212,3 +212,36 @@ def test_shared_tunnel_from_the_pyz(lab, pyz_dir, python_argv, rt):
         r = run_pyz(lab, python_argv, pyz, ["down", name], rt=rt)
     assert r.returncode == 0, explain(r)
     assert not os.path.exists(os.path.join(rt, "nsvpn", "tunnels", name))
+
+
+def other_pythons() -> List[str]:
+    """Interpreters besides the system one to run the pyz with: $NSVPN_PYZ_PYTHONS (space
+    separated), else any pyenv 3.x of root's (this is how 3.9, the oldest supported, is tried)."""
+    env = os.environ.get("NSVPN_PYZ_PYTHONS")
+    if env:
+        return env.split()
+    import glob
+
+    return sorted(glob.glob("/root/.pyenv/versions/3.*/bin/python3"))
+
+
+@pytest.mark.parametrize("python", other_pythons() or ["(none)"])
+def test_pyz_on_other_python_versions(lab, pyz_dir, python, tmp_path):
+    """Root's interpreters (root's pyenv is not readable by the test user): namespace and
+    preload mode, byte-exact; Python < 3.9 is refused with one line."""
+    if python == "(none)":
+        pytest.skip("no other python3 (set NSVPN_PYZ_PYTHONS or install pyenv versions)")
+    pyz = os.path.join(pyz_dir, "nsvpn.pyz")
+    ver = lab.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                  user=None, env={"PATH": labenv.SYSTEM_PATH}).stdout.strip()
+    env = {"PATH": labenv.SYSTEM_PATH, "XDG_RUNTIME_DIR": str(tmp_path)}
+    if tuple(int(x) for x in ver.split(".")) < (3, 9):
+        r = lab.run([python, "-I", pyz, "probe"], user=None, env=env)
+        assert r.returncode == 1 and r.stderr.strip() == f"nsvpn needs Python >= 3.9, this is {ver}"
+        return
+    for mode in ("ns", "preload"):
+        r = lab.run([python, "-I", pyz, "exec", "--mode", mode, "--via", lab.socks5["url"], "--",
+                     "/bin/sh", "-c", CURL_SHA.format(name="1M.bin")], user=None, env=env,
+                    timeout=120)
+        assert r.returncode == 0, f"python {ver}, {mode}: " + explain(r)
+        assert r.stdout.split()[0] == lab.sha256["1M.bin"], explain(r)
