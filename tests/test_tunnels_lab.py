@@ -529,3 +529,80 @@ def test_openconnect_tunnel_wrong_password_leaves_nothing(nsvpn_lab: labenv.Lab,
     r = oc_up(lab, name, passwd_file=os.path.join(user_tmp, "missing"))
     assert r.returncode == 3 and "cannot read --passwd-file" in r.stderr, r.stderr
     assert not os.path.exists(state_dir(name))
+
+
+def test_preload_tunnel_bad_upstream_and_counter_dump(nsvpn_lab: labenv.Lab, user_tmp: str):
+    lab, name = nsvpn_lab, _name()
+    r = lab.run(["nsvpn", "up", "--name", name, "--mode", "preload", "--via",
+                 "socks5://127.0.0.1:9"], timeout=60)
+    assert r.returncode == 3 and "upstream" in r.stderr, r.stderr
+    assert not os.path.exists(state_dir(name))
+    logf = os.path.join(user_tmp, "tunnel.log")
+    t = up(lab, name, lab.socks5["url"], "--mode", "preload", "--log-file", logf)
+    try:
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "sh", "-c", FETCH], timeout=60)
+        assert r.returncode == 0 and r.stdout.split()[0] == lab.sha256["1M.bin"], r.stderr
+        os.kill(t["pid"], signal.SIGUSR1)
+        lab.wait_for(lambda: os.path.exists(logf) and "counters" in open(logf).read(),
+                     timeout=5)
+        line = [x for x in open(logf).read().splitlines() if "counters" in x][-1]
+        d = json.loads(line.split("counters ", 1)[1])
+        assert d["bytes_down"] >= 1024 * 1024 and d["flows_total"] == 1, d
+        time.sleep(0.3)
+        _, st = status(lab, name)
+        assert st["tunnels"][0]["state"] == "running", st
+    finally:
+        down(lab, name)
+
+
+def test_openconnect_up_prompts_for_the_password_on_a_terminal(nsvpn_lab: labenv.Lab):
+    """No --passwd-file: `up` asks on its terminal (the daemon has none), the daemon logs in
+    with the answer."""
+    import fcntl
+    import select
+    import termios
+
+    lab, name = nsvpn_lab, _name()
+    oc = lab.ocserv
+    master, slave = os.openpty()
+    pw = labenv.pwd.getpwnam("nsvpntest")
+    os.fchown(slave, pw.pw_uid, pw.pw_gid)
+
+    def ctty() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    argv = lab.argv(["python3", "-m", "nsvpn.tunnel_cli", "up", "--name", name, "--via",
+                     f"openconnect://{oc['user']}@{oc['host']}:{oc['port']}",
+                     f"--oc-opt=--servercert={_pin(lab)}"])
+    p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, preexec_fn=ctty,
+                         env=lab.env_for(lab.user), cwd=pw.pw_dir)
+    os.close(slave)
+    seen, sent = b"", False
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and p.poll() is None:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: every slave fd closed
+                    break
+                seen += chunk
+            if not sent and b"VPN password for labuser@" in seen:
+                time.sleep(0.2)  # getpass turns echo off right after printing the prompt
+                os.write(master, oc["password"].encode() + b"\n")
+                sent = True
+        rc = p.wait(30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
+    try:
+        text = seen.decode(errors="replace")
+        assert sent and rc == 0, text
+        assert oc["password"] not in text  # not echoed
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "sh", "-c", FETCH], timeout=60)
+        assert r.returncode == 0 and r.stdout.split()[0] == lab.sha256["1M.bin"], r.stderr
+    finally:
+        down(lab, name)
