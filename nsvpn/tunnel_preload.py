@@ -169,9 +169,12 @@ async def serve_preload(args, upstream, direct: List[str], state_dir: str,
     listens); counters(handle) dumps the numbers on SIGUSR1. Returns the exit status."""
     from .cli import EXIT_UPSTREAM
     from .front import Front
-    from .run import _start_pool
+    from .run import _raise_nofile, _start_pool
     from .upstream.openconnect import OpenconnectUpstream
 
+    # A front shared by many jobs holds two sockets per flow (and ssh an fd per channel);
+    # none of the CMDs is our child, so nothing else sees the raised soft limit.
+    _raise_nofile()
     oc = upstream if isinstance(upstream, OpenconnectUpstream) else None
     if oc is not None:
         up, direct = await _start_vpn(oc, args)
