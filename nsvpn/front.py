@@ -122,6 +122,23 @@ def _linger_close(sock: trio.socket.SocketType) -> None:
     sock.close()
 
 
+async def _close_pair(client: trio.abc.Stream, upstream: trio.abc.Stream, reset: bool) -> None:
+    """End a relayed connection; `reset`: the upstream broke, so the program's socket gets a
+    RST (its read fails) instead of an orderly EOF."""
+    with trio.CancelScope(shield=True):
+        if reset and isinstance(client, trio.SocketStream):
+            try:
+                client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                         struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        for s in (client, upstream):
+            try:
+                await s.aclose()
+            except Exception:  # closing a broken stream may complain; it is closed
+                pass
+
+
 def _set_rcvbuf(sock, size: int) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
@@ -483,6 +500,8 @@ class Front:
         times less CPU than copying, which matters on a busy 2-core node)."""
         self.stats.active += 1
 
+        broken = [False]  # the upstream failed: the program must see a reset, not an EOF
+
         async def pump(src, dst, up: bool, cancel: trio.CancelScope) -> None:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             try:
@@ -496,6 +515,9 @@ class Front:
                     except BlockingIOError:
                         await trio.lowlevel.wait_readable(src)
                         continue
+                    except OSError:
+                        broken[0] = broken[0] or not up  # reading the upstream failed
+                        raise
                     if n == 0:
                         break
                     if up:
@@ -507,6 +529,9 @@ class Front:
                             n -= _SPLICE(r, dst.fileno(), n, flags=_SPLICE_FLAGS)
                         except BlockingIOError:
                             await trio.lowlevel.wait_writable(dst)
+                        except OSError:
+                            broken[0] = broken[0] or up  # writing to the upstream failed
+                            raise
                 try:
                     dst.shutdown(socket.SHUT_WR)
                 except OSError:
@@ -523,23 +548,30 @@ class Front:
                 n.start_soon(pump, upstream.socket, client.socket, False, n.cancel_scope)
         finally:
             self.stats.active -= 1
-            with trio.CancelScope(shield=True):
-                for s in (client, upstream):
-                    try:
-                        await s.aclose()
-                    except Exception:  # closing a broken stream may complain; it is closed
-                        pass
+            await _close_pair(client, upstream, broken[0])
 
     async def _relay_copy(self, client: trio.abc.Stream, upstream: trio.abc.Stream) -> None:
         self.stats.active += 1
 
+        broken = [False]
+
         async def pump(src, dst, up: bool, cancel: trio.CancelScope) -> None:
             try:
                 while True:
-                    data = await src.receive_some(RELAY_CHUNK)
+                    try:
+                        data = await src.receive_some(RELAY_CHUNK)
+                    except (trio.BrokenResourceError, OSError):
+                        # upstream gone (ssh died, the VPN went down): the program gets a
+                        # reset, so a cut-short transfer never looks complete
+                        broken[0] = broken[0] or not up
+                        raise
                     if not data:
                         break
-                    await dst.send_all(data)
+                    try:
+                        await dst.send_all(data)
+                    except (trio.BrokenResourceError, OSError):
+                        broken[0] = broken[0] or up
+                        raise
                     if up:
                         self.stats.bytes_up += len(data)
                     else:
@@ -558,12 +590,7 @@ class Front:
                 n.start_soon(pump, upstream, client, False, n.cancel_scope)
         finally:
             self.stats.active -= 1
-            with trio.CancelScope(shield=True):
-                for s in (client, upstream):
-                    try:
-                        await s.aclose()
-                    except Exception:  # closing a broken stream may complain; it is closed
-                        pass
+            await _close_pair(client, upstream, broken[0])
 
     # ------------------------------------------------------------------ DNS over UDP
 
