@@ -150,11 +150,33 @@ def tunnel_state(d: str) -> dict:
     return st
 
 
+class _SocketPath:
+    """`with _SocketPath(d, name) as path:` a path to d/name that fits sockaddr_un (108
+    bytes): the plain one when short enough, else one through an O_PATH fd of d
+    (/proc/self/fd/N/name), so a long $XDG_RUNTIME_DIR or tunnel name cannot break bind or
+    connect."""
+
+    def __init__(self, d: str, name: str) -> None:
+        self.d, self.name, self.fd = d, name, -1
+
+    def __enter__(self) -> str:
+        path = os.path.join(self.d, self.name)
+        if len(path) <= 100:
+            return path
+        self.fd = os.open(self.d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return f"/proc/self/fd/{self.fd}/{self.name}"
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+
+
 def control(d: str, request: dict, timeout: float = 3.0) -> dict:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
-        s.connect(os.path.join(d, "control.sock"))
+        with _SocketPath(d, "control.sock") as path:
+            s.connect(path)
         s.sendall(json.dumps(request).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):
@@ -319,10 +341,10 @@ def _daemon(args: argparse.Namespace, pool, direct: List[str], d: str, w: int) -
                 await _serve_one(stream, tunnel)
 
             sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            path = os.path.join(d, "control.sock")
             old = os.umask(0o177)
             try:
-                await sock.bind(path)
+                with _SocketPath(d, "control.sock") as path:
+                    await sock.bind(path)
             finally:
                 os.umask(old)
             sock.listen(16)

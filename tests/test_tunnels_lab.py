@@ -606,3 +606,34 @@ def test_openconnect_up_prompts_for_the_password_on_a_terminal(nsvpn_lab: labenv
         assert r.returncode == 0 and r.stdout.split()[0] == lab.sha256["1M.bin"], r.stderr
     finally:
         down(lab, name)
+
+
+@pytest.mark.parametrize("mode", ["ns", "preload"])
+def test_tunnel_with_a_long_runtime_dir(nsvpn_lab: labenv.Lab, user_tmp: str, mode: str):
+    """$XDG_RUNTIME_DIR/nsvpn/tunnels/N/... longer than a unix socket path may be: the
+    control socket is bound and reached through /proc/self/fd, the front's socket goes to a
+    private directory in /tmp, removed by down."""
+    lab, name = nsvpn_lab, "x" * 60
+    rt = os.path.join(user_tmp, "r" * 40)
+    os.mkdir(rt, 0o700)
+    os.chown(rt, labenv.pwd.getpwnam("nsvpntest").pw_uid, -1)
+    env = {"XDG_RUNTIME_DIR": rt}
+    r = lab.run(["nsvpn", "up", "--name", name, "--mode", mode, "--via",
+                 lab.socks5["url"]], env=env, timeout=60)
+    try:
+        assert r.returncode == 0, r.stderr
+        r = lab.run(["nsvpn", "status", "--json", name], env=env, timeout=30)
+        (t,) = json.loads(r.stdout)["tunnels"]
+        assert t["state"] == "running" and "control_error" not in t, t
+        if mode == "preload":
+            assert t["ctl"].startswith("/tmp/nsvpn-front-") and len(t["ctl"]) <= 100, t
+            assert os.stat(t["front_dir"]).st_mode & 0o777 == 0o700
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "sh", "-c", FETCH], env=env,
+                    timeout=60)
+        assert r.returncode == 0 and r.stdout.split()[0] == lab.sha256["1M.bin"], r.stderr
+        r = lab.run(["nsvpn", "down", name], env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert mode == "ns" or not os.path.exists(t["front_dir"])
+        assert not os.path.exists(os.path.join(rt, "nsvpn", "tunnels", name))
+    finally:
+        lab.run(["nsvpn", "down", name], env=env, timeout=60)
