@@ -375,7 +375,14 @@ def _daemon(args: argparse.Namespace, pool, direct: List[str], d: str, w: int) -
             from .bridge import run_vpn_ns
 
             async def ready_vpn(child, stats, relay) -> None:
-                await on_ready(_VpnNsTunnel(child, stats, relay, pool))
+                tunnel = _VpnNsTunnel(child, stats, relay, pool)
+                async with trio.open_nursery() as n:
+                    n.start_soon(on_ready, tunnel)
+                    # SIGUSR1: the counters (opened after the bridge's forwarder, so this
+                    # receiver gets it; the holder would only ignore it)
+                    with trio.open_signal_receiver(signal.SIGUSR1) as sigs:
+                        async for _ in sigs:
+                            _dump(tunnel.status())
 
             code = trio.run(functools.partial(
                 run_vpn_ns, holder, pool, quiet=not args.verbose, direct=list(args.direct),

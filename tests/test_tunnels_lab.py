@@ -466,9 +466,10 @@ def oc_up(lab: labenv.Lab, name: str, *extra: str, passwd_file: Optional[str] = 
 
 
 @pytest.mark.parametrize("mode", ["ns", "preload"])
-def test_openconnect_tunnel(nsvpn_lab: labenv.Lab, mode: str):
+def test_openconnect_tunnel(nsvpn_lab: labenv.Lab, mode: str, user_tmp: str):
     lab, name = nsvpn_lab, _name()
-    r = oc_up(lab, name, "--mode", mode)
+    logf = os.path.join(user_tmp, "tunnel.log")
+    r = oc_up(lab, name, "--mode", mode, "--log-file", logf)
     assert r.returncode == 0, r.stderr
     assert "VPN 172.31.1.1 up" in r.stderr, r.stderr
     password = lab.ocserv["password"].encode()
@@ -490,6 +491,11 @@ def test_openconnect_tunnel(nsvpn_lab: labenv.Lab, mode: str):
         (t,) = st["tunnels"]
         assert t["bytes_down"] >= 2 * 1024 * 1024, t
         assert _children(daemon, "openconnect") == oc_before  # one VPN login for both
+        os.kill(daemon, signal.SIGUSR1)
+        lab.wait_for(lambda: "counters" in open(logf).read(), timeout=5)
+        line = [x for x in open(logf).read().splitlines() if "counters" in x][-1]
+        d = json.loads(line.split("counters ", 1)[1])
+        assert d["bytes_down"] >= 2 * 1024 * 1024, d
         r = lab.run(["nsvpn", "status"], timeout=30)
         assert f"{mode}/vpn" in r.stdout, r.stdout
 
