@@ -153,10 +153,43 @@ def break_link_cycle() -> None:
     relay.Relay._link_closed = _link_closed
 
 
+def trim_when_drained(every: float = 5.0, low: int = 8, burst: int = 1000) -> None:
+    """NSVPN_MEMPROBE_PATCH=...,trim: measure the proposed relay change that hands free heap
+    back to the kernel once a burst of flows has ended: every `every` seconds, if at least
+    `burst` flows closed since the last trim and at most `low` are open, malloc_trim(0)."""
+    from nsvpn import relay
+
+    relays: list = []
+    closed = [0]
+    orig_init, orig_closed = relay.Relay.__init__, relay.Relay._link_closed
+
+    def __init__(self, *a, **kw):
+        orig_init(self, *a, **kw)
+        relays.append(self)
+
+    def _link_closed(self, f):
+        orig_closed(self, f)
+        closed[0] += 1
+
+    relay.Relay.__init__ = __init__
+    relay.Relay._link_closed = _link_closed
+
+    def loop() -> None:
+        while True:
+            time.sleep(every)
+            if relays and closed[0] >= burst and len(relays[0].flows) <= low:
+                closed[0] = 0
+                _libc.malloc_trim(0)
+    threading.Thread(target=loop, daemon=True, name="memprobe-trim").start()
+
+
 def main() -> None:
     ctl = os.environ["NSVPN_MEMPROBE_CTL"]
-    if os.environ.get("NSVPN_MEMPROBE_PATCH") == "link-cycle":
+    patches = os.environ.get("NSVPN_MEMPROBE_PATCH", "").split(",")
+    if "link-cycle" in patches:
         break_link_cycle()
+    if "trim" in patches:
+        trim_when_drained()
     threading.Thread(target=watch, args=(ctl,), daemon=True, name="memprobe").start()
     sys.argv = ["nsvpn", *sys.argv[1:]]
     from nsvpn.cli import entry
