@@ -327,7 +327,9 @@ class TcpConnection:
         if cfg.max_send_segment:
             self._smss = cfg.max_send_segment
         else:
-            self._smss = max(64, self.peer_mss - (12 if self._ts_on else 0))
+            # effective send MSS (RFC 9293 3.7.1): neither side's MTU may be exceeded; a
+            # server on a 1500-byte LAN announces 1460 through a VPN that carries less
+            self._smss = max(64, min(self.peer_mss, cfg.mss) - (12 if self._ts_on else 0))
         if cfg.congestion_control:
             self._cwnd = cfg.initial_cwnd_segments * self._smss
         else:

@@ -330,25 +330,8 @@ class _Session:
             raise c.error
         if c.reset:
             raise upstream_down(f"{ip}:{port}: {self.dead or 'reset'}")
-        self._clamp_segment_size(c)
         self._start_autotune(c)
         return VpnTcpStream(self, c)
-
-    def _clamp_segment_size(self, c: _Conn) -> None:
-        """Send no segment larger than the VPN's MTU allows, whatever MSS the far side
-        announced: a server on a 1500-byte LAN says 1460, the tunnel carries 1434-byte
-        packets, and openconnect drops bigger ones (an upload would stall in retransmits).
-        netstack/tcp.py sizes segments by the peer's MSS only (right for the namespace
-        side, whose link is the larger one), so the effective send MSS (RFC 9293 3.7.1,
-        min of both sides) is applied here once the handshake is done."""
-        conn = c.flow.conn
-        smss = getattr(conn, "_smss", None)
-        if smss is None:
-            return
-        hdrs = 40 if ":" not in c.key[0] else 60
-        link = self.stack.config.mtu - hdrs - (12 if getattr(conn, "_ts_on", False) else 0)
-        if smss > link:
-            conn._smss = link
 
     def _start_autotune(self, c: _Conn) -> None:
         """Give the flow its own config whose receive buffer starts at RCV_START.
