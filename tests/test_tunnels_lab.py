@@ -643,3 +643,41 @@ def test_tunnel_with_a_long_runtime_dir(nsvpn_lab: labenv.Lab, user_tmp: str, mo
         assert not os.path.exists(os.path.join(rt, "nsvpn", "tunnels", name))
     finally:
         lab.run(["nsvpn", "down", name], env=env, timeout=60)
+
+
+# Runs argv[1:] with unshare(2) failing with EPERM (a seccomp filter, inherited by everything
+# it starts): a node where user namespaces are off, as far as nsvpn can tell.
+NO_UNSHARE = """
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+ins = [(0x20, 0, 0, 0),                 # load seccomp_data.nr
+       (0x15, 0, 1, 272),               # == __NR_unshare (x86_64)?
+       (0x06, 0, 0, 0x00050000 | 1),    # return ERRNO(EPERM)
+       (0x06, 0, 0, 0x7fff0000)]        # allow
+buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in ins))
+prog = struct.pack("HxxxxxxQ", len(ins), ctypes.addressof(buf))
+pbuf = ctypes.create_string_buffer(prog)
+libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
+                       ctypes.c_ulong]
+assert libc.prctl(38, 1, None, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.addressof(pbuf), 0, 0) == 0, ctypes.get_errno()
+os.execvp(sys.argv[1], sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the seccomp filter is x86_64's")
+def test_auto_mode_falls_back_to_a_preload_tunnel(nsvpn_lab: labenv.Lab):
+    lab, name = nsvpn_lab, _name()
+    r = lab.run(["python3", "-c", NO_UNSHARE, "unshare", "-Ur", "true"], timeout=30)
+    assert r.returncode != 0 and "Operation not permitted" in r.stderr, r.stderr
+    r = lab.run(["python3", "-c", NO_UNSHARE, "nsvpn", "up", "--name", name, "--via",
+                 lab.socks5["url"]], timeout=60)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert "using the LD_PRELOAD fallback" in r.stderr, r.stderr
+        _, st = status(lab, name)
+        assert st["tunnels"][0]["mode"] == "preload", st
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "sh", "-c", FETCH], timeout=60)
+        assert r.returncode == 0 and r.stdout.split()[0] == lab.sha256["1M.bin"], r.stderr
+    finally:
+        down(lab, name)
