@@ -86,12 +86,13 @@ def compiler() -> Optional[str]:
     return None
 
 
-def cache_dir() -> str:
-    """Node-local, private (0700, ours): the same root as the named tunnels' state."""
+def cache_dir(name: str = "shim") -> str:
+    """Node-local, private (0700, ours): the same root as the named tunnels' state. ("pyz" is
+    where the single-file nsvpn.pyz unpacks itself, see scripts/build-pyz.)"""
     from .tunnels import TunnelError, state_root  # one rule for node-local state
 
     try:
-        d = os.path.join(os.path.dirname(state_root()), "shim")
+        d = os.path.join(os.path.dirname(state_root()), name)
     except TunnelError as e:  # a state directory someone else owns
         raise OSError(str(e)) from None
     os.makedirs(d, mode=0o700, exist_ok=True)

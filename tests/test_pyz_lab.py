@@ -127,6 +127,30 @@ def test_probe_json_builds_the_shim_once(lab, pyz_dir, python_argv, rt, ssh_via)
     assert len(shim_files(rt)) == 1
 
 
+def test_pyz_unpacks_once_and_runs_with_cached_byte_code(lab, pyz_dir, python_argv, rt):
+    """Byte code of modules imported from a zip is never cached: the pyz runs from a copy
+    unpacked into the private node-local cache, where __pycache__ works."""
+    pyz = os.path.join(pyz_dir, "nsvpn.pyz")
+    r = run_pyz(lab, python_argv, pyz, ["--version"], rt=rt)
+    assert r.returncode == 0 and r.stdout.startswith("nsvpn "), explain(r)
+    base = os.path.join(rt, "nsvpn", "pyz")
+    (build,) = os.listdir(base)
+    root = os.path.join(base, build)
+    assert os.path.isfile(os.path.join(root, ".complete"))
+    assert os.listdir(os.path.join(root, "nsvpn", "__pycache__"))
+    assert os.stat(base).st_mode & 0o777 == 0o700
+    # the second run imports from the unpacked copy's byte code (and from the zip if told so)
+    r = run_pyz(lab, [*python_argv, "-v"], pyz, ["--version"], rt=rt)
+    assert r.returncode == 0, explain(r)
+    assert f"code object from '{root}/nsvpn/__pycache__/cli." in r.stderr
+    assert f"code object from '{root}/trio/__pycache__/__init__." in r.stderr
+    r = run_pyz(lab, [*python_argv, "-v"], pyz, ["--version"], rt=rt,
+                env={"NSVPN_PYZ_NO_UNPACK": "1"})
+    assert r.returncode == 0 and r.stdout.startswith("nsvpn "), explain(r)
+    assert root not in r.stderr
+    assert os.listdir(base) == [build]
+
+
 @pytest.fixture(scope="module")
 def ssh_via(lab: labenv.Lab) -> str:
     return f"ssh://{lab.ssh['user']}@{lab.ssh['host']}"
