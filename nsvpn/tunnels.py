@@ -396,14 +396,14 @@ def _daemon(args: argparse.Namespace, pool, direct: List[str], d: str, w: int) -
         _err(f"tunnel {args.name}: {type(e).__name__}: {e}")
         code = 5
     finally:
-        if not ready_seen:
+        st = read_state(d)
+        if st is None or st.get("pid") == me:  # not already replaced by a new `up`
+            shutil.rmtree(d, ignore_errors=True)
+        if not ready_seen:  # after the removal: `up` returns on this line
             try:
                 print(f"{FAILED} {code or 1}", file=sys.stderr, flush=True)
             except OSError:
                 pass
-        st = read_state(d)
-        if st is None or st.get("pid") == me:  # not already replaced by a new `up`
-            shutil.rmtree(d, ignore_errors=True)
         os._exit(code)
 
 
