@@ -43,12 +43,13 @@ import secrets
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import trio
 
 from . import socks
 from .dns import DnsService, FakeIpTable, parse_server, relay_tcp
+from .sockpump import detach_socket
 from .upstream.base import DialError
 from .upstream.direct import DirectUpstream
 
@@ -486,18 +487,29 @@ class Front:
         await self._relay(stream, upstream)
 
     async def _relay(self, client: trio.abc.Stream, upstream: trio.abc.Stream) -> None:
-        if (
-            _SPLICE is not None
-            and isinstance(client, trio.SocketStream)
-            and isinstance(upstream, trio.SocketStream)
-        ):
-            await self._relay_spliced(client, upstream)
-        else:
-            await self._relay_copy(client, upstream)
+        if _SPLICE is not None and isinstance(client, trio.SocketStream):
+            # a socket underneath (TCP proxy, ssh's channel socket, a direct connection):
+            # unwrap it so the kernel moves the bytes
+            parts = detach_socket(upstream)
+            if parts is not None:
+                sock, prefix, eof_breaks = parts
+                up = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                if prefix:
+                    try:
+                        await client.send_all(prefix)
+                    except (trio.BrokenResourceError, OSError):
+                        await _close_pair(client, up, False)
+                        return
+                    self.stats.bytes_down += len(prefix)
+                await self._relay_spliced(client, up, eof_breaks)
+                return
+        await self._relay_copy(client, upstream)
 
-    async def _relay_spliced(self, client: trio.SocketStream, upstream: trio.SocketStream) -> None:
+    async def _relay_spliced(self, client: trio.SocketStream, upstream: trio.SocketStream,
+                             eof_breaks: Optional[Callable[[], bool]] = None) -> None:
         """Socket -> pipe -> socket with splice(2): the bytes never enter Python (several
-        times less CPU than copying, which matters on a busy 2-core node)."""
+        times less CPU than copying, which matters on a busy 2-core node). `eof_breaks`:
+        tells whether an EOF from the upstream means it broke (ssh died)."""
         self.stats.active += 1
 
         broken = [False]  # the upstream failed: the program must see a reset, not an EOF
@@ -519,6 +531,10 @@ class Front:
                         broken[0] = broken[0] or not up  # reading the upstream failed
                         raise
                     if n == 0:
+                        if not up and eof_breaks is not None and eof_breaks():
+                            broken[0] = True
+                            cancel.cancel()
+                            return
                         break
                     if up:
                         self.stats.bytes_up += n
