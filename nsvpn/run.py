@@ -139,8 +139,10 @@ def run_exec(args: argparse.Namespace, argv: List[str]) -> int:
         _err(f"cannot open the log file: {e}")
         return EXIT_USAGE
     try:
+        # CLI > NSVPN_* > profile > file > default, onto args; tsocks_conf may come from
+        # any of them, so it is read after (its server already counts as a `via` there)
+        eff = cfg.apply_to_args(args)
         tconf = _load_tsocks_conf(args)
-        eff = cfg.apply_to_args(args)  # CLI > NSVPN_* > profile > file > default, onto args
         for key, s in eff.values.items():
             log.debug("config %s = %r (%s)", key, s.value, s.source)
         pool = build_upstreams(args.via, args)

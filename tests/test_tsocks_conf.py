@@ -57,9 +57,12 @@ def test_bad_files_name_the_line(text, words):
 
 
 @pytest.mark.lab
-def test_path_section_routes_through_its_own_server(nsvpn_lab: labenv.Lab, user_tmp: str):
+@pytest.mark.parametrize("given", ["flag", "env"])
+def test_path_section_routes_through_its_own_server(nsvpn_lab: labenv.Lab, user_tmp: str,
+                                                    given: str):
     """Default server = the lab's microsocks; a path for remote:80 uses a private microsocks.
-    Killing the private one breaks exactly the path's destinations: routing is proven."""
+    Killing the private one breaks exactly the path's destinations: routing is proven.
+    The file works the same from --tsocks-conf and from NSVPN_TSOCKS_CONF (config layer)."""
     port = 1184
     ms = nsvpn_lab.popen(["microsocks", "-i", "172.31.1.1", "-p", str(port)], netns="edge",
                          user="nobody", cwd="/")
@@ -80,8 +83,10 @@ def test_path_section_routes_through_its_own_server(nsvpn_lab: labenv.Lab, user_
               "curl -sS -m 5 -o /dev/null -w 'path:%{http_code}\\n' http://172.31.2.2/1M.bin; "
               "xrdcp -f -s root://172.31.2.2//data/1M.bin /tmp/tc.bin && "
               "sha256sum /tmp/tc.bin; rm -f /tmp/tc.bin")
-    p = nsvpn_lab.popen(["nsvpn", "exec", "-q", "--tsocks-conf", conf, "--", "sh", "-c", script],
-                        timeout=90, stdout=None)
+    flag = ["--tsocks-conf", conf] if given == "flag" else []
+    env = {"NSVPN_TSOCKS_CONF": conf} if given == "env" else None
+    p = nsvpn_lab.popen(["nsvpn", "exec", "-q", *flag, "--", "sh", "-c", script],
+                        timeout=90, stdout=None, env=env)
     try:
         nsvpn_lab.wait_for(lambda: sums in p.output(), timeout=30, what="first download")
         ms.stop()  # the path's server goes away; the default one stays
