@@ -269,3 +269,21 @@ def test_pyz_on_other_python_versions(lab, pyz_dir, python, tmp_path):
                     timeout=120)
         assert r.returncode == 0, f"python {ver}, {mode}: " + explain(r)
         assert r.stdout.split()[0] == lab.sha256["1M.bin"], explain(r)
+
+
+def test_exec_openconnect_from_the_pyz(lab, pyz_dir, python_argv, rt):
+    """openconnect runs `python -m nsvpn.oc_attach` as its --script: from the pyz (nothing
+    installed) that helper must still find nsvpn (PYTHONPATH in openconnect's environment
+    only; CMD's environment gets none of it)."""
+    oc = lab.ocserv
+    with open(os.path.join(lab.info["state_dir"], "ocserv", "pin-sha256")) as f:
+        pin = f.read().strip()
+    script = CURL_SHA.format(name="1M.bin") + "; echo PYTHONPATH=${PYTHONPATH-unset}"
+    r = run_pyz(lab, python_argv, os.path.join(pyz_dir, "nsvpn.pyz"),
+                ["exec", "-q", "--mode", "ns", "--passwd-file", oc["password_file"],
+                 f"--oc-opt=--servercert={pin}",
+                 "--via", f"openconnect://{oc['user']}@{oc['host']}:{oc['port']}",
+                 "--", "/bin/sh", "-c", script], rt=rt)
+    assert r.returncode == 0, explain(r)
+    assert r.stdout.split()[0] == lab.sha256["1M.bin"], explain(r)
+    assert "PYTHONPATH=unset" in r.stdout, explain(r)

@@ -478,6 +478,11 @@ class OpenconnectUpstream:
         log.debug("starting %s", " ".join(shlex.quote(a) for a in argv))
         env = dict(os.environ)
         env.pop("VPNFD", None)
+        # `python -m nsvpn.oc_attach` must find this very nsvpn, also when it is not
+        # installed (the single-file pyz, a source tree): openconnect's environment only
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (os.path.dirname(here), env.get("PYTHONPATH")) if p)
         try:
             popen = subprocess.Popen(  # noqa: S603 - argv built above, no shell
                 argv,
