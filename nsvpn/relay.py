@@ -209,6 +209,7 @@ class Relay:
 
     # -- TCP ------------------------------------------------------------------------------
     def _link_closed(self, f: _Flow) -> None:
+        f.link = None  # f and its link point at each other: free them now, not at a gc pass
         self.flows.pop(id(f.flow), None)
 
     async def _dial(self, decision: routing.Decision) -> trio.abc.Stream:
@@ -262,8 +263,8 @@ class Relay:
                 f.link = self.pump.attach(f, flow, *parts)
                 st.accept(flow, trio.current_time())
                 self._after_stack()
-                if f.done.is_set():  # the app gave up while we dialled: its reset came already
-                    self.pump.drop(f.link)
+                if f.done.is_set() and f.link is not None:
+                    self.pump.drop(f.link)  # the app gave up while we dialled: no event will come
                 return
             async with stream:
                 st.accept(flow, trio.current_time())

@@ -120,7 +120,8 @@ class SockPump:
             link.mask = 0
         self.links.pop(link.fd, None)
         link.sock.close()
-        self.on_close(link.owner)
+        owner, link.owner = link.owner, None
+        self.on_close(owner)
 
     def _abort(self, link: Link) -> None:
         """The upstream broke: the app gets a reset, never a clean end."""

@@ -121,10 +121,5 @@ def test_churn_rss_left_is_free_heap_and_pymalloc_arenas(churned: dict):
     assert kept <= max(arenas, 0) * 1024 + 4096, churned
 
 
-@pytest.mark.xfail(strict=True, reason="relay.py: the per-flow _Flow and its sockpump Link "
-                   "point at each other (f.link <-> link.owner), so each finished flow with its "
-                   "TcpConnection and socket object waits for a gen-2 collection; fix: "
-                   "`f.link = None` in Relay._link_closed (NSVPN_MEMPROBE_PATCH=link-cycle "
-                   "measures it). Remove this marker with the fix.")
 def test_finished_flows_are_not_cyclic_garbage(churned: dict):
     assert churned["cycle_garbage"] < 100, churned["cycle_types"]
