@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -89,6 +90,23 @@ def down(lab: labenv.Lab, name: str):
     return lab.run(["nsvpn", "down", name], timeout=60)
 
 
+def tidy(lab: labenv.Lab, name: str) -> None:
+    """End of a test: `nsvpn down`, and if that could not run (say the venv was being
+    reinstalled by someone else), kill the daemon and remove its state by hand, so no
+    tunnel outlives its test."""
+    down(lab, name)
+    d = state_dir(name)
+    try:
+        with open(os.path.join(d, "state.json")) as f:
+            pid, start = (lambda s: (s["pid"], s["pid_start"]))(json.load(f))
+        st = _stat(pid)
+        if st is not None and int(st[19]) == start:
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError, KeyError):
+        pass
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
 def ssh_via(nsvpn_lab: labenv.Lab) -> str:
     s = nsvpn_lab.ssh
@@ -139,7 +157,7 @@ def test_two_execs_share_one_ssh_and_down_ends_them(nsvpn_lab: labenv.Lab, ssh_v
         r, _ = status(lab, name)
         assert r.returncode == 2 and f"no tunnel named {name}" in r.stderr, r.stderr
     finally:
-        down(lab, name)
+        tidy(lab, name)
 
 
 def test_killed_daemon_is_dead_and_down_cleans_it(nsvpn_lab: labenv.Lab):
@@ -167,7 +185,7 @@ def test_killed_daemon_is_dead_and_down_cleans_it(nsvpn_lab: labenv.Lab):
         r = lab.run(["nsvpn", "exec", "--name", name, "--", "sh", "-c", FETCH], timeout=60)
         assert r.returncode == 0 and r.stdout.split()[0] == lab.sha256["1M.bin"], r.stderr
     finally:
-        down(lab, name)
+        tidy(lab, name)
 
 
 def test_up_twice_and_up_after_kill(nsvpn_lab: labenv.Lab):
@@ -189,7 +207,7 @@ def test_up_twice_and_up_after_kill(nsvpn_lab: labenv.Lab):
                     timeout=30)
         assert r.returncode == 127 and "no-such-command-xyz" in r.stderr, r.stderr
     finally:
-        down(lab, name)
+        tidy(lab, name)
 
 
 def test_exec_name_missing_and_bad_upstream(nsvpn_lab: labenv.Lab):
@@ -227,7 +245,7 @@ def test_sigusr1_dumps_counters_to_log_file_and_keeps_running(nsvpn_lab: labenv.
                     timeout=30)
         assert r.returncode == 2 and "--name joins" in r.stderr, r.stderr
     finally:
-        down(lab, name)
+        tidy(lab, name)
 
 
 def test_exec_name_forwards_signals_and_keeps_cwd(nsvpn_lab: labenv.Lab, user_tmp: str):
@@ -248,7 +266,7 @@ def test_exec_name_forwards_signals_and_keeps_cwd(nsvpn_lab: labenv.Lab, user_tm
         assert p.wait(timeout=10) == 9
         assert open(trap).read().strip() == "term"
     finally:
-        down(lab, name)
+        tidy(lab, name)
 
 
 # -- preload tunnels and openconnect tunnels --------------------------------------------------
@@ -403,7 +421,7 @@ def test_preload_tunnel_shared_by_two_execs_and_down_resets(nsvpn_lab: labenv.La
         r = lab.run(["nsvpn", "exec", "--name", name, "--", "true"], timeout=30)
         assert r.returncode == 2 and f"no tunnel named {name}" in r.stderr, r.stderr
     finally:
-        down(lab, name)
+        tidy(lab, name)
 
 
 def test_preload_tunnel_killed_daemon_is_cleaned_up_by_next_up(nsvpn_lab: labenv.Lab):
@@ -436,7 +454,7 @@ def test_preload_tunnel_killed_daemon_is_cleaned_up_by_next_up(nsvpn_lab: labenv
         r = lab.run(["nsvpn", "exec", "--name", name, "--", "sh", "-c", "exit 7"], timeout=30)
         assert r.returncode == 7, r.stderr
     finally:
-        down(lab, name)
+        tidy(lab, name)
 
 
 def test_bad_names(nsvpn_lab: labenv.Lab):
@@ -518,7 +536,7 @@ def test_openconnect_tunnel(nsvpn_lab: labenv.Lab, mode: str, user_tmp: str):
         r = lab.run(["nsvpn", "exec", "--name", name, "--", "true"], timeout=30)
         assert r.returncode == 2 and f"no tunnel named {name}" in r.stderr, r.stderr
     finally:
-        down(lab, name)
+        tidy(lab, name)
 
 
 def test_openconnect_tunnel_wrong_password_leaves_nothing(nsvpn_lab: labenv.Lab,
@@ -558,7 +576,7 @@ def test_preload_tunnel_bad_upstream_and_counter_dump(nsvpn_lab: labenv.Lab, use
         _, st = status(lab, name)
         assert st["tunnels"][0]["state"] == "running", st
     finally:
-        down(lab, name)
+        tidy(lab, name)
 
 
 def test_openconnect_up_prompts_for_the_password_on_a_terminal(nsvpn_lab: labenv.Lab):
@@ -611,7 +629,7 @@ def test_openconnect_up_prompts_for_the_password_on_a_terminal(nsvpn_lab: labenv
         r = lab.run(["nsvpn", "exec", "--name", name, "--", "sh", "-c", FETCH], timeout=60)
         assert r.returncode == 0 and r.stdout.split()[0] == lab.sha256["1M.bin"], r.stderr
     finally:
-        down(lab, name)
+        tidy(lab, name)
 
 
 @pytest.mark.parametrize("mode", ["ns", "preload"])
@@ -680,4 +698,4 @@ def test_auto_mode_falls_back_to_a_preload_tunnel(nsvpn_lab: labenv.Lab):
         r = lab.run(["nsvpn", "exec", "--name", name, "--", "sh", "-c", FETCH], timeout=60)
         assert r.returncode == 0 and r.stdout.split()[0] == lab.sha256["1M.bin"], r.stderr
     finally:
-        down(lab, name)
+        tidy(lab, name)
