@@ -65,10 +65,13 @@ def _build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--name", metavar="N",
                     help="run CMD in the shared tunnel N started by `nsvpn up` (no --via)")
     ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
-    up = sub.add_parser("up", help="start a named shared tunnel in the background (ns mode, "
-                                   "ssh:// or socks5://); returns once it is ready")
+    up = sub.add_parser("up", help="start a named shared tunnel in the background (ns or "
+                                   "preload mode, any upstream); returns once it is ready")
     up.add_argument("--name", required=True, metavar="N", help="the tunnel's name")
     add_config_args(up)
+    from .upstream.openconnect import add_openconnect_args
+
+    add_openconnect_args(up)  # an openconnect tunnel logs in without a terminal too
     up.add_argument("--log-file", metavar="FILE", help="the daemon's log (default: none)")
     up.add_argument("--allow-host-loopback", action="store_true",
                     help="make the host's 127.0.0.1 reachable as 10.0.2.2")
@@ -119,7 +122,7 @@ def _exec(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         from .tunnels import run_join
 
-        return run_join(args.name, argv)
+        return run_join(args.name, argv, quiet=args.quiet, socks_env=not args.no_proxy_env)
     from .run import run_exec
 
     return run_exec(args, argv)

@@ -477,7 +477,7 @@ def _pin(lab: labenv.Lab) -> str:
 def oc_up(lab: labenv.Lab, name: str, *extra: str, passwd_file: Optional[str] = None):
     """`up --via openconnect://` through the entry that has the openconnect options."""
     oc = lab.ocserv
-    return lab.run(["python3", "-m", "nsvpn.tunnel_cli", "up", "-v", "--name", name,
+    return lab.run(["nsvpn", "up", "-v", "--name", name,
                     "--via", f"openconnect://{oc['user']}@{oc['host']}:{oc['port']}",
                     "--passwd-file", passwd_file or oc["password_file"],
                     f"--oc-opt=--servercert={_pin(lab)}", *extra], timeout=90)
@@ -596,7 +596,7 @@ def test_openconnect_up_prompts_for_the_password_on_a_terminal(nsvpn_lab: labenv
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-    argv = lab.argv(["python3", "-m", "nsvpn.tunnel_cli", "up", "--name", name, "--via",
+    argv = lab.argv(["nsvpn", "up", "--name", name, "--via",
                      f"openconnect://{oc['user']}@{oc['host']}:{oc['port']}",
                      f"--oc-opt=--servercert={_pin(lab)}"])
     p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, preexec_fn=ctty,
