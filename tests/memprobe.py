@@ -137,26 +137,12 @@ def watch(ctl: str) -> None:
         time.sleep(0.2)
 
 
-def break_link_cycle() -> None:
-    """NSVPN_MEMPROBE_PATCH=link-cycle: measure the fix proposed for relay.py, where the
-    relay's per-flow record and its socket-pump Link point at each other (f.link <->
-    link.owner), so every finished flow (with its TcpConnection, buffers and socket object)
-    waits for a full cyclic collection. The patch drops f.link when the link closes."""
-    from nsvpn import relay
-
-    orig = relay.Relay._link_closed
-
-    def _link_closed(self, f):
-        orig(self, f)
-        f.link = None
-
-    relay.Relay._link_closed = _link_closed
-
-
 def trim_when_drained(every: float = 5.0, low: int = 8, burst: int = 1000) -> None:
-    """NSVPN_MEMPROBE_PATCH=...,trim: measure the proposed relay change that hands free heap
+    """NSVPN_MEMPROBE_PATCH=trim: measure the proposed relay change that hands free memory
     back to the kernel once a burst of flows has ended: every `every` seconds, if at least
-    `burst` flows closed since the last trim and at most `low` are open, malloc_trim(0)."""
+    `burst` flows closed since the last time and at most `low` are open, gc.collect() (its
+    free-list clearing lets pymalloc release arenas) and malloc_trim(0). The time both take
+    goes to CTL/mem-trims.log."""
     from nsvpn import relay
 
     relays: list = []
@@ -179,16 +165,19 @@ def trim_when_drained(every: float = 5.0, low: int = 8, burst: int = 1000) -> No
             time.sleep(every)
             if relays and closed[0] >= burst and len(relays[0].flows) <= low:
                 closed[0] = 0
+                t = time.monotonic()
+                gc.collect()
+                t2 = time.monotonic()
                 _libc.malloc_trim(0)
+                with open(os.path.join(ctl, "mem-trims.log"), "a") as f:
+                    f.write(f"gc {t2 - t:.4f} s, malloc_trim {time.monotonic() - t2:.4f} s\n")
+    ctl = os.environ["NSVPN_MEMPROBE_CTL"]
     threading.Thread(target=loop, daemon=True, name="memprobe-trim").start()
 
 
 def main() -> None:
     ctl = os.environ["NSVPN_MEMPROBE_CTL"]
-    patches = os.environ.get("NSVPN_MEMPROBE_PATCH", "").split(",")
-    if "link-cycle" in patches:
-        break_link_cycle()
-    if "trim" in patches:
+    if "trim" in os.environ.get("NSVPN_MEMPROBE_PATCH", "").split(","):
         trim_when_drained()
     threading.Thread(target=watch, args=(ctl,), daemon=True, name="memprobe").start()
     sys.argv = ["nsvpn", *sys.argv[1:]]

@@ -81,19 +81,24 @@ def churned(nsvpn_lab: labenv.Lab) -> dict:
             secs = time.monotonic() - t
             drained = nsvpn_lab.wait_for(settled, timeout=90, interval=1,
                                          what="flow table to drain")
-            # (6 s: a trim-when-drained patch under test runs every 5 s)
+            # (6 s: the trim-when-drained patch under test, NSVPN_MEMPROBE_PATCH=trim, runs
+            # every 5 s)
             time.sleep(6.0 if "trim" in os.environ.get("NSVPN_MEMPROBE_PATCH", "") else 1.0)
             cycles = ses.mem("cycles")
             trim = ses.mem("trim")
             ses.touch("end")
             assert ses.finish() == 0, ses.explain()
+        trims = ""
+        if os.path.exists(os.path.join(tmp, "mem-trims.log")):
+            with open(os.path.join(tmp, "mem-trims.log")) as f:
+                trims = f.read().strip()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     numbers = {"flows": CHURN, "secs": round(secs, 1), "base": base, "after": cycles["before"],
                "cycle_garbage": cycles["collected"], "cycle_types": cycles["cycle_types"][:12],
                "after_gc": trim["after_gc"], "after_trim": trim["after_trim"],
                "gc_secs": trim["gc_secs"], "trim_secs": trim["trim_secs"],
-               "tcp_flows_after": drained["tcp_flows"]}
+               "tcp_flows_after": drained["tcp_flows"], "patch_trims": trims}
     print("\nmemory numbers:", json.dumps(numbers))
     return numbers
 
