@@ -320,8 +320,14 @@ def _daemon(args: argparse.Namespace, pool, direct: List[str], d: str, w: int) -
     os.close(w)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     me = os.getpid()
-    with open(os.path.join(d, "pid"), "w", encoding="utf-8") as f:
-        f.write(f"{me} {_starttime(me)}\n")
+    try:
+        with open(os.path.join(d, "pid"), "w", encoding="utf-8") as f:
+            f.write(f"{me} {_starttime(me)}\n")
+    except OSError as e:  # a full /tmp: say so, `up` echoes it (else it only sees EOF)
+        _err(f"tunnel {args.name}: cannot write its state in {d}: {e.strerror}")
+        shutil.rmtree(d, ignore_errors=True)
+        print(f"{FAILED} {EXIT_SETUP}", file=sys.stderr, flush=True)
+        os._exit(EXIT_SETUP)
     print(f"{PID} {me}", file=sys.stderr, flush=True)
     code = 1
     ready_seen = []

@@ -110,7 +110,18 @@ def supports_unix_dynamic(version: Tuple[int, int] | None) -> bool:
 
 def runtime_dir() -> str:
     """Node-local private directory for sockets: $XDG_RUNTIME_DIR/nsvpn, else
-    /tmp/nsvpn-<uid>-<host>; created 0700, and refused unless it is ours and private."""
+    /tmp/nsvpn-<uid>-<host>; created 0700, and refused unless it is ours and private.
+    A full or read-only /tmp is an UpstreamError that says where and what to do."""
+    try:
+        return _runtime_dir()
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        raise UpstreamError(
+            f"cannot make nsvpn's private socket directory{where}: {e.strerror}; "
+            "point XDG_RUNTIME_DIR at a writable node-local directory") from None
+
+
+def _runtime_dir() -> str:
     uid = os.getuid()
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base and os.path.isdir(base) and os.stat(base).st_uid == uid:
@@ -476,10 +487,13 @@ class SshUpstream:
                 return None
             with trio.move_on_after(0.05):
                 await proc.exited.wait()
-        return (
-            f"ssh to {self.url.ssh_destination()} not ready after "
-            f"{self.ready_timeout:g} s: {self._messages()}"
-        )
+        why = self._messages()
+        if self.interactive and not self._stderr:
+            # its prompts go to the terminal, not to our pipe: say what it most likely did
+            why = ("ssh printed nothing here; it may have been waiting for an answer at the "
+                   "terminal (password, passphrase or host key)")
+        return (f"ssh to {self.url.ssh_destination()} not ready after "
+                f"{self.ready_timeout:g} s: {why}")
 
     async def _supervise(self) -> None:
         assert self._first is not None
