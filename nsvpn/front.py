@@ -49,6 +49,7 @@ import trio
 
 from . import socks
 from .dns import DnsService, FakeIpTable, parse_server, relay_tcp
+from .memtrim import TrimWhenDrained
 from .sockpump import detach_socket
 from .upstream.base import DialError
 from .upstream.direct import DirectUpstream
@@ -205,6 +206,7 @@ class Front:
         self.dns_port4 = 0
         self.dns_port6 = 0
         self.stats = FrontStats()
+        self.trim = TrimWhenDrained(lambda: self.stats.active)
         self._next_id = 1
         self._claims: Dict[Key, Claim] = {}
         self._claim_events: Dict[Key, trio.Event] = {}
@@ -281,6 +283,7 @@ class Front:
                 for sock, tag in listeners:
                     n.start_soon(self._accept_loop, sock, tag, n)
                 n.start_soon(self._ctl_loop, ctl, n)
+                n.start_soon(self.trim.run)
                 for u in udp:
                     n.start_soon(self._dns_loop, u, n)
                 task_status.started()
@@ -564,6 +567,7 @@ class Front:
                 n.start_soon(pump, upstream.socket, client.socket, False, n.cancel_scope)
         finally:
             self.stats.active -= 1
+            self.trim.flow_ended()
             await _close_pair(client, upstream, broken[0])
 
     async def _relay_copy(self, client: trio.abc.Stream, upstream: trio.abc.Stream) -> None:
@@ -606,6 +610,7 @@ class Front:
                 n.start_soon(pump, upstream, client, False, n.cancel_scope)
         finally:
             self.stats.active -= 1
+            self.trim.flow_ended()
             await _close_pair(client, upstream, broken[0])
 
     # ------------------------------------------------------------------ DNS over UDP

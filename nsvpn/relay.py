@@ -27,6 +27,7 @@ from typing import Callable, Dict, Optional, Tuple
 import trio
 
 from . import routing, sockpump
+from .memtrim import TrimWhenDrained
 from .netstack import stack as nstack
 from .stacktimer import StackTimer
 from .upstream.base import DialError
@@ -100,6 +101,7 @@ class Relay:
         self.udp: Dict[Tuple, _UdpFlow] = {}
         self._timer = StackTimer(stack, lambda: self._after_stack())
         self.pump = sockpump.SockPump(stack, self._after_stack, self._link_closed)
+        self.trim = TrimWhenDrained(lambda: len(self.flows))
         self._nursery: Optional[trio.Nursery] = None
         self.write_errors = 0
         self._warned: Dict[int, float] = {}  # errno -> when it was last logged
@@ -162,6 +164,7 @@ class Relay:
                 self._nursery = n
                 n.start_soon(self._timer.run)
                 n.start_soon(self.pump.run)
+                n.start_soon(self.trim.run)
                 if self.read_tun:
                     n.start_soon(self._tun_reader)
                 task_status.started()
@@ -211,6 +214,7 @@ class Relay:
     def _link_closed(self, f: _Flow) -> None:
         f.link = None  # f and its link point at each other: free them now, not at a gc pass
         self.flows.pop(id(f.flow), None)
+        self.trim.flow_ended()
 
     async def _dial(self, decision: routing.Decision) -> trio.abc.Stream:
         if decision.action == routing.DIRECT:
@@ -276,8 +280,8 @@ class Relay:
                     n.start_soon(self._pump_to_upstream, f, stream, n.cancel_scope)
                     n.start_soon(self._pump_from_upstream, f, stream, n.cancel_scope)
         finally:
-            if f.link is None:
-                self.flows.pop(id(flow), None)
+            if f.link is None and self.flows.pop(id(flow), None) is not None:
+                self.trim.flow_ended()
 
     async def _pump_to_upstream(self, f: _Flow, stream: trio.abc.Stream,
                                 scope: trio.CancelScope) -> None:

@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from nsvpn.memtrim import TrimWhenDrained
+
+
+def test_trims_only_after_a_burst_and_when_quiet():
+    active = [50]
+    t = TrimWhenDrained(lambda: active[0], burst=3, low=2)
+    for _ in range(3):
+        t.flow_ended()
+    assert not t.maybe_trim()  # busy: never while traffic flows
+    active[0] = 2
+    assert t.maybe_trim() and t.trims == 1
+    assert not t.maybe_trim()  # the count starts again: no trim without a new burst
+    t.flow_ended()
+    assert not t.maybe_trim()
