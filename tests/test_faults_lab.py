@@ -167,7 +167,10 @@ def test_private_socks_killed_mid_transfer_then_restarted(nsvpn_lab: labenv.Lab,
         box["ms"].stop()
 
 
-def test_ssh_killed_mid_transfer_is_restarted(nsvpn_lab: labenv.Lab, user_tmp: str):
+@pytest.mark.parametrize("mode", ["ns", "preload"])
+def test_ssh_killed_mid_transfer_is_restarted(nsvpn_lab: labenv.Lab, user_tmp: str, mode: str):
+    """ns: the relay resets the app's flow; preload: the front resets the program's loopback
+    connection (it relays with splice, where a dead ssh shows as a plain EOF)."""
     seen = {}
 
     def kill(p):
@@ -180,8 +183,8 @@ def test_ssh_killed_mid_transfer_is_restarted(nsvpn_lab: labenv.Lab, user_tmp: s
     def restart():
         pass  # nsvpn's job
 
-    res = _transfer(nsvpn_lab, user_tmp, ["--via", ssh_url(nsvpn_lab)], kill, restart,
-                    "ssh killed:")
+    res = _transfer(nsvpn_lab, user_tmp, ["--mode", mode, "-q", "--via", ssh_url(nsvpn_lab)],
+                    kill, restart, f"{mode}, ssh killed:")
     assert seen["old"]
     # A reset, not a clean EOF: a length-unaware app must not take a cut file as complete.
     assert res["end"] == "ConnectionResetError", res
