@@ -26,7 +26,8 @@ _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 # what a broken upstream socket raises; anything else is a bug and propagates
 _BROKEN = (ConnectionError, TimeoutError, OSError)
 
-EofCheck = Optional[Callable[[], bool]]
+# (the socket, "we already sent our EOF") -> does the EOF just read mean the upstream broke?
+EofCheck = Optional[Callable[[socket.socket, bool], bool]]
 
 
 def detach_socket(stream: object) -> Optional[Tuple[socket.socket, bytes, EofCheck]]:
@@ -198,7 +199,7 @@ class SockPump:
             if len(data) == space:
                 self._want(link)
             return
-        if link.eof_breaks is not None and link.eof_breaks():
+        if link.eof_breaks is not None and link.eof_breaks(link.sock, link.wr_shut):
             self._abort(link)
             return
         link.up_eof = True

@@ -28,6 +28,7 @@ import errno
 import logging
 import os
 import re
+import select
 import shlex
 import signal
 import socket
@@ -186,6 +187,13 @@ def _process_gone(pid: int) -> bool:
         return True
 
 
+def _peer_closed(sock) -> bool:
+    """The other end of a unix stream socket is closed outright (not just shut for writing)."""
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLIN)
+    return any(ev & select.POLLHUP for _fd, ev in p.poll(0))
+
+
 class _SshChannelStream(trio.abc.HalfCloseableStream):
     """A flow through ssh -D. When ssh dies, its channels end in a plain EOF, which would let
     an app take a cut-short transfer for a complete one: an EOF while ssh is gone is turned
@@ -194,10 +202,21 @@ class _SshChannelStream(trio.abc.HalfCloseableStream):
     def __init__(self, stream: trio.abc.Stream, proc: _SshProcess | None):
         self.stream = stream
         self._proc = proc
+        self._eof_sent = False
 
     def _ssh_gone(self) -> bool:
         p = self._proc
         return p is None or p.exited.is_set() or _process_gone(p.popen.pid)
+
+    def eof_is_break(self, sock: socket.socket, eof_sent: bool) -> bool:
+        """Does an EOF on this channel's socket mean ssh broke it? ssh ends a channel by
+        half-closing the socket first (shutdown), and closes it outright before we sent our
+        EOF only when it dies (or aborts the channel); the kernel says so at once with POLLHUP
+        on our end. Waiting for ssh to show up as exited would race: a killed process closes
+        its sockets before it becomes a zombie."""
+        if self._ssh_gone():
+            return True
+        return not eof_sent and _peer_closed(sock)
 
     async def send_all(self, data) -> None:
         await self.stream.send_all(data)
@@ -206,12 +225,16 @@ class _SshChannelStream(trio.abc.HalfCloseableStream):
         await self.stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
+        self._eof_sent = True
         await self.stream.send_eof()  # type: ignore[attr-defined]
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         data = await self.stream.receive_some(max_bytes)
-        if not data and self._ssh_gone():
-            raise trio.BrokenResourceError("ssh exited: the channel ended without a close")
+        if not data:
+            sock = getattr(self.stream, "socket", None)
+            if self._ssh_gone() or (sock is not None and not self._eof_sent
+                                    and _peer_closed(sock)):
+                raise trio.BrokenResourceError("ssh exited: the channel ended without a close")
         return data
 
     async def aclose(self) -> None:
@@ -225,7 +248,7 @@ class _SshChannelStream(trio.abc.HalfCloseableStream):
         if parts is None:
             return None
         sock, prefix, _check = parts
-        return sock, prefix, self._ssh_gone
+        return sock, prefix, self.eof_is_break
 
 
 class _SshProcess:
