@@ -623,6 +623,19 @@ def test_abort_sends_rst():
     assert c.next_deadline() is None
 
 
+def test_abort_rst_stays_inside_a_shrunken_peer_window():
+    """The peer shrank its window below what we already sent (it drops that data): a RST at
+    snd_max would be outside its window and dropped too, leaving it waiting for ever."""
+    c = passive(ts=None)
+    c.send(bytes(20000))
+    sent = sum(len(x.payload) for x in data_segs(c.poll_output(0.0)))
+    assert sent > 2024  # (the initial congestion window's worth)
+    c.on_segment(seg(IRS + 1, ISS + 1 + 1000, window=8), 0.1)  # 8 << 7 = 1024 bytes
+    c.abort(0.2)
+    (r,) = [x for x in c.poll_output(0.2) if x.flags & RST]
+    assert r.seq == ISS + 1 + 1000 + 1024
+
+
 def test_abort_in_syn_sent_is_silent():
     c = TcpConnection.connect(0.0, TcpConfig(), ISS)
     c.poll_output(0.0)

@@ -387,7 +387,11 @@ class TcpConnection:
         if st == SYN_RECEIVED_PENDING:
             self._rst_out = TcpSegment(0, self._rcv_nxt & M32, RST | ACK, 0)
         elif st not in (SYN_SENT, TIME_WAIT):
-            self._rst_out = TcpSegment(self._snd_max & M32, self._rcv_nxt & M32, RST | ACK, 0)
+            # Not beyond the right edge of the peer's window: a peer that shrank its window
+            # (a smaller SO_RCVBUF mid-transfer) drops what we sent past it, and would drop a
+            # RST sequenced there as well, waiting forever (Linux does the same clamp)
+            seq = min(self._snd_max, self._snd_una + self._snd_wnd)
+            self._rst_out = TcpSegment(seq & M32, self._rcv_nxt & M32, RST | ACK, 0)
         self._close()
 
     def _close(self) -> None:
