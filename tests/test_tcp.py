@@ -618,8 +618,13 @@ def test_abort_sends_rst():
     c.poll_output(0.0)
     c.abort(0.1)
     assert c.state == "CLOSED" and c.pop_events() == ["closed"]
-    (r,) = c.poll_output(0.1)
+    r, r2 = c.poll_output(0.1)
     assert r.flags & RST and r.seq == ISS + 4
+    assert r2.flags & RST and r2.seq == ISS + 1  # data unacknowledged: snd_una as well
+    c = passive()
+    c.abort(0.1)
+    (r,) = c.poll_output(0.1)  # all acknowledged: one RST is exact
+    assert r.flags & RST and r.seq == ISS + 1
     assert c.next_deadline() is None
 
 
@@ -632,8 +637,9 @@ def test_abort_rst_stays_inside_a_shrunken_peer_window():
     assert sent > 2024  # (the initial congestion window's worth)
     c.on_segment(seg(IRS + 1, ISS + 1 + 1000, window=8), 0.1)  # 8 << 7 = 1024 bytes
     c.abort(0.2)
-    (r,) = [x for x in c.poll_output(0.2) if x.flags & RST]
-    assert r.seq == ISS + 1 + 1000 + 1024
+    rsts = [x.seq for x in c.poll_output(0.2) if x.flags & RST]
+    # the window edge, and snd_una for a peer that dropped all it had not acknowledged
+    assert rsts == [ISS + 1 + 1000 + 1024, ISS + 1 + 1000]
 
 
 def test_abort_in_syn_sent_is_silent():

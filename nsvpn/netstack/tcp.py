@@ -274,6 +274,7 @@ class TcpConnection:
         self._dup_to_send = 0
         self._syn_pending = False
         self._rst_out: TcpSegment | None = None
+        self._rst_extra: TcpSegment | None = None  # an abort's second RST (see abort())
 
     @classmethod
     def from_syn(
@@ -392,6 +393,13 @@ class TcpConnection:
             # RST sequenced there as well, waiting forever (Linux does the same clamp)
             seq = min(self._snd_max, self._snd_una + self._snd_wnd)
             self._rst_out = TcpSegment(seq & M32, self._rcv_nxt & M32, RST | ACK, 0)
+            if self._snd_una != seq:
+                # A peer that dropped what it could not buffer expects snd_una exactly; the
+                # other RST alone would only earn a challenge ACK, which Linux rate-limits
+                # (one per 500 ms per socket): an app blocked in recv() would hang. One of the
+                # two is exact, the other is ignored.
+                self._rst_extra = TcpSegment(self._snd_una & M32, self._rcv_nxt & M32,
+                                             RST | ACK, 0)
         self._close()
 
     def _close(self) -> None:
@@ -1260,6 +1268,9 @@ class TcpConnection:
         if self._rst_out is not None:
             out.append(self._rst_out)
             self._rst_out = None
+            if self._rst_extra is not None:
+                out.append(self._rst_extra)
+                self._rst_extra = None
         st = self.state
         if st == CLOSED or st == SYN_RECEIVED_PENDING:
             self.stats["segments_out"] += len(out)
