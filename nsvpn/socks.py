@@ -255,12 +255,7 @@ class ClientHandshake:
         port: int,
         username: str | None = None,
         password: str | None = None,
-        *,
-        pipeline: bool = False,
     ):
-        """`pipeline`: send the request right behind the greeting, without waiting for the
-        method choice (one round trip less). Only for servers known to read ahead, such as
-        OpenSSH's -D; many small servers drop what follows the greeting."""
         if command not in (CMD_CONNECT, CMD_BIND, CMD_UDP_ASSOCIATE):
             raise SocksError(f"unknown command {command!r}", REP_COMMAND_NOT_SUPPORTED)
         self._request = (
@@ -274,9 +269,6 @@ class ClientHandshake:
             self._auth = bytes((1, len(u))) + u + bytes((len(p),)) + p
         methods = [METHOD_USER_PASS] if self._auth is not None else [METHOD_NO_AUTH]
         self._out = bytearray(bytes((VERSION, len(methods))) + bytes(methods))
-        self._pipelined = pipeline and self._auth is None
-        if self._pipelined:
-            self._out += self._request
         self._in = bytearray()
         self._state = _C_METHOD
         self.reply: Reply | None = None
@@ -291,7 +283,7 @@ class ClientHandshake:
     def awaiting_reply(self) -> bool:
         """Greeting (and auth) done, the request is queued or sent: the next thing the
         server says is its answer about the destination."""
-        return self._state == _C_REPLY or (self._pipelined and self._state == _C_METHOD)
+        return self._state == _C_REPLY
 
     def _fail(self, exc: SocksError) -> SocksError:
         self._state = _C_FAILED
@@ -313,8 +305,7 @@ class ClientHandshake:
                 if ver != VERSION:
                     raise self._fail(SocksError(f"not a SOCKS5 server (version byte {ver})"))
                 if method == METHOD_NO_AUTH:
-                    if not self._pipelined:
-                        self._out += self._request
+                    self._out += self._request
                     self._state = _C_REPLY
                 elif method == METHOD_USER_PASS and self._auth is not None:
                     self._out += self._auth

@@ -75,25 +75,6 @@ def test_exact_client_bytes():
     assert c.data_to_send() == b"\x05\x01\x00\x03\x0bexample.org\x00\x50"
 
 
-def test_pipelined_client_sends_request_with_greeting():
-    c = ClientHandshake(CMD_CONNECT, "10.1.2.3", 80, pipeline=True)
-    assert c.data_to_send() == b"\x05\x01\x00" + b"\x05\x01\x00\x01\x0a\x01\x02\x03\x00\x50"
-    assert c.awaiting_reply
-    # method choice and reply in one read, with the first payload behind them
-    c.receive_data(b"\x05\x00" + b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00" + b"hi")
-    assert c.data_to_send() == b""  # the request is not sent twice
-    assert c.reply is not None and c.leftover == b"hi"
-    # through our own server, byte by byte
-    s = ServerHandshake()
-    c = ClientHandshake(CMD_CONNECT, "example.org", 443, pipeline=True)
-    for b in c.data_to_send():
-        s.receive_data(bytes((b,)))
-    assert s.request is not None and s.request.host == "example.org"
-    # with credentials there is nothing to pipeline: the server must pick the method first
-    c = ClientHandshake(CMD_CONNECT, "10.1.2.3", 80, "u", "p", pipeline=True)
-    assert c.data_to_send() == b"\x05\x01\x02" and not c.awaiting_reply
-
-
 @pytest.mark.parametrize(
     "code, err",
     [

@@ -363,7 +363,6 @@ class SshUpstream:
             timeout=timeout,
             proxy_name=f"ssh {self.url.host}",
             on_eof=self._explain_eof,
-            pipeline=True,  # ssh reads the request that follows the greeting: one wake-up less
         )
         return _SshChannelStream(stream, self._proc)
 
