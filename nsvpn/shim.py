@@ -89,19 +89,12 @@ def compiler() -> Optional[str]:
 def cache_dir(name: str = "shim") -> str:
     """Node-local, private (0700, ours): the same root as the named tunnels' state. ("pyz" is
     where the single-file nsvpn.pyz unpacks itself, see scripts/build-pyz.)"""
-    from .tunnels import TunnelError, state_root  # one rule for node-local state
+    from .tunnels import TunnelError, _private_dir, state_root  # one rule for node state
 
     try:
-        d = os.path.join(os.path.dirname(state_root()), name)
+        return _private_dir(os.path.join(os.path.dirname(state_root()), name))
     except TunnelError as e:  # a state directory someone else owns
         raise OSError(str(e)) from None
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    st = os.lstat(d)
-    if st.st_uid != os.getuid() or not os.path.isdir(d) or os.path.islink(d):
-        raise OSError(f"{d} is not a directory owned by you")
-    if st.st_mode & 0o077:
-        os.chmod(d, 0o700)
-    return d
 
 
 def trial_load(path: str, timeout: float = 10.0) -> Tuple[bool, str]:

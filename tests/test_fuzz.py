@@ -181,29 +181,6 @@ def test_socks_server_handshake(data):
             assert hs.username == "u"  # a request only after the right password
 
 
-@fuzz(400)
-@given(st.binary(max_size=80))
-def test_socks_udp_and_address_decoding(blob):
-    try:
-        d = socks.decode_udp(blob)
-    except socks.SocksError:
-        pass
-    else:
-        assert 0 <= d.port <= 65535
-    for off in range(0, min(len(blob), 4)):
-        try:
-            r = socks.decode_address(blob, off)
-        except socks.SocksError as e:
-            assert e.reply_code in (socks.REP_GENERAL_FAILURE,
-                                    socks.REP_ADDRESS_TYPE_NOT_SUPPORTED)
-            continue
-        if r is not None:
-            host, port, _atyp, end = r
-            assert 0 <= port <= 65535 and off < end <= len(blob)
-
-
-# ------------------------------------------------------------------------ DNS answerer
-
 def _dns_seeds():
     out = []
     for name, rdt in (("remote.lab", "A"), ("x.example", "AAAA"), ("2.2.31.172.in-addr.arpa",
