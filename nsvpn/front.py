@@ -115,12 +115,17 @@ async def accept_forever(listener, what: str, start) -> None:
         start(sock, addr)
 
 
-def _linger_close(sock: trio.socket.SocketType) -> None:
-    """Close with RST: the program's socket sees an error, not an orderly EOF."""
+def _reset_on_close(sock) -> None:
+    """SO_LINGER {1, 0}: closing sends RST, so the program sees an error, not an orderly EOF."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
         pass
+
+
+def _linger_close(sock: trio.socket.SocketType) -> None:
+    """Close with RST."""
+    _reset_on_close(sock)
     sock.close()
 
 
@@ -129,11 +134,7 @@ async def _close_pair(client: trio.abc.Stream, upstream: trio.abc.Stream, reset:
     RST (its read fails) instead of an orderly EOF."""
     with trio.CancelScope(shield=True):
         if reset and isinstance(client, trio.SocketStream):
-            try:
-                client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                         struct.pack("ii", 1, 0))
-            except OSError:
-                pass
+            _reset_on_close(client.socket)
         for s in (client, upstream):
             try:
                 await s.aclose()

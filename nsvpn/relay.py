@@ -8,10 +8,10 @@ moves bytes and wakes tasks:
   its events;
 * one timer task sleeps until the stack's next deadline (the deadline is tightened whenever a
   stack call produces an earlier one);
-* one task per TCP flow: dial the upstream first (the app's handshake completes only when the
-  upstream said yes: refused -> RST, unreachable -> ICMP), then two pumps, one per direction,
-  whose waits are the flow's "readable"/"writable" events. Backpressure is the TCP window: a
-  slow upstream stops `tcp_recv`, the receive buffer fills, the advertised window closes;
+* one task per TCP flow while it dials the upstream (the app's handshake completes only when
+  the upstream said yes: refused -> RST, unreachable -> ICMP); then the socket pump
+  (sockpump.py) moves its bytes from callbacks of one epoll set. Backpressure is the TCP
+  window: a slow upstream stops `tcp_recv`, the receive buffer fills, the window closes;
 * UDP: DNS at the DNS address, host sockets for direct networks, ICMP port unreachable for the
   rest (ssh -D carries no UDP, and a quick error beats an app waiting for a timeout).
 """
@@ -35,7 +35,6 @@ from .upstream.base import DialError
 log = logging.getLogger("nsvpn.relay")
 
 READ_BATCH = 16  # packets per wake-up: measured faster than 64 (ACKs go out sooner)
-PUMP_CHUNK = 256 * 1024
 DIAL_TIMEOUT = 20.0
 UDP_IDLE = 60.0
 
@@ -263,93 +262,22 @@ class Relay:
                 self._after_stack()
                 return
             parts = sockpump.detach_socket(stream)
-            if parts is not None:  # the pump carries it from here: no task, no nursery
-                f.link = self.pump.attach(f, flow, *parts)
-                st.accept(flow, trio.current_time())
+            if parts is None:  # every dialer here hands back a socket (ssh, SOCKS5, direct)
+                log.error("dial %s:%s returned %s, not a socket", d.host, d.port,
+                          type(stream).__name__)
+                await trio.aclose_forcefully(stream)
+                st.refuse(flow, trio.current_time())
                 self._after_stack()
-                if f.done.is_set() and f.link is not None:
-                    self.pump.drop(f.link)  # the app gave up while we dialled: no event will come
                 return
-            async with stream:
-                st.accept(flow, trio.current_time())
-                self._after_stack()
-                await f.connected.wait()
-                if f.reset:
-                    return
-                async with trio.open_nursery() as n:
-                    n.start_soon(self._pump_to_upstream, f, stream, n.cancel_scope)
-                    n.start_soon(self._pump_from_upstream, f, stream, n.cancel_scope)
+            # the pump carries it from here: no task, no nursery
+            f.link = self.pump.attach(f, flow, *parts)
+            st.accept(flow, trio.current_time())
+            self._after_stack()
+            if f.done.is_set() and f.link is not None:
+                self.pump.drop(f.link)  # the app gave up while we dialled: no event will come
         finally:
             if f.link is None and self.flows.pop(id(flow), None) is not None:
                 self.trim.flow_ended()
-
-    async def _pump_to_upstream(self, f: _Flow, stream: trio.abc.Stream,
-                                scope: trio.CancelScope) -> None:
-        """namespace app -> upstream. Reading from the stack opens the window."""
-        st = self.stack
-        flow = f.flow
-        conn = flow.conn
-        while True:
-            if conn.recv_available():
-                data = st.tcp_recv(flow, PUMP_CHUNK)
-                self._after_stack()  # window update
-                try:
-                    await stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    st.tcp_abort(flow, trio.current_time())
-                    self._after_stack()
-                    scope.cancel()
-                    return
-                continue
-            if f.reset:
-                scope.cancel()
-                return
-            if f.eof:
-                try:
-                    await stream.send_eof()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, AttributeError):
-                    pass
-                return
-            f.readable = trio.Event()
-            if conn.recv_available() or f.eof or f.reset:
-                continue
-            await f.readable.wait()
-
-    async def _pump_from_upstream(self, f: _Flow, stream: trio.abc.Stream,
-                                  scope: trio.CancelScope) -> None:
-        """upstream -> namespace app, never more than the stack's send buffer has room for."""
-        st = self.stack
-        flow = f.flow
-        conn = flow.conn
-        while True:
-            space = conn.send_space()
-            if space <= 0:
-                if f.reset:
-                    scope.cancel()
-                    return
-                f.writable = trio.Event()
-                if conn.send_space() <= 0 and not f.reset:
-                    await f.writable.wait()
-                continue
-            try:
-                data = await stream.receive_some(min(space, PUMP_CHUNK))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = None
-            if f.reset:
-                scope.cancel()
-                return
-            if data is None:  # upstream broke: the app sees a reset, never a clean EOF
-                st.tcp_abort(flow, trio.current_time())
-                self._after_stack()
-                scope.cancel()
-                return
-            if not data:
-                st.tcp_shutdown(flow, trio.current_time())
-                self._after_stack()
-                await f.done.wait()
-                return
-            st.tcp_send(flow, data, trio.current_time())
-            self._after_stack()
 
     # -- UDP ------------------------------------------------------------------------------
     def _udp_in(self, ev: object) -> None:

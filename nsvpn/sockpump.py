@@ -5,8 +5,7 @@ host connection) needs no coroutine once it is dialled: every step is "a socket 
 writable" or "the stack has data / room / a FIN for this flow", and each step is a few
 non-blocking calls. Doing them from callbacks of one epoll set instead of two pump tasks per
 flow cuts the trio scheduling work per connection (task spawns, events, nursery) by more than
-half, which is what short requests pay for. Streams that are not sockets (the VPN stack) keep
-the task-based pumps in relay.py.
+half, which is what short requests pay for.
 
 Level-triggered epoll; a socket is registered only while it wants something (readable: the
 stack has send room and the upstream has not ended; writable: bytes are waiting), so a hung-up
@@ -23,8 +22,6 @@ import trio
 
 CHUNK = 256 * 1024
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
-# what a broken upstream socket raises; anything else is a bug and propagates
-_BROKEN = (ConnectionError, TimeoutError, OSError)
 
 # (the socket, "we already sent our EOF") -> does the EOF just read mean the upstream broke?
 EofCheck = Optional[Callable[[socket.socket, bool], bool]]
@@ -42,6 +39,17 @@ def detach_socket(stream: object) -> Optional[Tuple[socket.socket, bytes, EofChe
         fd = tsock.detach()
         return socket.socket(fileno=fd), b"", None
     return None
+
+
+def unwrap(inner: object, prefix: bytes = b"", eof_breaks: EofCheck = None
+           ) -> Optional[Tuple[socket.socket, bytes, EofCheck]]:
+    """detach_socket() for a wrapper stream around `inner`: its own already-received bytes go
+    first, its own broken-EOF rule (if any) replaces the inner one."""
+    parts = detach_socket(inner)
+    if parts is None:
+        return None
+    sock, more, check = parts
+    return sock, prefix + more, eof_breaks or check
 
 
 class Link:
@@ -159,7 +167,7 @@ class SockPump:
                     n = sock.send(link.pending)
                 except BlockingIOError:
                     n = 0
-                except _BROKEN:
+                except OSError:  # the upstream socket broke
                     self._abort(link)
                     return
                 if n < len(link.pending):
@@ -190,7 +198,7 @@ class SockPump:
             data = link.sock.recv(min(space, CHUNK))
         except BlockingIOError:
             return
-        except _BROKEN:
+        except OSError:  # the upstream socket broke
             self._abort(link)
             return
         now = trio.current_time()

@@ -59,13 +59,9 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
 
     def raw_parts(self):
         """For the socket pump: the socket underneath, with our prefix in front."""
-        from ..sockpump import detach_socket
+        from ..sockpump import unwrap
 
-        parts = detach_socket(self.stream)
-        if parts is None:
-            return None
-        sock, prefix, check = parts
-        return sock, self._prefix + prefix, check
+        return unwrap(self.stream, prefix=self._prefix)
 
 
 def _oserror_errno(exc: BaseException) -> int | None:

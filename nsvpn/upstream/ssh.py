@@ -232,8 +232,7 @@ class _SshChannelStream(trio.abc.HalfCloseableStream):
         data = await self.stream.receive_some(max_bytes)
         if not data:
             sock = getattr(self.stream, "socket", None)
-            if self._ssh_gone() or (sock is not None and not self._eof_sent
-                                    and _peer_closed(sock)):
+            if self._ssh_gone() if sock is None else self.eof_is_break(sock, self._eof_sent):
                 raise trio.BrokenResourceError("ssh exited: the channel ended without a close")
         return data
 
@@ -242,13 +241,9 @@ class _SshChannelStream(trio.abc.HalfCloseableStream):
 
     def raw_parts(self):
         """For the socket pump: the channel's socket, and our broken-EOF rule."""
-        from ..sockpump import detach_socket
+        from ..sockpump import unwrap
 
-        parts = detach_socket(self.stream)
-        if parts is None:
-            return None
-        sock, prefix, _check = parts
-        return sock, prefix, self.eof_is_break
+        return unwrap(self.stream, eof_breaks=self.eof_is_break)
 
 
 class _SshProcess:
