@@ -30,12 +30,13 @@
  * Non-blocking sockets (epoll/poll/select loops, curl multi, asyncio, XrdCl): connect() must not
  * wait for the upstream, yet the socket must not look writable ("connected") before the
  * upstream CONNECT succeeded. The loopback handshake itself completes at once, so readiness is
- * gated in a different way: the shim sets TCP_NOTSENT_LOWAT=1 and writes a padding stream (the
- * token, then zeros) until the front's receive window is full and bytes stay unsent. A socket
+ * gated in a different way: the shim writes a padding stream (the token, then zeros) until the
+ * front's receive window is full and 32 KB stay unsent, then sets TCP_NOTSENT_LOWAT=1. A socket
  * with unsent bytes above its NOTSENT_LOWAT is not writable, for every readiness API alike
- * (epoll, poll, select, level- or edge-triggered). The front locks a small receive buffer on its
- * listener, so that window is shut for good (~40 KB of padding) instead of growing for a while
- * as an autotuned buffer's would.
+ * (epoll, poll, select, level- or edge-triggered). The front locks a tiny receive buffer on its
+ * listener, so that window stays shut (~50 KB of padding in all) instead of growing for a while
+ * as an autotuned buffer's would; the little it still opens cannot drain 32 KB. When the kernel
+ * will not leave bytes unsent at all, connect() waits for the front's answer instead.
  * The shim then claims the connection (destination + padding length) and returns EINPROGRESS
  * without waiting. The front dials; on success it reads and drops exactly the padding, the
  * window opens, the last padding leaves, and the program's socket becomes writable: the program
@@ -726,7 +727,13 @@ static int wait_fd(int fd, short ev, int ms)
  * Fill the front's receive window so that bytes stay unsent: with NOTSENT_LOWAT=1 the socket
  * is then not writable until the front drains them. Returns the bytes written (the padding
  * length the front must drop), or -1.
+ *
+ * The unsent part must outlast any later growth of the front's window (the receiver's window
+ * keeps opening a little for a while after it first closed; the front's small locked buffer
+ * bounds that growth to a few KB): at least MIN_UNSENT bytes are left waiting. NOTSENT_LOWAT=1
+ * is set only afterwards, since with it set a send stops at the first unsent byte.
  */
+#define MIN_UNSENT (32 * 1024)
 static long stuff_window(int fd, const unsigned char tok[16], int *old_lowat)
 {
     static const char zeros[16384];
@@ -744,14 +751,10 @@ static long stuff_window(int fd, const unsigned char tok[16], int *old_lowat)
     if (w != 16)
         return -1;
     total = 16;
-    /* No TCP_NOTSENT_LOWAT (kernel < 3.12): no readiness gate, the bytes still flow right;
-     * only a failure shows up as a reset instead of its errno. */
-    if (setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &one, sizeof one) < 0)
-        return total;
     /* Nagle would hold small segments back for a moment: "unsent" must mean "window full". */
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     int idle = 0;
-    while (total < (16L << 20)) {
+    while (total < (16L << 20) && unsent_bytes(fd) < MIN_UNSENT) {
         w = send(fd, zeros, sizeof zeros, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (w > 0) {
             total += w;
@@ -761,7 +764,7 @@ static long stuff_window(int fd, const unsigned char tok[16], int *old_lowat)
             continue;
         if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
             if (unsent_bytes(fd) > 0)
-                break; /* the window is full: bytes wait for the front */
+                break; /* the send buffer is full of bytes that wait for the front */
             /* send buffer full of in-flight bytes (tiny SO_SNDBUF): wait for ACKs */
             if (++idle > 200)
                 break;
@@ -771,7 +774,45 @@ static long stuff_window(int fd, const unsigned char tok[16], int *old_lowat)
         return -1;
     }
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &old_nodelay, sizeof old_nodelay);
+    /* No TCP_NOTSENT_LOWAT (kernel < 3.12): no readiness gate, the bytes still flow right;
+     * only a failure shows up as a reset instead of its errno. */
+    setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &one, sizeof one);
     return total;
+}
+
+static int claim_and_wait(int fd, struct proxied *p, unsigned char listener, unsigned short lport,
+                          long pad, const char *tokhex, const char *host, unsigned short port)
+{
+    char req[200], resp[64];
+    snprintf(req, sizeof req, "C b %u %u %ld %s %s %u\n", listener, lport, pad, tokhex, host,
+             port);
+    struct timeval tv = {0, 0};
+    socklen_t tl = sizeof tv;
+    int limit = 300000;
+    if (real_getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, &tl) == 0 &&
+        (tv.tv_sec > 0 || tv.tv_usec > 0) && tv.tv_sec < 300)
+        limit = (int)(tv.tv_sec * 1000 + (tv.tv_usec + 999) / 1000);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    if (ctl_request(req, resp, sizeof resp, limit) < 3 || resp[0] != 'R') {
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        long el = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+        if (limit < 300000 && el >= limit) {
+            errno = EINPROGRESS;
+            return -1;
+        }
+        shim_log("no answer from the nsvpn front for %s port %u", host, port);
+        errno = ECONNABORTED;
+        return -1;
+    }
+    int e = atoi(resp + 2);
+    if (e != 0) {
+        errno = e;
+        return -1;
+    }
+    if (p != NULL)
+        p->state = ST_OK;
+    return 0;
 }
 
 static int proxy_connect(int fd, int sock_family, const struct sockaddr *sa, socklen_t salen,
@@ -832,38 +873,7 @@ static int proxy_connect(int fd, int sock_family, const struct sockaddr *sa, soc
     if (!nonblock) {
         if (send_all(fd, tok, 16) < 0)
             return -1;
-        snprintf(req, sizeof req, "C b %u %u 16 %s %s %u\n", listener, lport, tokhex, host,
-                 d->port);
-        /* The front's dial is bounded (its connect timeout); the cap is a safety net only.
-         * SO_SNDTIMEO bounds a blocking connect() as in the kernel (EINPROGRESS when it
-         * expires; the dial goes on). Signals do not interrupt the wait (as if SA_RESTART). */
-        struct timeval tv = {0, 0};
-        socklen_t tl = sizeof tv;
-        int limit = 300000;
-        if (real_getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, &tl) == 0 &&
-            (tv.tv_sec > 0 || tv.tv_usec > 0) && tv.tv_sec < 300)
-            limit = (int)(tv.tv_sec * 1000 + (tv.tv_usec + 999) / 1000);
-        struct timespec t0, t1;
-        clock_gettime(CLOCK_MONOTONIC, &t0);
-        if (ctl_request(req, resp, sizeof resp, limit) < 3 || resp[0] != 'R') {
-            clock_gettime(CLOCK_MONOTONIC, &t1);
-            long el = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
-            if (limit < 300000 && el >= limit) {
-                errno = EINPROGRESS;
-                return -1;
-            }
-            shim_log("no answer from the nsvpn front for %s port %u", host, d->port);
-            errno = ECONNABORTED;
-            return -1;
-        }
-        int e = atoi(resp + 2);
-        if (e != 0) {
-            errno = e;
-            return -1;
-        }
-        if (p != NULL)
-            p->state = ST_OK;
-        return 0;
+        return claim_and_wait(fd, p, listener, lport, 16, tokhex, host, d->port);
     }
 
     int old_lowat = 0;
@@ -871,6 +881,14 @@ static int proxy_connect(int fd, int sock_family, const struct sockaddr *sa, soc
     if (pad < 0) {
         errno = ECONNABORTED;
         return -1;
+    }
+    if (unsent_bytes(fd) <= 0) {
+        /* The padding could not be left waiting (the kernel would not queue more: seen with
+         * ~1000 connects at once), so nothing gates readiness: the socket would look
+         * connected before the upstream is. Wait for the front's answer here instead, as a
+         * blocking connect does; connect() then returns 0 or the upstream's errno. */
+        setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &old_lowat, sizeof old_lowat);
+        return claim_and_wait(fd, p, listener, lport, pad, tokhex, host, d->port);
     }
     snprintf(req, sizeof req, "C a %u %u %ld %s %s %u\n", listener, lport, pad, tokhex, host,
              d->port);

@@ -66,10 +66,12 @@ CTL_LINE_MAX = 600
 # The receive buffer of a connection that is not served yet, set (and so locked) on the
 # listener: a non-blocking shim connect fills it with padding (see the shim) and relies on the
 # window staying shut. With the kernel's autotuned default the window keeps growing for a
-# while (and tuned hosts default to many MB), so readiness would leak out. 16 KiB (the kernel
-# doubles it) means ~40 KB of padding per pending connect (64 KiB: ~170 KB), measured; the
-# window scale it implies still carries uploads at ~1 GB/s on loopback. Raised once served.
-PADDING_RCVBUF = 16 * 1024
+# while (and tuned hosts default to many MB), so readiness would leak out. Even a locked
+# buffer's window still opens by a few KB after it first shut; the shim leaves 32 KB unsent to
+# outlast that, and a buffer this small (the kernel doubles it) keeps the growth well below
+# that: ~50 KB of padding per pending connect. Raised as soon as the upstream answered. The
+# window scale it implies (none) still carries uploads at ~1 GB/s on loopback.
+PADDING_RCVBUF = 4096
 SERVED_RCVBUF = 4 * 1024 * 1024
 
 Key = Tuple[int, int]  # (listener 4|6, client source port)
@@ -403,6 +405,7 @@ class Front:
                 return
             await self._answer(claim, 0)
             self.stats.padding_max = max(self.stats.padding_max, claim.padding)
+            _set_rcvbuf(sock, SERVED_RCVBUF)  # open the window wide: the padding drains at once
             left = claim.padding
             try:
                 while left > 0:
@@ -416,7 +419,6 @@ class Front:
                 await upstream.aclose()
                 sock.close()
                 return
-            _set_rcvbuf(sock, SERVED_RCVBUF)
             await self._relay(trio.SocketStream(sock), upstream)
         finally:
             self._peers.pop(key, None)
