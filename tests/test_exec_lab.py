@@ -22,6 +22,7 @@ from typing import List, Optional
 
 import labenv
 import pytest
+import storm
 
 pytestmark = pytest.mark.lab
 
@@ -195,6 +196,18 @@ def test_200_concurrent_connections_byte_exact(nsvpn_lab, ssh_via):
     assert r.returncode == 0, explain(r)
     assert r.stdout.startswith("ok=200 bad=0 "), explain(r)
     print("\n200 concurrent 1 MiB fetches:", r.stdout.strip())
+
+
+@pytest.mark.parametrize("mode", ["ns", "preload"])
+def test_1000_connects_at_once_through_ssh(nsvpn_lab, ssh_via, user_tmp, mode):
+    """A burst larger than ssh -D's listen backlog (128): its unix socket then answers EAGAIN,
+    which must be waited out, not turned into refused connections and a "down" upstream."""
+    exe = storm.build(user_tmp)
+    r = nsexec(nsvpn_lab, ["--mode", mode, "--via", ssh_via],
+               [exe, "1000", "30", nsvpn_lab.info["remote"]["ip"]], timeout=90)
+    assert r.returncode == 0, explain(r)
+    assert storm.counts(r.stdout) == {"ok": 1000, "err110": 0, "other": 0, "silent": 0}, \
+        explain(r)
 
 
 # ------------------------------------------------------------------------- DNS

@@ -138,3 +138,26 @@ async def open_tcp(host: str, port: int) -> trio.SocketStream:
         sock.close()
         raise
     return trio.SocketStream(sock)
+
+
+async def open_unix(path: str) -> trio.SocketStream:
+    """trio.open_unix_socket, except for a full listen backlog. A unix socket answers EAGAIN
+    then (ssh -D's backlog is 128: a burst of a few hundred connects fills it), and nothing
+    is in progress: trio takes it for an ongoing connect and hands back a socket that was
+    never connected. Here the connect is simply tried again until the listener has room; the
+    caller's dial timeout bounds the wait."""
+    delay = 0.001
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                             | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))

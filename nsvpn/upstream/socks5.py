@@ -21,7 +21,7 @@ import trio
 
 from .. import socks
 from ..urls import Socks5UpstreamUrl
-from .base import DialError, UpstreamError, open_tcp, upstream_down
+from .base import DialError, UpstreamError, open_tcp, open_unix, upstream_down
 
 log = logging.getLogger("nsvpn.upstream.socks5")
 
@@ -243,7 +243,7 @@ class Socks5Upstream:
 
     async def _connect(self) -> trio.abc.Stream:
         if self.path is not None:
-            return await trio.open_unix_socket(self.path)
+            return await open_unix(self.path)
         assert self.host is not None
         return await open_tcp(self.host, self.port)
 

@@ -41,7 +41,15 @@ from typing import Deque, List, Sequence, Tuple
 import trio
 
 from ..urls import SshUpstreamUrl
-from .base import DialError, UpstreamError, open_tcp, read_lines, upstream_down, wait_exit
+from .base import (
+    DialError,
+    UpstreamError,
+    open_tcp,
+    open_unix,
+    read_lines,
+    upstream_down,
+    wait_exit,
+)
 from .socks5 import socks5_dial, socks5_greeting_ok
 
 log = logging.getLogger("nsvpn.upstream.ssh")
@@ -374,7 +382,7 @@ class SshUpstream:
     # -- dialing --------------------------------------------------------------------------
     async def _connect(self) -> trio.abc.Stream:
         if self.socket_path is not None:
-            return await trio.open_unix_socket(self.socket_path)
+            return await open_unix(self.socket_path)
         assert self.tcp_port is not None
         return await open_tcp("127.0.0.1", self.tcp_port)
 
