@@ -38,6 +38,7 @@ import fcntl
 import hmac
 import ipaddress
 import logging
+import math
 import os
 import secrets
 import socket
@@ -107,14 +108,38 @@ class FrontStats:
 async def accept_forever(listener, what: str, start) -> None:
     """Accept on a trio socket until cancelled; start(sock, addr) takes each connection.
     A failed accept (EMFILE and friends) is logged and retried after a pause, never spun on."""
+    quiet_until = -math.inf
+    spare = _spare_fd()
     while True:
         try:
             sock, addr = await listener.accept()
         except OSError as exc:
-            log.warning("%s failed: %s", what, exc)
-            await trio.sleep(0.1)
+            now = trio.current_time()
+            if now >= quiet_until:  # out of fds comes in storms: one line per 10 s
+                log.warning("%s failed: %s (further ones not shown for 10 s)", what, exc)
+                quiet_until = now + 10.0
+            if exc.errno in (errno.EMFILE, errno.ENFILE) and spare >= 0:
+                # Out of fds: the waiting connection would hang its program until it timed
+                # out (15 s per connect in the shim). Free the spare fd, take the connection
+                # and reset it, so that the program fails fast, then hold a spare again.
+                os.close(spare)
+                try:
+                    with trio.move_on_after(0.1):
+                        sock, _ = await listener.accept()
+                        _linger_close(sock)
+                except OSError:
+                    pass
+                spare = _spare_fd()
+            await trio.sleep(0.01)
             continue
         start(sock, addr)
+
+
+def _spare_fd() -> int:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 def _reset_on_close(sock) -> None:
@@ -522,15 +547,27 @@ class Front:
         up_shut = [False]  # we sent the upstream our EOF
 
         async def pump(src, dst, up: bool, cancel: trio.CancelScope) -> None:
-            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            r = w = -1  # the pipe, made when the first bytes come (idle flows hold no pipe)
+            copying = False  # no pipe to be had (out of fds): bytes go through Python
             try:
-                try:
-                    fcntl.fcntl(w, _F_SETPIPE_SZ, RELAY_CHUNK)
-                except OSError:
-                    pass
                 while True:
+                    if r < 0 and not copying:
+                        await trio.lowlevel.wait_readable(src)
+                        try:
+                            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                        except OSError:  # EMFILE/ENFILE: this flow still works, slower
+                            copying = True
+                        else:
+                            try:
+                                fcntl.fcntl(w, _F_SETPIPE_SZ, RELAY_CHUNK)
+                            except OSError:
+                                pass
                     try:
-                        n = _SPLICE(src.fileno(), w, RELAY_CHUNK, flags=_SPLICE_FLAGS)
+                        if copying:
+                            data = os.read(src.fileno(), RELAY_CHUNK)
+                            n = len(data)
+                        else:
+                            n = _SPLICE(src.fileno(), w, RELAY_CHUNK, flags=_SPLICE_FLAGS)
                     except BlockingIOError:
                         await trio.lowlevel.wait_readable(src)
                         continue
@@ -547,9 +584,15 @@ class Front:
                         self.stats.bytes_up += n
                     else:
                         self.stats.bytes_down += n
+                    view = memoryview(data) if copying else None
                     while n:
                         try:
-                            n -= _SPLICE(r, dst.fileno(), n, flags=_SPLICE_FLAGS)
+                            if view is not None:
+                                k = os.write(dst.fileno(), view)
+                                view = view[k:]
+                                n -= k
+                            else:
+                                n -= _SPLICE(r, dst.fileno(), n, flags=_SPLICE_FLAGS)
                         except BlockingIOError:
                             await trio.lowlevel.wait_writable(dst)
                         except OSError:
@@ -563,8 +606,9 @@ class Front:
             except OSError:
                 cancel.cancel()
             finally:
-                os.close(r)
-                os.close(w)
+                if r >= 0:
+                    os.close(r)
+                    os.close(w)
 
         try:
             async with trio.open_nursery() as n:

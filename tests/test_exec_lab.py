@@ -210,6 +210,25 @@ def test_1000_connects_at_once_through_ssh(nsvpn_lab, ssh_via, user_tmp, mode):
         explain(r)
 
 
+@pytest.mark.parametrize("mode", ["ns", "preload"])
+def test_out_of_fds_fails_connects_fast_and_nsvpn_survives(nsvpn_lab, ssh_via, user_tmp,
+                                                          mode):
+    """A hard limit of 600 fds for nsvpn and CMD, and 1000 connects at once: the connects
+    nsvpn has no fds for fail at once (the front used to hang each of them for 15 s, or crash
+    on a pipe for splice), the others work, and nsvpn ends normally."""
+    exe = storm.build(user_tmp)
+    t0 = time.monotonic()
+    r = nsvpn_lab.run(["sh", "-c", f"ulimit -n 600; exec nsvpn exec -q --mode {mode} --via "
+                       f"{ssh_via} -- {exe} 1000 30 {nsvpn_lab.info['remote']['ip']}"],
+                      timeout=120)
+    took = time.monotonic() - t0
+    assert r.returncode == 0, explain(r)
+    c = storm.counts(r.stdout.splitlines()[-1])
+    assert c["silent"] == 0 and sum(c.values()) == 1000 and c["ok"] >= 100, explain(r)
+    assert took < 25, (took, explain(r))
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr, explain(r)
+
+
 # ------------------------------------------------------------------------- DNS
 
 
