@@ -80,9 +80,11 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="say what `up` waits for; the daemon logs at this level")
     st = sub.add_parser("status", help="list named tunnels, their upstreams, flows and bytes")
     st.add_argument("name", nargs="?", metavar="N")
+    st.add_argument("--name", dest="name_opt", metavar="N", help="the same as N")
     st.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
     dn = sub.add_parser("down", help="stop a named tunnel and everything running in it")
-    dn.add_argument("name", metavar="N")
+    dn.add_argument("name", nargs="?", metavar="N")
+    dn.add_argument("--name", dest="name_opt", metavar="N", help="the same as N")
     dn.add_argument("-v", "--verbose", action="count", default=0)
     cf = sub.add_parser("config", help="configuration file tools")
     cfs = cf.add_subparsers(dest="config_command", metavar="ACTION")
@@ -168,6 +170,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if getattr(args, "name_opt", None):  # `up` takes --name N: status and down take it too
+        if args.name and args.name != args.name_opt:
+            parser.error(f"two tunnel names: {args.name} and --name {args.name_opt}")
+        args.name = args.name_opt
+    if args.command == "down" and not args.name:
+        parser.error("which tunnel? nsvpn down N (`nsvpn status` lists them)")
     try:
         if args.command == "probe":
             return _probe(args)

@@ -103,6 +103,28 @@ def test_argparse_errors_exit_2(home, args):
     assert "usage:" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("args,words", [
+    (["down"], "which tunnel"),
+    (["down", "a", "--name", "b"], "two tunnel names"),
+    (["status", "a", "--name", "b"], "two tunnel names"),
+])
+def test_tunnel_name_errors(home, args, words):
+    r = nsvpn(args, home)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r
+
+
+@pytest.mark.parametrize("how", [["gone"], ["--name", "gone"]])
+def test_status_and_down_take_the_name_like_up(home, tmp_path, how):
+    """`up --name N`; status and down take N or --name N alike."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    env = {"XDG_RUNTIME_DIR": str(run)}
+    r = nsvpn(["status", *how], home, env=env)
+    assert "gone" in r.stdout + r.stderr and "Traceback" not in r.stderr, r
+    r = nsvpn(["down", *how], home, env=env)
+    assert "no tunnel named gone" in r.stderr and "Traceback" not in r.stderr, r
+
+
 def test_no_upstream_names_all_three_ways(home, tmp_path):
     marker = tmp_path / "ran"
     r = nsvpn(["exec", "--", "touch", str(marker)], home)
