@@ -35,22 +35,26 @@ _malloc_trim = _find_malloc_trim()
 
 class TrimWhenDrained:
     """Count ended flows; every `every` seconds, when at least `burst` ended since the last
-    trim and at most `low` are open (`active()`), collect and trim."""
+    trim, at most `low` are open (`active()`) and at most `low` ended since the previous
+    check (one request after another keeps few flows open, but it is busy all the same),
+    collect and trim."""
 
     def __init__(self, active: Callable[[], int], *, every: float = 5.0, low: int = 8,
                  burst: int = 1000) -> None:
         self.active = active
         self.every, self.low, self.burst = every, low, burst
         self.ended = 0
+        self._ended_at_check = 0
         self.trims = 0
 
     def flow_ended(self) -> None:
         self.ended += 1
 
     def maybe_trim(self) -> bool:
-        if self.ended < self.burst or self.active() > self.low:
+        recent, self._ended_at_check = self.ended - self._ended_at_check, self.ended
+        if self.ended < self.burst or self.active() > self.low or recent > self.low:
             return False
-        self.ended = 0
+        self.ended = self._ended_at_check = 0
         gc.collect()
         if _malloc_trim is not None:
             _malloc_trim(0)
