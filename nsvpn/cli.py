@@ -170,11 +170,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    if getattr(args, "name_opt", None):  # `up` takes --name N: status and down take it too
-        if args.name and args.name != args.name_opt:
+    if getattr(args, "name_opt", None) is not None:  # `up` takes --name N: so do these
+        if args.name is not None and args.name != args.name_opt:
             parser.error(f"two tunnel names: {args.name} and --name {args.name_opt}")
         args.name = args.name_opt
-    if args.command == "down" and not args.name:
+    if args.command == "down" and args.name is None:
         parser.error("which tunnel? nsvpn down N (`nsvpn status` lists them)")
     try:
         if args.command == "probe":

@@ -229,6 +229,35 @@ def test_out_of_fds_fails_connects_fast_and_nsvpn_survives(nsvpn_lab, ssh_via, u
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr, explain(r)
 
 
+HOLD_CONNS_PY = r"""
+import socket, sys, time
+held = [socket.create_connection((h, int(p)), timeout=10) for h, p in
+        (a.split(":") for a in sys.argv[1:])]
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+def test_upstream_sockets_keep_alive(nsvpn_lab, socks_via, user_tmp):
+    """The relay's own TCP sockets (a direct connection, the SOCKS5 proxy connection) carry
+    SO_KEEPALIVE: the stack answers the program's keepalive probes itself, so without it a
+    far side that vanished behind an idle connection would never be noticed."""
+    edge = nsvpn_lab.info["edge"]["ip"]
+    socks_port = socks_via.rsplit(":", 1)[1]
+    ready = os.path.join(user_tmp, "hold.out")
+    hold = f"python3 -c '{HOLD_CONNS_PY}' {edge}:8080 {nsvpn_lab.info['remote']['ip']}:80"
+    with nsvpn_lab.popen(["sh", "-c", f"nsvpn exec -q --via {socks_via} -- {hold} > {ready}"],
+                         timeout=60) as p:
+        nsvpn_lab.wait_for(lambda: os.path.exists(ready) and "ready" in open(ready).read(),
+                           timeout=30, what="connections held")
+        ss = subprocess.run(["ip", "netns", "exec", nsvpn_lab.netns["worker"], "ss", "-tnoH",
+                             "state", "established"], capture_output=True, text=True).stdout
+        p.stop()
+    lines = {ln.split()[3]: ln for ln in ss.splitlines() if len(ln.split()) > 3}
+    for peer in (f"{edge}:8080", f"{edge}:{socks_port}"):
+        assert peer in lines and "keepalive" in lines[peer], ss
+
+
 # ------------------------------------------------------------------------- DNS
 
 

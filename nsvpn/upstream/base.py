@@ -137,7 +137,20 @@ async def open_tcp(host: str, port: int) -> trio.SocketStream:
     except BaseException:
         sock.close()
         raise
+    keepalive(sock)
     return trio.SocketStream(sock)
+
+
+def keepalive(sock) -> None:
+    """SO_KEEPALIVE on a TCP socket we dial for a flow. Our stack answers the program's own
+    keepalive probes locally, so they never reach the far side: without this a peer that
+    vanished behind an idle connection (a long-lived HTCondor or XRootD control connection)
+    would never be noticed, and NAT state on the way would not be kept fresh. The kernel's
+    timings apply (tcp_keepalive_time, 2 h by default)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError:
+        pass
 
 
 async def open_unix(path: str) -> trio.SocketStream:

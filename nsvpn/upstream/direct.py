@@ -15,7 +15,7 @@ from typing import List
 
 import trio
 
-from .base import DialError
+from .base import DialError, keepalive
 
 
 def host_networks(include_loopback: bool = False) -> List[ipaddress.IPv4Network]:
@@ -113,6 +113,7 @@ class DirectUpstream:
                 except BaseException:
                     sock.close()
                     raise
+                keepalive(sock)
                 return trio.SocketStream(sock)
             if last is not None:
                 raise last
