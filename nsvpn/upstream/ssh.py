@@ -306,6 +306,7 @@ class SshUpstream:
         self._proc: _SshProcess | None = None
         self._ready = False
         self._closing = False
+        self._warned_control = False
         self._scope: trio.CancelScope | None = None
         self._done = trio.Event()
         self._first: trio.Event | None = None
@@ -428,9 +429,19 @@ class SshUpstream:
         else:
             self.tcp_port = _free_loopback_port()
             listen = f"127.0.0.1:{self.tcp_port}"
-        argv = [self.ssh, "-N", "-D", listen]
-        # User options first: for ssh the first value obtained wins, so theirs override ours.
+        # Never a connection-sharing master or client, whatever ~/.ssh/config or --ssh-opt
+        # say (ssh takes the first value given, so these go first). With ControlPersist the
+        # master forks into the background: nsvpn would watch an ssh that exited with 0
+        # and leave the master (and our -D socket) running after it ends; as a client of
+        # someone else's master, the -D request fails or outlives us in that master.
+        argv = [self.ssh, "-N", "-D", listen, "-o", "ControlMaster=no", "-o", "ControlPath=none"]
+        # User options next: for ssh the first value obtained wins, so theirs override ours.
         user_opts = expand_ssh_opts(self.ssh_opts)
+        if any(o.lower().startswith("control") for o in user_opts) and not self._warned_control:
+            self._warned_control = True
+            log.warning("ssh connection sharing (Control* options) is not used for nsvpn's own "
+                        "ssh; to share a master, run your own `ssh -D` through it and use "
+                        "--via socks5://")
         if not any("loglevel" in o.lower() for o in user_opts):
             # The "open failed" lines that explain refused dials are INFO messages; many
             # users' ssh configs say LogLevel ERROR or QUIET. An explicit --ssh-opt wins.
