@@ -377,20 +377,21 @@ def test_refused_and_unreachable_fail_fast(nsvpn_lab, ssh_via, socks_via, upstre
     assert time.monotonic() - t0 < 15
 
 
-def test_ssh_connection_sharing_in_the_users_options_is_not_used(nsvpn_lab, ssh_via,
-                                                                   user_tmp):
-    """ControlMaster=auto with ControlPersist (common in ssh configs on login nodes) made
-    nsvpn's ssh fork a background master: nsvpn saw its ssh exit with 0 and gave up (exit 3),
-    and the master, with our -D socket, stayed behind. nsvpn's ssh now never shares."""
+def test_ssh_sharing_and_forking_in_the_users_options_are_not_used(nsvpn_lab, ssh_via,
+                                                                     user_tmp):
+    """ControlMaster=auto with ControlPersist (common in ssh configs on login nodes), or
+    ForkAfterAuthentication, made nsvpn's ssh fork into the background: nsvpn saw its ssh
+    exit with 0 and gave up (exit 3), and that ssh, with our -D socket, stayed behind."""
     path = os.path.join(user_tmp, "cm-%r@%h:%p")
     r = nsexec(nsvpn_lab, ["--via", ssh_via, "--ssh-opt", "ControlMaster=auto",
-                           "--ssh-opt", f"ControlPath={path}", "--ssh-opt", "ControlPersist=60"],
+                           "--ssh-opt", f"ControlPath={path}", "--ssh-opt", "ControlPersist=60",
+                           "--ssh-opt", "ForkAfterAuthentication=yes"],
                f"curl -sS --max-time 20 -o /dev/null -w '%{{http_code}}' "
                f"http://{nsvpn_lab.info['remote']['ip']}/SHA256SUMS", timeout=60)
     assert r.returncode == 0 and r.stdout == "200", explain(r)
     assert "connection sharing" in r.stderr, explain(r)
     assert not [f for f in os.listdir(user_tmp) if f.startswith("cm-")]
-    assert not user_procs_matching(nsvpn_lab, "ControlPersist"), "an ssh master stayed behind"
+    assert not user_procs_matching(nsvpn_lab, "ControlPersist"), "an ssh stayed behind"
 
 
 def test_ssh_wrong_key_exits_3_without_running_cmd(nsvpn_lab, user_tmp):

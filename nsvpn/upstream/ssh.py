@@ -112,6 +112,11 @@ def ssh_version(ssh: str = "ssh") -> Tuple[Tuple[int, int] | None, str]:
     return parse_ssh_version(text), text
 
 
+# ForkAfterAuthentication (OpenSSH 8.7) forks ssh into the background like -f; older clients
+# reject the option name, so it is given only to clients that know it.
+FORK_OPTION_MIN = (8, 7)
+
+
 def supports_unix_dynamic(version: Tuple[int, int] | None) -> bool:
     # Unknown (non-OpenSSH) clients: assume the oldest behaviour.
     return version is not None and version >= UNIX_DYNAMIC_MIN
@@ -433,8 +438,11 @@ class SshUpstream:
         # say (ssh takes the first value given, so these go first). With ControlPersist the
         # master forks into the background: nsvpn would watch an ssh that exited with 0
         # and leave the master (and our -D socket) running after it ends; as a client of
-        # someone else's master, the -D request fails or outlives us in that master.
+        # someone else's master, the -D request fails or outlives us in that master. The
+        # same goes for forking after authentication.
         argv = [self.ssh, "-N", "-D", listen, "-o", "ControlMaster=no", "-o", "ControlPath=none"]
+        if self.version is not None and self.version >= FORK_OPTION_MIN:
+            argv += ["-o", "ForkAfterAuthentication=no"]  # -f as a config option: the same
         # User options next: for ssh the first value obtained wins, so theirs override ours.
         user_opts = expand_ssh_opts(self.ssh_opts)
         if any(o.lower().startswith("control") for o in user_opts) and not self._warned_control:
