@@ -21,6 +21,22 @@ EXIT_SETUP = 4  # namespace / TUN / shim setup failed
 EXIT_INTERNAL = 5  # a bug: reported in one line, never a traceback unless NSVPN_DEBUG=1
 
 
+def _add_exec_settings(p: argparse.ArgumentParser) -> None:
+    """exec's options that are also config file keys (`config show` takes them too)."""
+    p.add_argument("--allow-host-loopback", action="store_true",
+                   help="make the host's 127.0.0.1 reachable from CMD as 10.0.2.2")
+    from .upstream.openconnect import add_openconnect_args
+
+    add_openconnect_args(p)
+    p.add_argument("--tsocks-conf", metavar="FILE",
+                   help="import a tsocks.conf: its server is the upstream unless --via is "
+                        "given, its local = networks are direct, its path sections route "
+                        "their networks through their own SOCKS5 server")
+    p.add_argument("--no-proxy-env", action="store_true",
+                   help="preload mode: do not set ALL_PROXY=socks5h://... for CMD (Python "
+                        "requests/pip without PySocks fail on it)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nsvpn",
@@ -48,18 +64,7 @@ def _build_parser() -> argparse.ArgumentParser:
                          "in pcap format")
     ex.add_argument("--pcap-max", metavar="MB", type=float, default=100.0,
                     help="stop writing the pcap file at this size (default 100 MB)")
-    ex.add_argument("--allow-host-loopback", action="store_true",
-                    help="make the host's 127.0.0.1 reachable from CMD as 10.0.2.2")
-    from .upstream.openconnect import add_openconnect_args
-
-    add_openconnect_args(ex)
-    ex.add_argument("--tsocks-conf", metavar="FILE",
-                    help="import a tsocks.conf: its server is the upstream unless --via is "
-                         "given, its local = networks are direct, its path sections route "
-                         "their networks through their own SOCKS5 server")
-    ex.add_argument("--no-proxy-env", action="store_true",
-                    help="preload mode: do not set ALL_PROXY=socks5h://... for CMD (Python "
-                         "requests/pip without PySocks fail on it)")
+    _add_exec_settings(ex)
     ex.add_argument("-q", "--quiet", action="store_true", help="no notices on stderr")
     ex.add_argument("-v", "--verbose", action="count", default=0)
     ex.add_argument("--name", metavar="N",
@@ -91,6 +96,7 @@ def _build_parser() -> argparse.ArgumentParser:
     show = cfs.add_parser("show", help="the effective configuration for exec, with the source "
                                        "of each value")
     add_config_args(show)
+    _add_exec_settings(show)  # so that an exec command line can be checked as it is
     show.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
     from .socks_cmd import add_socks_parser
 

@@ -264,6 +264,21 @@ def test_config_show_text_and_explicit_file(home, tmp_path):
     assert f"{'upstream_policy':<{w}} first  [default]" in lines
 
 
+def test_config_show_takes_exec_settings(home, tmp_path):
+    """An exec command line's settings can be checked as they are: exec-only flags that are
+    config keys are accepted by `config show` and shown with their source."""
+    ts = write(tmp_path, "server = 127.0.0.1\nserver_port = 1080\n", "tsocks.conf")
+    r = nsvpn(["config", "show", "--json", "--tsocks-conf", str(ts), "--no-proxy-env",
+               "--allow-host-loopback", "--oc-opt=--servercert=pin-sha256:x",
+               "--passwd-file", "/nonexistent"], home)
+    assert r.returncode == 0, r.stderr
+    v = json.loads(r.stdout)["settings"]
+    for key, want in (("tsocks_conf", str(ts)), ("no_proxy_env", True),
+                      ("allow_host_loopback", True), ("oc_opts", ["--servercert=pin-sha256:x"]),
+                      ("passwd_file", "/nonexistent")):
+        assert v[key]["value"] == want and v[key]["source"] == "command line", (key, v[key])
+
+
 def test_config_show_error_is_one_line(home):
     (home / ".config" / "nsvpn" / "config.toml").write_text('via = "x"\nviaa = "y"\n')
     r = nsvpn(["config", "show"], home)
