@@ -780,6 +780,11 @@ static long stuff_window(int fd, const unsigned char tok[16], int *old_lowat)
     return total;
 }
 
+/* Claim the connection (the front drops `pad` bytes, token included) and wait for the
+ * upstream's outcome: 0 (connected) or -1 with its errno. The front's dial is bounded (its
+ * connect timeout); the cap is a safety net only. SO_SNDTIMEO bounds the wait as in the kernel
+ * (EINPROGRESS when it expires; the dial goes on). Signals do not interrupt it (as if
+ * SA_RESTART). */
 static int claim_and_wait(int fd, struct proxied *p, unsigned char listener, unsigned short lport,
                           long pad, const char *tokhex, const char *host, unsigned short port)
 {
