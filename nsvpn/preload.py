@@ -29,6 +29,7 @@ import trio
 
 from .cli import EXIT_SETUP
 from .front import Front
+from .leftovers import end_processes
 
 log = logging.getLogger("nsvpn.preload")
 
@@ -292,6 +293,11 @@ async def run_preload(
             child = Child(popen)
             await n.start(_forward_signals, child)
             status = await child.wait()
+            # What CMD left running (daemons, `cmd &`) ends with it, as in ns mode, rather
+            # than run on with a front that is gone.
+            left = await end_processes(front.ctl_path)
+            if left:
+                log.info("ended %d process(es) that CMD left running", left)
             n.cancel_scope.cancel()
         return status
     finally:

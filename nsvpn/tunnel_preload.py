@@ -14,8 +14,8 @@ builds), signals forwarded, PDEATHSIG, same warnings for static/setuid programs.
 
 Tracking CMDs for `down`: there is no namespace to enumerate, but every process started this
 way (and everything it starts, unless it scrubs its environment) carries NSVPN_CTL=<this
-tunnel's control socket> in its initial environment; `tunnel_processes()` finds our own
-processes by that marker in /proc/PID/environ.
+tunnel's control socket> in its initial environment; `leftovers.session_processes()` finds
+our own processes by that marker in /proc/PID/environ.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import tempfile
 from typing import Callable, Dict, List, Optional
 
 import trio
+
+from .leftovers import session_processes
 
 log = logging.getLogger("nsvpn.tunnel")
 
@@ -82,28 +84,6 @@ def abort_tcp_connections() -> int:
     return n
 
 
-def tunnel_processes(ctl_path: Optional[str]) -> List[int]:
-    """Our own live processes whose environment names this front's control socket."""
-    if not ctl_path:
-        return []
-    marker = b"\0NSVPN_CTL=" + os.fsencode(ctl_path) + b"\0"
-    me, uid = os.getpid(), os.getuid()
-    out = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit() or int(p) == me:
-            continue
-        try:
-            if os.stat(f"/proc/{p}").st_uid != uid:
-                continue
-            with open(f"/proc/{p}/environ", "rb") as f:
-                env = b"\0" + f.read()
-        except OSError:
-            continue
-        if marker in env:
-            out.append(int(p))
-    return out
-
-
 # -- the daemon --------------------------------------------------------------------------------
 
 class PreloadTunnel:
@@ -131,7 +111,7 @@ class PreloadTunnel:
         return {"front": st, "flows": st["active"], "flows_total": st["flows"],
                 "bytes_up": st["bytes_up"], "bytes_down": st["bytes_down"],
                 "failed": st["failed"], "upstreams": self.upstreams(),
-                "processes": len(tunnel_processes(self.front.ctl_path))}
+                "processes": len(session_processes(self.front.ctl_path))}
 
     def stop(self) -> None:
         self.stopped.set()

@@ -681,9 +681,9 @@ def _cleanup(d: str, st: dict) -> None:
     preload mode: the processes started with its front in their environment), remove its
     state."""
     if st.get("mode") == "preload":
-        from .tunnel_preload import tunnel_processes
+        from .leftovers import session_processes
 
-        members = tunnel_processes(st.get("ctl"))
+        members = session_processes(st.get("ctl"))
     else:
         members = _netns_members(st.get("netns"))
     for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):

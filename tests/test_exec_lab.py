@@ -616,6 +616,23 @@ def test_stdin_stdout_pass_through_and_nothing_left_after_normal_exit(nsvpn_lab,
     assert left == [], left
 
 
+@pytest.mark.parametrize("mode", ["ns", "preload"])
+def test_what_cmd_leaves_running_ends_with_it(nsvpn_lab, socks_via, mode):
+    """A daemon (setsid), an orphan and one that ignores SIGTERM, all started by CMD: none
+    outlives `nsvpn exec`, and CMD's status is still nsvpn's. (In preload mode they used to
+    run on with the front gone.)"""
+    tag = uuid.uuid4().hex[:8]
+    cmd = (f"setsid sh -c 'exec -a dmn-{tag} sleep 300' </dev/null >/dev/null 2>&1 & "
+           f"(exec -a orph-{tag} sleep 300 &); "
+           f"(trap '' TERM; exec -a deaf-{tag} sleep 300) & sleep 0.3; exit 7")
+    t0 = time.monotonic()
+    r = nsexec(nsvpn_lab, ["-q", "--mode", mode, "--via", socks_via], ["bash", "-c", cmd],
+               timeout=60)
+    assert r.returncode == 7, explain(r)
+    assert time.monotonic() - t0 < 15, explain(r)
+    assert user_procs_matching(nsvpn_lab, tag) == [], explain(r)
+
+
 UDP_PY = r"""
 import errno, socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -1,0 +1,56 @@
+"""The processes a preload session started, and ending them.
+
+Every process started under the shim (and everything it starts in turn, unless it scrubs its
+environment) carries NSVPN_CTL=<the session's control socket> in its initial environment; that
+path is unique to the session, so our own processes with it in /proc/PID/environ are exactly
+the session's. `exec` ends those that outlive CMD (in ns mode nothing outlives it either), and
+`down` ends a shared tunnel's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import List, Optional
+
+import trio
+
+
+def session_processes(ctl_path: Optional[str]) -> List[int]:
+    """Our own live processes whose environment names this front's control socket."""
+    if not ctl_path:
+        return []
+    marker = b"\0NSVPN_CTL=" + os.fsencode(ctl_path) + b"\0"
+    me, uid = os.getpid(), os.getuid()
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or int(p) == me:
+            continue
+        try:
+            if os.stat(f"/proc/{p}").st_uid != uid:
+                continue
+            with open(f"/proc/{p}/environ", "rb") as f:
+                env = b"\0" + f.read()
+        except OSError:
+            continue
+        if marker in env:
+            out.append(int(p))
+    return out
+
+
+async def end_processes(ctl_path: str, term_wait: float = 3.0, kill_wait: float = 2.0) -> int:
+    """SIGTERM the session's processes, SIGKILL what is left after term_wait; returns how
+    many there were."""
+    pids = session_processes(ctl_path)
+    for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, kill_wait)):
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except OSError:
+                pass
+        with trio.move_on_after(wait):
+            while session_processes(ctl_path):
+                await trio.sleep(0.05)
+        if not session_processes(ctl_path):
+            break
+    return len(pids)
