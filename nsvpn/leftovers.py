@@ -4,14 +4,14 @@ Every process started under the shim (and everything it starts in turn, unless i
 environment) carries NSVPN_CTL=<the session's control socket> in its initial environment; that
 path is unique to the session, so our own processes with it in /proc/PID/environ are exactly
 the session's. `exec` ends those that outlive CMD (in ns mode nothing outlives it either), and
-`down` ends a shared tunnel's.
+`down` ends a shared tunnel's. end_all() is shared with ns mode's cleanup of the namespace.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import trio
 
@@ -38,10 +38,11 @@ def session_processes(ctl_path: Optional[str]) -> List[int]:
     return out
 
 
-async def end_processes(ctl_path: str, term_wait: float = 3.0, kill_wait: float = 2.0) -> int:
-    """SIGTERM the session's processes, SIGKILL what is left after term_wait; returns how
-    many there were."""
-    pids = session_processes(ctl_path)
+async def end_all(find: Callable[[], List[int]], term_wait: float, kill_wait: float) -> int:
+    """SIGTERM what find() lists, SIGKILL what it still lists after term_wait; returns how
+    many there were at first."""
+    pids = find()
+    found = len(pids)
     for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, kill_wait)):
         for p in pids:
             try:
@@ -49,8 +50,14 @@ async def end_processes(ctl_path: str, term_wait: float = 3.0, kill_wait: float 
             except OSError:
                 pass
         with trio.move_on_after(wait):
-            while session_processes(ctl_path):
-                await trio.sleep(0.05)
-        if not session_processes(ctl_path):
+            while find():
+                await trio.sleep(0.02)
+        pids = find()
+        if not pids:
             break
-    return len(pids)
+    return found
+
+
+async def end_processes(ctl_path: str, term_wait: float = 3.0, kill_wait: float = 2.0) -> int:
+    """End the session's processes (SIGKILL after term_wait); returns how many there were."""
+    return await end_all(lambda: session_processes(ctl_path), term_wait, kill_wait)

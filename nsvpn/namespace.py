@@ -368,25 +368,9 @@ async def end_leftovers(inode: int | None, grace: float = 1.0) -> int:
     Without a PID namespace, CMD's background children would outlive nsvpn (with no network:
     the TUN is gone). Returns how many processes were found.
     """
-    import trio
+    from .leftovers import end_all
 
-    members = netns_members(inode)
-    found = len(members)
-    if not members:
-        return 0
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 1.0)):
-        for p in members:
-            try:
-                os.kill(p, sig)
-            except OSError:
-                pass
-        with trio.move_on_after(wait):
-            while netns_members(inode):
-                await trio.sleep(0.02)
-        members = netns_members(inode)
-        if not members:
-            break
-    return found
+    return await end_all(lambda: netns_members(inode), grace, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------
