@@ -349,17 +349,9 @@ def netns_members(inode: int | None) -> List[int]:
     """Our own live processes in the network namespace `inode` (zombies have no namespace)."""
     if not inode:
         return []
-    me, uid = os.getpid(), os.getuid()
-    pids = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit() or int(p) == me:
-            continue
-        try:
-            if os.stat(f"/proc/{p}/ns/net").st_ino == inode and os.stat(f"/proc/{p}").st_uid == uid:
-                pids.append(int(p))
-        except OSError:
-            continue
-    return pids
+    from .leftovers import own_processes
+
+    return own_processes(lambda p: os.stat(f"/proc/{p}/ns/net").st_ino == inode)
 
 
 async def end_leftovers(inode: int | None, grace: float = 1.0) -> int:
