@@ -398,11 +398,22 @@ static void hex(const unsigned char *b, size_t n, char *out)
  * front answers (it always answers or closes: its dial is bounded). Returns the answer length
  * (without newline) or -1. errno is preserved.
  */
+static long ms_since(const struct timespec *t0)
+{
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (t1.tv_sec - t0->tv_sec) * 1000 + (t1.tv_nsec - t0->tv_nsec) / 1000000;
+}
+
 static int ctl_request(const char *req, char *resp, size_t resp_size, int timeout_ms)
 {
     int saved = errno, ret = -1;
     REAL(connect);
-    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    /* Non-blocking connect: a front out of fds cannot accept, its backlog fills, and a
+     * blocking connect would then wait forever; EAGAIN is tried again until the timeout. */
+    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (s < 0)
         goto out;
     struct sockaddr_un un;
@@ -410,9 +421,13 @@ static int ctl_request(const char *req, char *resp, size_t resp_size, int timeou
     un.sun_family = AF_UNIX;
     memcpy(un.sun_path, cfg.ctl, sizeof cfg.ctl);
     while (real_connect(s, (struct sockaddr *)&un, sizeof un) < 0) {
-        if (errno != EINTR)
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN || ms_since(&t0) >= timeout_ms)
             goto out;
+        poll(NULL, 0, 2);
     }
+    fcntl(s, F_SETFL, fcntl(s, F_GETFL) & ~O_NONBLOCK);
     size_t len = strlen(req), off = 0;
     while (off < len) {
         ssize_t w = send(s, req + off, len - off, MSG_NOSIGNAL);
@@ -423,18 +438,11 @@ static int ctl_request(const char *req, char *resp, size_t resp_size, int timeou
         off += (size_t)w;
     }
     size_t got = 0;
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
     for (;;) {
-        int wait = timeout_ms;
-        if (timeout_ms >= 0) {
-            struct timespec t1;
-            clock_gettime(CLOCK_MONOTONIC, &t1);
-            long el = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
-            if (el >= timeout_ms)
-                goto out;
-            wait = (int)(timeout_ms - el);
-        }
+        long el = ms_since(&t0);
+        if (el >= timeout_ms)
+            goto out;
+        int wait = (int)(timeout_ms - el);
         struct pollfd p = {.fd = s, .events = POLLIN};
         int r = poll(&p, 1, wait);
         if (r < 0 && errno == EINTR)
@@ -797,12 +805,10 @@ static int claim_and_wait(int fd, struct proxied *p, unsigned char listener, uns
     if (real_getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, &tl) == 0 &&
         (tv.tv_sec > 0 || tv.tv_usec > 0) && tv.tv_sec < 300)
         limit = (int)(tv.tv_sec * 1000 + (tv.tv_usec + 999) / 1000);
-    struct timespec t0, t1;
+    struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     if (ctl_request(req, resp, sizeof resp, limit) < 3 || resp[0] != 'R') {
-        clock_gettime(CLOCK_MONOTONIC, &t1);
-        long el = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
-        if (limit < 300000 && el >= limit) {
+        if (limit < 300000 && ms_since(&t0) >= limit) {
             errno = EINPROGRESS;
             return -1;
         }

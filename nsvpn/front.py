@@ -118,6 +118,8 @@ async def accept_forever(listener, what: str, start) -> None:
             if now >= quiet_until:  # out of fds comes in storms: one line per 10 s
                 log.warning("%s failed: %s (further ones not shown for 10 s)", what, exc)
                 quiet_until = now + 10.0
+            if exc.errno in (errno.EMFILE, errno.ENFILE) and spare < 0:
+                spare = _spare_fd()  # lost to a race last time: any fd freed since will do
             if exc.errno in (errno.EMFILE, errno.ENFILE) and spare >= 0:
                 # Out of fds: the waiting connection would hang its program until it timed
                 # out (15 s per connect in the shim). Free the spare fd, take the connection
