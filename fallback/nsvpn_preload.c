@@ -544,7 +544,13 @@ static int fake_reverse(const void *addr, int family, char *name, size_t n)
 /* ------------------------------------------------------------------ proxied sockets */
 
 #define MAX_FDS 65536
-enum { ST_NONE = 0, ST_PENDING = 1, ST_OK = 2, ST_DNS = 3 /* UDP redirected to our DNS */ };
+enum {
+    ST_NONE = 0,
+    ST_PENDING = 1,
+    ST_OK = 2,
+    ST_DNS = 3,  /* UDP redirected to our DNS */
+    ST_FRONT = 4 /* the program's own connection to the front (ALL_PROXY): its peer is real */
+};
 
 /* Per-fd memory of proxied sockets; validated by the socket's inode and local port so that an
  * fd closed behind our back (close_range, raw syscalls) and reused never inherits an entry. */
@@ -1010,6 +1016,21 @@ static void remember_dns(int fd, const struct sockaddr *sa, socklen_t len)
     p->state = ST_DNS;
 }
 
+static int is_front_peer(const struct sockaddr *sa, socklen_t len, unsigned char *listener);
+
+/* A SOCKS client of the front (curl with ALL_PROXY): getpeername() then need not ask the front
+ * whose connection it is (a control round trip per connection). */
+static void remember_front_client(int fd)
+{
+    if (fd < 0 || fd >= MAX_FDS)
+        return;
+    struct proxied *p = &table[fd];
+    p->state = ST_NONE;
+    p->ino = fd_inode(fd);
+    p->lport = local_port(fd);
+    p->state = ST_FRONT;
+}
+
 /*
  * UDP to an address outside the direct networks: DNS (port 53) goes to the front's responder
  * (*to), anything else fails with ENETUNREACH and a line on stderr.
@@ -1185,8 +1206,16 @@ EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
         return r;
     }
     if (type != SOCK_STREAM || is_direct(&d)) {
+        unsigned char listener;
         errno = saved;
-        return real_connect(fd, sa, len);
+        int r = real_connect(fd, sa, len);
+        if (type == SOCK_STREAM && (r == 0 || errno == EINPROGRESS) &&
+            is_front_peer(sa, len, &listener)) {
+            int e = errno;
+            remember_front_client(fd);
+            errno = e;
+        }
+        return r;
     }
     struct proxied *p = lookup(fd);
     if (p != NULL) {
@@ -1249,6 +1278,10 @@ EXPORT int getpeername(int fd, struct sockaddr *sa, socklen_t *len)
     if (!is_front_peer(sa, *len, &listener))
         return r;
     struct proxied *p = lookup(fd);
+    if (p != NULL && p->state == ST_FRONT) {
+        errno = saved;
+        return r;
+    }
     if (p != NULL) {
         if (p->state == ST_PENDING && settle(fd, p) < 0) {
             errno = ENOTCONN; /* what a socket in SYN_SENT says */
