@@ -122,9 +122,14 @@ class Relay:
         writev = os.writev
         fd = self.fd
         rec = self._pcap_out  # None unless --pcap: one test per packet, ~30 ns
-        # events may make the socket pump touch the stack again (data, window updates):
-        # go round until the stack has nothing more to say
+        # Events first: the program's bytes go on to the upstream before the stack's ACK for
+        # them is written (the request's latency does not include that write). Events may
+        # make the socket pump touch the stack again (data, window updates): go round until
+        # the stack has nothing more to say; output is always flushed after the last round.
         for _ in range(8):
+            events = st.pop_events()
+            for ev in events:
+                self._dispatch(ev)
             for iov in st.output_iovecs():  # writev: a 64 KiB payload is not joined to its headers
                 if rec is not None:
                     rec(iov)
@@ -132,11 +137,8 @@ class Relay:
                     writev(fd, iov)
                 except OSError:  # queue full / namespace gone: TCP retransmits, UDP is lossy
                     self.write_errors += 1
-            events = st.pop_events()
             if not events:
                 break
-            for ev in events:
-                self._dispatch(ev)
         self._timer.tighten()
 
     def _dispatch(self, ev: object) -> None:

@@ -36,8 +36,10 @@ def detach_socket(stream: object) -> Optional[Tuple[socket.socket, bytes, EofChe
     if isinstance(stream, trio.SocketStream):
         tsock = stream.socket
         trio.lowlevel.notify_closing(tsock)  # trio forgets the fd; it may keep a dead entry
+        family, type_, proto = tsock.family, tsock.type, tsock.proto
         fd = tsock.detach()
-        return socket.socket(fileno=fd), b"", None
+        # explicit family/type/proto: else the constructor asks the kernel (three syscalls)
+        return socket.socket(family, type_, proto, fileno=fd), b"", None
     return None
 
 

@@ -21,6 +21,7 @@ import trio
 from nsvpn.upstream.base import DialError, UpstreamError
 from nsvpn.upstream.ssh import (
     SshUpstream,
+    _process_gone,
     expand_ssh_opts,
     open_failed_errno,
     parse_ssh_version,
@@ -552,3 +553,21 @@ def test_ssh_can_prompt_on_the_terminal(sshd, tmp_path):
     assert b"READY" in out, out.decode(errors="replace")
     assert os.waitstatus_to_exitcode(status) == 0
     assert "127.0.0.1" in known.read_text()
+
+
+def test_process_gone_sees_a_zombie_and_leaves_it_to_the_watcher():
+    """Checked at every flow's end: a running helper is not gone, a dead one is gone before
+    anyone reaped it, and the check does not reap it (the watcher still gets its status)."""
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not _process_gone(p.pid)
+        p.kill()
+        deadline = time.monotonic() + 10
+        while not _process_gone(p.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert _process_gone(p.pid)  # asking twice does not reap it either
+    finally:
+        p.kill()
+        assert p.wait(timeout=10) == -signal.SIGKILL
+    assert _process_gone(p.pid)
