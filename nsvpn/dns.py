@@ -329,6 +329,15 @@ class DnsAnswerer:
 
     def finish_lookup(self, lk: Lookup, result: LookupResult) -> Step:
         q = lk.query.question[0]
+        if self.use_fake_ips and result.status == "ok" and result.addresses:
+            real = [a for a in result.addresses if not self.fake_ips.is_fake(a)]
+            if not real:
+                # Another fake-IP layer answered (an outer nsvpn around this one): its
+                # 198.18/15 addresses mean nothing to our router, so the host did not
+                # really resolve the name; ours go by name through our upstream.
+                result = LookupResult("nxdomain")
+            elif len(real) < len(result.addresses):
+                result = LookupResult("ok", real)
         if result.status == "ok" and (result.addresses or result.names):
             r = self._response(lk.query)
             if lk.rdtype == dns.rdatatype.PTR:

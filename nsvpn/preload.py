@@ -30,12 +30,12 @@ import trio
 from .cli import EXIT_SETUP
 from .front import Front
 from .leftovers import end_processes
+from .nested import without_session
 
 log = logging.getLogger("nsvpn.preload")
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 # Env names the shim reads; a CMD started by another nsvpn session must not mix two sessions.
-SHIM_VARS = ("NSVPN_CTL", "NSVPN_FRONT_PORT4", "NSVPN_FRONT_PORT6", "NSVPN_DIRECT")
 PT_INTERP = 3
 RES_OPTIONS = "timeout:1 attempts:1"
 _PR_SET_PDEATHSIG = 1
@@ -141,9 +141,7 @@ def _append_list(old: Optional[str], items: Sequence[str], sep: str) -> str:
 
 def build_env(base: Mapping[str, str], shim: str, front: Front, direct_cidrs: Sequence[str],
               *, socks_env: bool = True) -> Dict[str, str]:
-    env = dict(base)
-    for k in SHIM_VARS:
-        env.pop(k, None)
+    env = without_session(base)  # nsvpn inside nsvpn: the outer shim is not loaded twice
     pre = env.get("LD_PRELOAD", "")
     # LD_PRELOAD accepts space or colon separators; keep what was there, ours last
     env["LD_PRELOAD"] = (pre + " " + shim).strip() if pre else shim

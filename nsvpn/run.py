@@ -23,6 +23,7 @@ import trio
 from . import config as cfg
 from . import namespace, routing
 from .cli import EXIT_SETUP, EXIT_UPSTREAM, EXIT_USAGE
+from .nested import without_session
 
 log = logging.getLogger("nsvpn")
 
@@ -369,7 +370,7 @@ async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[
         if user_nofile:  # CMD gets the user's own limits (select() users need <= 1024)
             _set_nofile(user_nofile)
         try:
-            child = namespace.spawn(argv, spec)
+            child = namespace.spawn(argv, spec, env=without_session(os.environ))
         except namespace.SpawnError as e:
             _err(str(e))
             code = getattr(e, "exit_code", None)

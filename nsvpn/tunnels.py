@@ -37,6 +37,7 @@ import time
 from typing import List, Optional
 
 from .cli import EXIT_SETUP, EXIT_UPSTREAM, EXIT_USAGE
+from .nested import without_session
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 READY = "nsvpn-up-ready"
@@ -559,6 +560,7 @@ def run_join(name: str, argv: List[str], *, quiet: bool = False,
         _err(f"tunnel {name}: its holder process changed; `nsvpn down {name}`")
         return EXIT_SETUP
     cwd = os.getcwd()
+    env = without_session(os.environ)  # nsvpn inside a preload session: see nested.py
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -575,7 +577,7 @@ def run_join(name: str, argv: List[str], *, quiet: bool = False,
             except OSError:
                 os.chdir("/")
             stage = "exec"
-            os.execvp(argv[0], argv)
+            os.execvpe(argv[0], argv, env)
         except OSError as e:
             code = 127 if stage == "exec" and e.errno == errno.ENOENT else \
                 126 if stage == "exec" else EXIT_SETUP

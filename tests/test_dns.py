@@ -151,6 +151,26 @@ def test_host_answer_then_fake_fallback():
     assert addrs(parse(ans.handle_query(q("slow.example")).wire)) == first
 
 
+def test_an_outer_fake_ip_answer_is_not_taken_for_a_real_one():
+    """nsvpn inside nsvpn: the host resolver is the outer relay's, and it answers names it
+    cannot resolve with its own 198.18/15 fake IPs. Those mean nothing to this relay (its
+    router would call them unknown fake IPs): the name gets our own fake IP instead, and a
+    fake address beside real ones is dropped."""
+    ans = nd.DnsAnswerer()
+    step = ans.handle_query(q("remote.lab"))
+    reply = ans.finish_lookup(step, nd.LookupResult("ok", ["198.18.0.1"]))
+    ours = addrs(parse(reply.wire))
+    assert len(ours) == 1 and ans.fake_ips.name_for(ours[0]) == "remote.lab"
+    step = ans.handle_query(q("mixed.lab"))
+    reply = ans.finish_lookup(step, nd.LookupResult("ok", ["198.18.0.7", "10.1.1.1"]))
+    assert addrs(parse(reply.wire)) == ["10.1.1.1"]
+    # without fake IPs of our own, the host's answer is passed on as it is
+    plain = nd.DnsAnswerer(use_fake_ips=False)
+    step = plain.handle_query(q("remote.lab"))
+    reply = plain.finish_lookup(step, nd.LookupResult("ok", ["198.18.0.1"]))
+    assert addrs(parse(reply.wire)) == ["198.18.0.1"]
+
+
 def test_no_fake_ips_gives_real_rcodes():
     ans = nd.DnsAnswerer(use_fake_ips=False)
     step = ans.handle_query(q("nope.example"))

@@ -942,3 +942,27 @@ def test_background_processes_do_not_outlive_nsvpn(nsvpn_lab, socks_via):
                                       f"grep -v '^Z' | grep -E 'sleep ({n}|{n + 1})$' || true"],
                          timeout=10)
     assert left.stdout.strip() == "", left.stdout
+
+
+@pytest.mark.parametrize("outer,inner", [("ns", "ns"), ("ns", "preload"), ("preload", "ns"),
+                                         ("preload", "preload")])
+def test_nsvpn_inside_nsvpn(nsvpn_lab, ssh_via, socks_via, outer, inner):
+    """A pilot wraps the job, and the job runs nsvpn again. The inner CMD resolves a name only
+    the far side knows (the host resolver it sees is the outer relay's, which answers with
+    the outer's fake IPs) and reaches it by name; in a new namespace it carries nothing of
+    an outer preload session (whose front is on another host's 127.0.0.1 there), and under
+    a new shim not the outer shim a second time."""
+    inner_cmd = ("curl -sS --fail -m 20 http://remote.lab/1M.bin | sha256sum; "
+                 "echo \"preload=$LD_PRELOAD\"; env | grep -c '^NSVPN_'")
+    r = nsexec(nsvpn_lab, ["--mode", outer, "--via", ssh_via],
+               ["nsvpn", "exec", "--mode", inner, "--via", socks_via, "--",
+                "sh", "-c", inner_cmd], timeout=90)
+    assert r.returncode in (0, 1), explain(r)  # grep -c exits 1 when it counts 0
+    out = r.stdout.splitlines()
+    assert len(out) == 3, explain(r)
+    assert out[0].split()[0] == nsvpn_lab.sha256["1M.bin"], explain(r)
+    preload = out[1].split("=", 1)[1].split()
+    if inner == "ns":
+        assert preload == [] and out[2] == "0", explain(r)
+    else:
+        assert len(preload) == 1 and out[2] == "6", explain(r)

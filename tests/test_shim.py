@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from nsvpn import preload
+from nsvpn.nested import without_session
 from nsvpn.preload import build_env, check_binary
 
 
@@ -136,6 +137,27 @@ def test_build_env():
         "rotate"
     env = build_env({}, "/x/_preload.so", _FrontStub(), [], socks_env=False)
     assert env["LD_PRELOAD"] == "/x/_preload.so" and "ALL_PROXY" not in env
+
+
+def test_without_session_strips_only_an_outer_session(fresh_shim, tmp_path):
+    """nsvpn inside nsvpn: our shim (found by its marker, whatever its name), the session's
+    NSVPN_* and the ALL_PROXY that points at its front go; everything else stays as it was."""
+    other = tmp_path / "other.so"
+    other.write_bytes(b"\x7fELF not ours")
+    outer = {"PATH": "/bin", "LD_PRELOAD": f"{other}:{fresh_shim}", "NSVPN_CTL": "/r/ctl",
+             "NSVPN_FRONT_PORT4": "4000", "NSVPN_DNS_PORT4": "4001", "NSVPN_DIRECT": "",
+             "ALL_PROXY": "socks5h://nsvpn:s3cret@127.0.0.1:4000",
+             "all_proxy": "socks5h://me@proxy.site:1080", "HOME": "/h"}
+    env = without_session(outer)
+    assert env == {"PATH": "/bin", "LD_PRELOAD": str(other),
+                   "all_proxy": "socks5h://me@proxy.site:1080", "HOME": "/h"}
+    assert "LD_PRELOAD" not in without_session({"LD_PRELOAD": fresh_shim})
+    plain = {"PATH": "/bin", "LD_PRELOAD": f"{other}:/nonexistent.so", "ALL_PROXY": "x"}
+    assert without_session(plain) == plain
+    # under a new shim the outer one is not loaded a second time
+    env = build_env(outer, "/x/_preload.so", _FrontStub(), [])
+    assert env["LD_PRELOAD"] == f"{other} /x/_preload.so"
+    assert env["ALL_PROXY"] == env["all_proxy"] == "socks5h://nsvpn:s3cret@127.0.0.1:4000"
 
 
 # ------------------------------------------------------------------ the library itself
