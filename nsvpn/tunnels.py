@@ -659,6 +659,9 @@ def run_status(args: argparse.Namespace) -> int:
         print(json.dumps({"schema": 1, "tunnels": rows}, indent=2, sort_keys=True))
     else:
         print(_format(rows))
+    # a pilot's health check: `nsvpn status pilot || nsvpn up --name pilot ...`
+    if args.name and any(r.get("state") != "running" for r in rows):
+        return 1
     return 0
 
 

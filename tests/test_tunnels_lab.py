@@ -74,7 +74,7 @@ def _in_netns(inode: int) -> List[int]:
 
 def status(lab: labenv.Lab, name: Optional[str] = None):
     r = lab.run(["nsvpn", "status", "--json"] + ([name] if name else []), timeout=30)
-    return r, (json.loads(r.stdout) if r.returncode == 0 else None)
+    return r, (json.loads(r.stdout) if r.returncode in (0, 1) else None)  # 1: dead
 
 
 def up(lab: labenv.Lab, name: str, via: str, *extra: str):
@@ -168,9 +168,12 @@ def test_killed_daemon_is_dead_and_down_cleans_it(nsvpn_lab: labenv.Lab):
         lab.wait_for(lambda: len(_in_netns(t["netns"])) >= 2, timeout=10)
         os.kill(t["pid"], signal.SIGKILL)
         lab.wait_for(lambda: not _alive(t["holder_pid"]), timeout=5)  # PDEATHSIG
-        _, st = status(lab)
+        r, st = status(lab)
+        assert r.returncode == 0, r.stderr  # the listing itself is fine
         (mine,) = [x for x in st["tunnels"] if x["name"] == name]
         assert mine["state"] == "dead", mine
+        r, st = status(lab, name)  # asked by name: a health check fails
+        assert r.returncode == 1 and st["tunnels"][0]["state"] == "dead", r.stderr
         r = lab.run(["nsvpn", "exec", "--name", name, "--", "true"], timeout=30)
         assert r.returncode == 2 and "dead" in r.stderr, r.stderr
         assert _in_netns(t["netns"]), "the sleeper keeps the netns until down"
@@ -437,8 +440,8 @@ def test_preload_tunnel_killed_daemon_is_cleaned_up_by_next_up(nsvpn_lab: labenv
         lab.wait_for(lambda: _with_env(marker), timeout=10)
         os.kill(t["pid"], signal.SIGKILL)
         lab.wait_for(lambda: not _alive(t["pid"]), timeout=5)
-        _, st = status(lab, name)
-        assert st["tunnels"][0]["state"] == "dead", st
+        r, st = status(lab, name)
+        assert r.returncode == 1 and st["tunnels"][0]["state"] == "dead", st
         r = lab.run(["nsvpn", "exec", "--name", name, "--", "true"], timeout=30)
         assert r.returncode == 2 and "dead" in r.stderr, r.stderr
         # the next up finds the dead one, ends what it left and starts anew
