@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -571,3 +572,50 @@ def test_process_gone_sees_a_zombie_and_leaves_it_to_the_watcher():
         p.kill()
         assert p.wait(timeout=10) == -signal.SIGKILL
     assert _process_gone(p.pid)
+
+
+@needs_sshd
+@needs_root
+async def test_first_start_tries_again_when_dropped_before_authentication(
+        sshd, nursery, tmp_path, monkeypatch):
+    """Many pilots starting at once overrun the login node's MaxStartups, and its sshd drops
+    new connections before authentication (kex_exchange_identification: Connection closed).
+    The first start tries again (with jitter) instead of failing the pilot; a lasting refusal
+    (a wrong key) still fails at once (test_ssh_wrong_key_reports_ssh_message)."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    port = _free_port()
+    conf = (sshd["dir"] / "sshd_config").read_text()
+    conf = re.sub(r"(?m)^Port \d+$", f"Port {port}", conf)
+    conf = re.sub(r"(?m)^PidFile .*$", f"PidFile {tmp_path}/crowded.pid", conf)
+    (tmp_path / "crowded_config").write_text(conf + "MaxStartups 1\n")
+    proc = subprocess.Popen([SSHD, "-D", "-f", str(tmp_path / "crowded_config"),
+                             "-E", str(tmp_path / "crowded.log")])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+        await trio.sleep(0.2)  # sshd has counted that probe out again
+        blocker = socket.create_connection(("127.0.0.1", port))  # the one pre-auth slot
+
+        async def release() -> None:
+            await trio.sleep(1.5)
+            blocker.close()
+
+        up = make_upstream({"port": port, "dir": sshd["dir"]})
+        nursery.start_soon(release)
+        t0 = trio.current_time()
+        await up.start()
+        try:
+            assert up.first_retries >= 1
+            assert trio.current_time() - t0 >= 1.0
+            assert up.healthy
+        finally:
+            await up.aclose()
+    finally:
+        proc.terminate()
+        proc.wait(5)

@@ -27,6 +27,7 @@ import ctypes
 import errno
 import logging
 import os
+import random
 import re
 import select
 import shlex
@@ -66,6 +67,12 @@ STABLE_AFTER = 30.0  # a run this long resets the backoff
 STDERR_KEEP = 40
 UNIX_PATH_MAX = 100  # sun_path is 108 bytes with the NUL; keep a margin
 OPEN_FAILED_WAIT = 0.25  # how long a closed CONNECT waits for ssh's explanation on stderr
+# The login node dropped us before authentication: its sshd is over MaxStartups (many pilots
+# starting at once: past 10 unauthenticated connections OpenSSH drops new ones at random),
+# or busy. The first start tries again, with jitter so that the pilots spread out.
+FIRST_TRIES = 5
+_TRANSIENT = re.compile(r"kex_exchange_identification|ssh_exchange_identification|"
+                        r"banner exchange|connection reset by peer", re.IGNORECASE)
 
 _PR_SET_PDEATHSIG = 1
 try:
@@ -308,6 +315,7 @@ class SshUpstream:
         self.restarts = 0
         self.last_error = ""
         self._stderr: Deque[str] = collections.deque(maxlen=STDERR_KEEP)
+        self.first_retries = 0  # dropped before authentication at the first start
         self._open_failures: Deque[Tuple[float, str]] = collections.deque(maxlen=256)
         self._stderr_event = trio.Event()
         self._proc: _SshProcess | None = None
@@ -544,6 +552,7 @@ class SshUpstream:
     async def _supervise(self) -> None:
         assert self._first is not None
         backoff = BACKOFF_FIRST
+        first_try = 1
         try:
             with trio.CancelScope() as scope:
                 self._scope = scope
@@ -558,6 +567,16 @@ class SshUpstream:
                             self.last_error = why
                             await self._stop_process()
                             if not self._first.is_set():
+                                if first_try < FIRST_TRIES and proc.exited.is_set() \
+                                        and _TRANSIENT.search(why):
+                                    delay = random.uniform(0.5, 1.5) * 2 ** (first_try - 1)
+                                    first_try += 1
+                                    self.first_retries += 1
+                                    log.info("%s: %s; trying again in %.1f s", self.name, why,
+                                             delay)
+                                    self._stderr.clear()
+                                    await trio.sleep(delay)
+                                    continue
                                 self._first_error = why
                                 self._first.set()
                                 break
