@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import errno as _errno
 import ipaddress
+import re
 import socket
+import time
 from typing import Protocol
 
 import trio
@@ -32,6 +34,38 @@ REASONS = {
 }
 # Answers from the far side about the destination itself: another upstream would get the same.
 FINAL_REASONS = frozenset({"refused", "netunreach", "hostunreach"})
+
+
+class QuietRepeats:
+    """Whether to log a helper's restart failure. Each new reason is said; one that keeps
+    coming back (a login node down for hours, an expired Kerberos ticket: a restart every 30 s
+    for days) is said `loud` times, then once per `every` seconds with the count of those left
+    out, so a pilot's log stays readable. Numbers (ports, pids) do not make a reason new."""
+
+    def __init__(self, loud: int = 3, every: float = 600.0, clock=None) -> None:
+        self.loud, self.every = loud, every
+        self._clock = clock or time.monotonic
+        self._key: str | None = None
+        self._count = 0
+        self._hidden = 0
+        self._said_at = 0.0
+
+    def check(self, why: str) -> tuple:
+        """(say it?, how many like it were left out since it was last said)."""
+        key = re.sub(r"\d+", "N", why)
+        now = self._clock()
+        if key != self._key:
+            self._key, self._count, self._hidden = key, 0, 0
+        self._count += 1
+        if self._count <= self.loud or now - self._said_at >= self.every:
+            hidden, self._hidden, self._said_at = self._hidden, 0, now
+            return True, hidden
+        self._hidden += 1
+        return False, 0
+
+    def reset(self) -> None:
+        """The helper works again: the next failure is news."""
+        self._key, self._count, self._hidden = None, 0, 0
 
 
 class UpstreamError(Exception):

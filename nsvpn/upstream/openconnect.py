@@ -51,7 +51,7 @@ import trio
 
 from ..urls import OpenconnectUpstreamUrl
 from ..vpnenv import VpnEnv, VpnEnvError, parse_vpn_env
-from .base import UpstreamError, read_lines, wait_exit
+from .base import QuietRepeats, UpstreamError, read_lines, wait_exit
 from .ssh import runtime_dir
 
 log = logging.getLogger("nsvpn.upstream.openconnect")
@@ -239,6 +239,7 @@ class OpenconnectUpstream:
             READY_TIMEOUT_INTERACTIVE if prompt_possible else READY_TIMEOUT)
         self.backoff_first = backoff_first
         self.backoff_max = backoff_max
+        self._quiet = QuietRepeats()  # restart failures that repeat for hours
         self.probe_interval = probe_interval
         self.sockdir = sockdir
         self.python = python or sys.executable
@@ -599,6 +600,7 @@ class OpenconnectUpstream:
                 self.first_env = sess.env
             self.session = sess
             log.info("tunnel up (generation %d): %s", sess.generation, sess.env.summary())
+            self._quiet.reset()
             self._notify()
             if self._first is not None and not self._first.is_set():
                 self._first.set()
@@ -661,8 +663,11 @@ class OpenconnectUpstream:
                     if trio.current_time() - t0 > STABLE_AFTER:
                         backoff = self.backoff_first
                     msg = err or self._ended_message()
-                    sys.stderr.write(f"nsvpn: {self.name}: {msg}; restarting in "
-                                     f"{backoff:g} s\n")
+                    say, hidden = self._quiet.check(msg)
+                    if say:
+                        more = f" ({hidden} more like it not shown)" if hidden else ""
+                        sys.stderr.write(f"nsvpn: {self.name}: {msg}; restarting in "
+                                         f"{backoff:g} s{more}\n")
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, self.backoff_max)
                     self.restarts += 1

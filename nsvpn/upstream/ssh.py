@@ -44,6 +44,7 @@ import trio
 from ..urls import SshUpstreamUrl
 from .base import (
     DialError,
+    QuietRepeats,
     UpstreamError,
     open_tcp,
     open_unix,
@@ -316,6 +317,7 @@ class SshUpstream:
         self.last_error = ""
         self._stderr: Deque[str] = collections.deque(maxlen=STDERR_KEEP)
         self.first_retries = 0  # dropped before authentication at the first start
+        self._quiet = QuietRepeats()  # restart failures that repeat for hours
         self._open_failures: Deque[Tuple[float, str]] = collections.deque(maxlen=256)
         self._stderr_event = trio.Event()
         self._proc: _SshProcess | None = None
@@ -522,6 +524,12 @@ class SshUpstream:
         event, self._stderr_event = self._stderr_event, trio.Event()
         event.set()
 
+    def _say_failure(self, text: str) -> None:
+        say, hidden = self._quiet.check(text)
+        if say:
+            more = f" ({hidden} more like it not shown)" if hidden else ""
+            log.warning("%s: %s%s", self.name, text, more)
+
     def _messages(self) -> str:
         tail = [line for line in self._stderr if not line.startswith("Warning: Permanently")]
         return " / ".join(tail[-4:]) if tail else "(ssh printed nothing)"
@@ -580,7 +588,7 @@ class SshUpstream:
                                 self._first_error = why
                                 self._first.set()
                                 break
-                            log.warning("%s: %s; retrying in %g s", self.name, why, backoff)
+                            self._say_failure(f"{why}; retrying in {backoff:g} s")
                         else:
                             self._ready = True
                             started = trio.current_time()
@@ -588,6 +596,7 @@ class SshUpstream:
                                 self._first.set()
                             else:
                                 log.warning("%s: ssh is back", self.name)
+                            self._quiet.reset()
                             await proc.exited.wait()
                             self._ready = False
                             if self._closing:
@@ -596,9 +605,7 @@ class SshUpstream:
                             self.last_error = (
                                 f"ssh exited with status {proc.returncode}: {self._messages()}"
                             )
-                            log.warning(
-                                "%s: %s; restarting in %g s", self.name, self.last_error, backoff
-                            )
+                            self._say_failure(f"{self.last_error}; restarting in {backoff:g} s")
                             if trio.current_time() - started > STABLE_AFTER:
                                 backoff = BACKOFF_FIRST
                         await trio.sleep(backoff)
