@@ -32,15 +32,14 @@ def without_session(env: Mapping[str, str]) -> Dict[str, str]:
     points at its front. An environment with no session is returned unchanged (a copy)."""
     out = dict(env)
     port = out.get("NSVPN_FRONT_PORT4")
-    if not port and "LD_PRELOAD" not in out:
+    if not port:  # no session around us (a site-wide LD_PRELOAD is not even read)
         return out
     for k in SESSION_VARS:
         out.pop(k, None)
-    if port:
-        for k in ("ALL_PROXY", "all_proxy"):
-            v = out.get(k, "")
-            if v.startswith("socks5h://") and v.endswith(f"@127.0.0.1:{port}"):
-                del out[k]
+    for k in ("ALL_PROXY", "all_proxy"):
+        v = out.get(k, "")
+        if v.startswith("socks5h://") and v.endswith(f"@127.0.0.1:{port}"):
+            del out[k]
     pre = out.get("LD_PRELOAD", "")
     entries = [p for p in re.split(r"[ :]+", pre) if p]
     kept = [p for p in entries if not is_nsvpn_shim(p)]

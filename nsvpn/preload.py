@@ -35,7 +35,6 @@ from .nested import without_session
 log = logging.getLogger("nsvpn.preload")
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-# Env names the shim reads; a CMD started by another nsvpn session must not mix two sessions.
 PT_INTERP = 3
 RES_OPTIONS = "timeout:1 attempts:1"
 _PR_SET_PDEATHSIG = 1

@@ -151,7 +151,8 @@ def test_without_session_strips_only_an_outer_session(fresh_shim, tmp_path):
     env = without_session(outer)
     assert env == {"PATH": "/bin", "LD_PRELOAD": str(other),
                    "all_proxy": "socks5h://me@proxy.site:1080", "HOME": "/h"}
-    assert "LD_PRELOAD" not in without_session({"LD_PRELOAD": fresh_shim})
+    assert "LD_PRELOAD" not in without_session({"LD_PRELOAD": fresh_shim,
+                                                 "NSVPN_FRONT_PORT4": "4000"})
     plain = {"PATH": "/bin", "LD_PRELOAD": f"{other}:/nonexistent.so", "ALL_PROXY": "x"}
     assert without_session(plain) == plain
     # under a new shim the outer one is not loaded a second time

@@ -50,7 +50,7 @@ class QuietRepeats:
         self._hidden = 0
         self._said_at = 0.0
 
-    def check(self, why: str) -> tuple:
+    def check(self, why: str) -> tuple[bool, int]:
         """(say it?, how many like it were left out since it was last said)."""
         key = re.sub(r"\d+", "N", why)
         now = self._clock()
