@@ -619,3 +619,75 @@ async def test_first_start_tries_again_when_dropped_before_authentication(
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+def _upstream_with_config(sshd, config: str, tmp_path) -> SshUpstream:
+    conf = tmp_path / "user_ssh_config"
+    conf.write_text(config)
+    url = parse_upstream_url(f"ssh://root@127.0.0.1:{sshd['port']}")
+    opts = [f"-F {conf}", f"-i {sshd['dir']}/user", "IdentitiesOnly=yes", "IdentityAgent=none",
+            "StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null"]
+    return SshUpstream(url, ssh_opts=opts, interactive=False)
+
+
+@needs_sshd
+@needs_root
+async def test_forwardings_in_the_users_config_do_not_stop_ours(
+        sshd, nursery, tmp_path, monkeypatch, capfd):
+    """A DynamicForward/LocalForward in ~/.ssh/config comes with every ssh to that host, ours
+    too. Under ExitOnForwardFailure one busy port (the user's interactive session, or a
+    second nsvpn on the node) ended our ssh: only one nsvpn per node could run. Now ours
+    runs, and the user is told once, with the way to keep them out of it."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    with busy:
+        up = _upstream_with_config(
+            sshd, f"Host *\n    LogLevel QUIET\n    DynamicForward 127.0.0.1:{port}\n", tmp_path)
+        await up.start()
+        try:
+            assert up.config_forwards == [f"DynamicForward [127.0.0.1]:{port}"]
+            assert up.healthy
+            echo = await echo_server(nursery)
+            assert await roundtrip(up, echo, b"x" * 100000) == b"x" * 100000
+        finally:
+            await up.aclose()
+    err = capfd.readouterr().err
+    assert err.count("your ssh config adds forwardings") == 1, err
+    assert 'exec "test -z $NSVPN_SSH"' in err, err
+
+    # the way out the warning names: the forwarding stays out of nsvpn's ssh
+    up = _upstream_with_config(
+        sshd, "Match host 127.0.0.1 exec \"test -z $NSVPN_SSH\"\n"
+              f"    DynamicForward 127.0.0.1:{port}\nHost *\n    LogLevel QUIET\n", tmp_path)
+    await up.start()
+    try:
+        assert up.config_forwards == [] and up.healthy
+    finally:
+        await up.aclose()
+    assert "forwardings" not in capfd.readouterr().err
+
+
+@needs_sshd
+@needs_root
+async def test_own_forward_failing_is_still_seen_at_once_beside_config_forwards(
+        sshd, tmp_path, monkeypatch):
+    """Without ExitOnForwardFailure (the user's forwardings) ssh keeps running when our -D
+    cannot listen; its complaint on stderr ends the start at once, not after 20 s."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    socks = tmp_path / "socks"
+    (socks / f"ssh-{os.getpid()}-0.sock").mkdir(parents=True)  # where our -D would listen
+    conf = tmp_path / "user_ssh_config"
+    conf.write_text(f"Host *\n    LogLevel QUIET\n    LocalForward 127.0.0.1:{_free_port()} "
+                    "127.0.0.1:9\n")
+    url = parse_upstream_url(f"ssh://root@127.0.0.1:{sshd['port']}")
+    opts = [f"-F {conf}", f"-i {sshd['dir']}/user", "IdentitiesOnly=yes", "IdentityAgent=none",
+            "StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null"]
+    up = SshUpstream(url, ssh_opts=opts, interactive=False, sockdir=str(socks))
+    t0 = trio.current_time()
+    with pytest.raises(UpstreamError) as ei:
+        await up.start()
+    assert up.config_forwards and "could not open nsvpn's forwarding" in str(ei.value)
+    assert trio.current_time() - t0 < 10

@@ -120,6 +120,31 @@ def ssh_version(ssh: str = "ssh") -> Tuple[Tuple[int, int] | None, str]:
     return parse_ssh_version(text), text
 
 
+# Set in the environment of our ssh (and of `ssh -G`), so that a user's config can keep its
+# own forwardings out of it: Match host login01 exec "test -z $NSVPN_SSH".
+SSH_MARK = "NSVPN_SSH"
+_FORWARD_LINE = re.compile(r"^(localforward|remoteforward|dynamicforward) (.+)$", re.IGNORECASE)
+
+
+def config_forwards(ssh: str, opts: Sequence[str], port: int | None, dest: str) -> List[str]:
+    """The forwardings the user's ssh config (and options) add for `dest`, from `ssh -G`
+    ("DynamicForward [127.0.0.1]:1080"); [] when there are none or ssh cannot say."""
+    argv = [ssh, "-G", *opts] + (["-p", str(port)] if port is not None else []) + ["--", dest]
+    try:
+        p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=5,
+                           env={**os.environ, SSH_MARK: "1"})
+    except (OSError, subprocess.SubprocessError):
+        return []
+    names = {"localforward": "LocalForward", "remoteforward": "RemoteForward",
+             "dynamicforward": "DynamicForward"}
+    out = []
+    for line in p.stdout.decode(errors="replace").splitlines():
+        m = _FORWARD_LINE.match(line.strip())
+        if m:
+            out.append(f"{names[m.group(1).lower()]} {m.group(2)}")
+    return out
+
+
 # ForkAfterAuthentication (OpenSSH 8.7) forks ssh into the background like -f; older clients
 # reject the option name, so it is given only to clients that know it.
 FORK_OPTION_MIN = (8, 7)
@@ -317,6 +342,7 @@ class SshUpstream:
         self.last_error = ""
         self._stderr: Deque[str] = collections.deque(maxlen=STDERR_KEEP)
         self.first_retries = 0  # dropped before authentication at the first start
+        self.config_forwards: List[str] = []  # the user's own, from `ssh -G`
         self._quiet = QuietRepeats()  # restart failures that repeat for hours
         self._open_failures: Deque[Tuple[float, str]] = collections.deque(maxlen=256)
         self._stderr_event = trio.Event()
@@ -366,6 +392,16 @@ class SshUpstream:
                     if saved is not None:
                         os.environ["XDG_RUNTIME_DIR"] = saved
             self.socket_path = os.path.join(d, name)
+        self.config_forwards = config_forwards(self.ssh, expand_ssh_opts(self.ssh_opts),
+                                               self.url.port, self.url.ssh_destination())
+        if self.config_forwards:
+            # They come with every ssh to this host, ours too: one busy port (the user's own
+            # session, a second nsvpn on this node) would end ours under ExitOnForwardFailure.
+            sys.stderr.write(
+                f"nsvpn: warning: your ssh config adds forwardings for {self.url.host} "
+                f"({', '.join(self.config_forwards)}); nsvpn's ssh opens them too while it "
+                "runs (other local users can use TCP ones). To keep them out of it: Match host "
+                f"{self.url.host} exec \"test -z ${SSH_MARK}\"\n")
         self._first = trio.Event()
         trio.lowlevel.spawn_system_task(self._supervise, name=f"nsvpn ssh {self.name}")
         await self._first.wait()
@@ -469,7 +505,9 @@ class SshUpstream:
         argv += user_opts
         argv += [
             "-o",
-            "ExitOnForwardFailure=yes",
+            # With forwardings of the user's own (see start()) a busy port must not end our
+            # ssh; our own -D failing is then seen on stderr (_wait_ready).
+            f"ExitOnForwardFailure={'no' if self.config_forwards else 'yes'}",
             "-o",
             "ServerAliveInterval=15",
             "-o",
@@ -488,6 +526,7 @@ class SshUpstream:
 
     def _spawn(self) -> _SshProcess:
         self._remove_socket()
+        self._stderr.clear()  # what the last one said was reported when it ended
         argv = self._argv()
         log.debug("starting %s", " ".join(shlex.quote(a) for a in argv))
         popen = subprocess.Popen(  # noqa: S603 - argv built above, no shell
@@ -501,6 +540,7 @@ class SshUpstream:
             # the controlling terminal to prompt; it ignores SIGINT instead.
             start_new_session=not self.interactive,
             preexec_fn=_preexec(os.getpid(), self.interactive),
+            env={**os.environ, SSH_MARK: "1"},
         )
         return _SshProcess(popen)
 
@@ -523,6 +563,13 @@ class SshUpstream:
         # Wake every waiting dial; later waiters wait for the next line.
         event, self._stderr_event = self._stderr_event, trio.Event()
         event.set()
+
+    def _own_forward_failed(self) -> bool:
+        """ssh said it cannot listen where our -D goes (seen only without
+        ExitOnForwardFailure, which would have ended it)."""
+        mine = self.socket_path or f":{self.tcp_port}"  # "bind [127.0.0.1]:PORT: ..."
+        return any(mine in line and ("bind" in line or "listen" in line)
+                   for line in self._stderr)
 
     def _say_failure(self, text: str) -> None:
         say, hidden = self._quiet.check(text)
@@ -547,6 +594,9 @@ class SshUpstream:
             present = self.socket_path is None or os.path.exists(self.socket_path)
             if present and await socks5_greeting_ok(self._connect, 1.0):
                 return None
+            if self.config_forwards and self._own_forward_failed():
+                return (f"ssh to {self.url.ssh_destination()} could not open nsvpn's "
+                        f"forwarding: {self._messages()}")
             with trio.move_on_after(0.05):
                 await proc.exited.wait()
         why = self._messages()
@@ -582,7 +632,6 @@ class SshUpstream:
                                     self.first_retries += 1
                                     log.info("%s: %s; trying again in %.1f s", self.name, why,
                                              delay)
-                                    self._stderr.clear()
                                     await trio.sleep(delay)
                                     continue
                                 self._first_error = why
@@ -651,5 +700,5 @@ class SshUpstream:
         if self.socket_path is not None:
             try:
                 os.unlink(self.socket_path)
-            except FileNotFoundError:
+            except OSError:  # gone already; anything else there makes ssh's bind say why
                 pass
