@@ -68,6 +68,13 @@
  * destinations fails with ENETUNREACH and a line on stderr. DNS servers inside the direct
  * networks are left alone.
  *
+ * exec with a scrubbed environment: batch systems build a job's environment from scratch
+ * (HTCondor's starter does), so LD_PRELOAD and the front's settings would be lost below such a
+ * point, and the job would have no network while the same job in namespace mode has. The
+ * exec family and posix_spawn put them back when the new environment has no NSVPN_CTL at all
+ * (an empty NSVPN_CTL= says "no session here": nsvpn sets it for a command that must not
+ * inherit an enclosing session). No malloc there: it runs between fork and exec.
+ *
  * Rules for the code: libc only, no locks, no malloc on the connect path (getaddrinfo results
  * must be malloc'ed: that is the API), errno preserved on pass-through paths, every hook falls
  * back to the real function when the shim is not configured.
@@ -82,6 +89,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <spawn.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -128,7 +136,16 @@ typedef struct hostent *(*ghba_fn)(const void *, socklen_t, int);
 typedef int (*ghba_r_fn)(const void *, socklen_t, int, struct hostent *, char *, size_t,
                          struct hostent **, int *);
 
+typedef int (*execve_fn)(const char *, char *const[], char *const[]);
+typedef int (*execvpe_fn)(const char *, char *const[], char *const[]);
+typedef int (*spawn_fn)(pid_t *, const char *, const posix_spawn_file_actions_t *,
+                        const posix_spawnattr_t *, char *const[], char *const[]);
+
 static connect_fn real_connect;
+static execve_fn real_execve;
+static execvpe_fn real_execvpe;
+static spawn_fn real_posix_spawn;
+static spawn_fn real_posix_spawnp;
 static getpeername_fn real_getpeername;
 static getsockopt_fn real_getsockopt;
 static sendto_fn real_sendto;
@@ -168,6 +185,10 @@ static void resolve_all(void)
     REAL(gethostbyname2_r);
     REAL(gethostbyaddr);
     REAL(gethostbyaddr_r);
+    REAL(execve);
+    REAL(execvpe);
+    REAL(posix_spawn);
+    REAL(posix_spawnp);
 }
 
 /* ------------------------------------------------------------------ configuration */
@@ -245,6 +266,202 @@ static void probe_marker(void)
     (void)n;
 }
 
+/* ------------------------------------------------------------------ exec: keep the session */
+
+#define SESSION_VARS_MAX 8
+#define EXEC_ENV_MAX 4096  /* entries; a larger environment is passed on as it is */
+#define EXEC_LD_MAX 8192   /* bytes of a merged LD_PRELOAD line */
+static char session_store[4096];
+static const char *session_vars[SESSION_VARS_MAX]; /* "NSVPN_CTL=...", ... */
+static int nsession;
+static char shim_file[1024]; /* this library's path, for LD_PRELOAD */
+
+static void remember_session(void)
+{
+    static const char *const names[] = {"NSVPN_CTL",       "NSVPN_FRONT_PORT4",
+                                        "NSVPN_FRONT_PORT6", "NSVPN_DNS_PORT4",
+                                        "NSVPN_DNS_PORT6", "NSVPN_DIRECT"};
+    size_t used = 0;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        const char *v = getenv(names[i]);
+        if (v == NULL)
+            continue;
+        size_t n = strlen(names[i]) + 1 + strlen(v) + 1;
+        if (used + n > sizeof session_store)
+            return;
+        snprintf(session_store + used, n, "%s=%s", names[i], v);
+        session_vars[nsession++] = session_store + used;
+        used += n;
+    }
+    Dl_info info;
+    if (dladdr((void *)remember_session, &info) != 0 && info.dli_fname != NULL &&
+        info.dli_fname[0] == '/' && strlen(info.dli_fname) < sizeof shim_file)
+        strcpy(shim_file, info.dli_fname);
+}
+
+/* Does a new program's environment lack the session? (None there at all: an empty NSVPN_CTL=
+ * is nsvpn saying "no session for this one".) */
+static int lacks_session(char *const envp[])
+{
+    if (!cfg.active || nsession == 0 || shim_file[0] == '\0')
+        return 0;
+    for (char *const *e = envp; e != NULL && *e != NULL; e++)
+        if (strncmp(*e, "NSVPN_CTL=", 10) == 0)
+            return 0;
+    return 1;
+}
+
+static size_t env_count(char *const envp[])
+{
+    size_t n = 0;
+    while (envp != NULL && envp[n] != NULL)
+        n++;
+    return n;
+}
+
+/* Room for the LD_PRELOAD line of the new environment: theirs, a space, ours. */
+static size_t ld_room(char *const envp[])
+{
+    size_t theirs = 0;
+    for (char *const *e = envp; e != NULL && *e != NULL; e++)
+        if (strncmp(*e, "LD_PRELOAD=", 11) == 0)
+            theirs = strlen(*e);
+    return theirs + strlen(shim_file) + 16;
+}
+
+static int is_session_var(const char *e)
+{
+    for (int i = 0; i < nsession; i++) {
+        size_t k = (size_t)(strchr(session_vars[i], '=') - session_vars[i]) + 1;
+        if (strncmp(e, session_vars[i], k) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* envp plus the session into out[] (env_count + SESSION_VARS_MAX + 2 slots); ld[] holds the
+ * LD_PRELOAD line. Only memcpy/strlen/strncmp: this runs between fork and exec. */
+static char *const *with_session(char *const envp[], char **out, char *ld, size_t ldcap)
+{
+    size_t k = 0, plen = strlen(shim_file);
+    int have_ld = 0;
+    for (char *const *e = envp; e != NULL && *e != NULL; e++) {
+        if (is_session_var(*e))
+            continue; /* stale pieces of a session: ours replace them */
+        if (!have_ld && strncmp(*e, "LD_PRELOAD=", 11) == 0) {
+            have_ld = 1;
+            size_t n = strlen(*e);
+            if (strstr(*e + 11, shim_file) == NULL && n + 1 + plen + 1 <= ldcap) {
+                memcpy(ld, *e, n);
+                ld[n] = ' ';
+                memcpy(ld + n + 1, shim_file, plen + 1);
+                out[k++] = ld;
+                continue;
+            }
+        }
+        out[k++] = *e;
+    }
+    if (!have_ld && 11 + plen + 1 <= ldcap) {
+        memcpy(ld, "LD_PRELOAD=", 11);
+        memcpy(ld + 11, shim_file, plen + 1);
+        out[k++] = ld;
+    }
+    for (int i = 0; i < nsession; i++)
+        out[k++] = (char *)session_vars[i];
+    out[k] = NULL;
+    return out;
+}
+
+/* The hooks: a VLA for the new environment (no malloc after fork), else pass through. */
+#define SESSION_ENV(envp, call)                                                            \
+    do {                                                                                   \
+        size_t n_ = env_count(envp), ldcap_ = ld_room(envp);                               \
+        if (lacks_session(envp) && n_ <= EXEC_ENV_MAX && ldcap_ <= EXEC_LD_MAX) {          \
+            char *out_[n_ + SESSION_VARS_MAX + 2];                                         \
+            char ld_[ldcap_];                                                              \
+            char *const *env_ = with_session(envp, out_, ld_, ldcap_);                     \
+            return call;                                                                   \
+        }                                                                                  \
+    } while (0)
+
+EXPORT int execve(const char *path, char *const argv[], char *const envp[])
+{
+    REAL(execve);
+    SESSION_ENV(envp, real_execve(path, argv, env_));
+    return real_execve(path, argv, envp);
+}
+
+EXPORT int execvpe(const char *file, char *const argv[], char *const envp[])
+{
+    REAL(execvpe);
+    SESSION_ENV(envp, real_execvpe(file, argv, env_));
+    return real_execvpe(file, argv, envp);
+}
+
+EXPORT int execv(const char *path, char *const argv[])
+{
+    return execve(path, argv, environ);
+}
+
+EXPORT int execvp(const char *file, char *const argv[])
+{
+    return execvpe(file, argv, environ);
+}
+
+/* execl/execlp/execle: the arguments into an array, then the calls above. */
+#define VARARGS_ARGV(first, ap, argv_name)                                                  \
+    size_t argc_ = 1;                                                                      \
+    va_start(ap, first);                                                                   \
+    while (va_arg(ap, const char *) != NULL)                                               \
+        argc_++;                                                                           \
+    va_end(ap);                                                                            \
+    char *argv_name[argc_ + 1];                                                            \
+    argv_name[0] = (char *)first;                                                          \
+    va_start(ap, first);                                                                   \
+    for (size_t i_ = 1; i_ <= argc_; i_++)                                                 \
+        argv_name[i_] = va_arg(ap, char *);
+
+EXPORT int execl(const char *path, const char *arg, ...)
+{
+    va_list ap;
+    VARARGS_ARGV(arg, ap, argv)
+    va_end(ap);
+    return execve(path, argv, environ);
+}
+
+EXPORT int execlp(const char *file, const char *arg, ...)
+{
+    va_list ap;
+    VARARGS_ARGV(arg, ap, argv)
+    va_end(ap);
+    return execvpe(file, argv, environ);
+}
+
+EXPORT int execle(const char *path, const char *arg, ...)
+{
+    va_list ap;
+    VARARGS_ARGV(arg, ap, argv)
+    char *const *envp = va_arg(ap, char *const *);
+    va_end(ap);
+    return execve(path, argv, envp);
+}
+
+EXPORT int posix_spawn(pid_t *pid, const char *path, const posix_spawn_file_actions_t *fa,
+                       const posix_spawnattr_t *attr, char *const argv[], char *const envp[])
+{
+    REAL(posix_spawn);
+    SESSION_ENV(envp, real_posix_spawn(pid, path, fa, attr, argv, env_));
+    return real_posix_spawn(pid, path, fa, attr, argv, envp);
+}
+
+EXPORT int posix_spawnp(pid_t *pid, const char *file, const posix_spawn_file_actions_t *fa,
+                        const posix_spawnattr_t *attr, char *const argv[], char *const envp[])
+{
+    REAL(posix_spawnp);
+    SESSION_ENV(envp, real_posix_spawnp(pid, file, fa, attr, argv, env_));
+    return real_posix_spawnp(pid, file, fa, attr, argv, envp);
+}
+
 __attribute__((constructor)) static void shim_init(void)
 {
     int saved = errno;
@@ -266,6 +483,7 @@ __attribute__((constructor)) static void shim_init(void)
             d += strspn(d, ", ");
         }
         cfg.active = 1;
+        remember_session();
     }
     errno = saved;
 }

@@ -28,14 +28,18 @@ def is_nsvpn_shim(path: str) -> bool:
 
 
 def without_session(env: Mapping[str, str]) -> Dict[str, str]:
-    """`env` minus an enclosing session's shim, its NSVPN_* settings and the ALL_PROXY that
-    points at its front. An environment with no session is returned unchanged (a copy)."""
+    """`env` minus an enclosing session's shim, its NSVPN_* settings (NSVPN_CTL stays, empty)
+    and the ALL_PROXY that points at its front. An environment with no session is returned
+    unchanged (a copy)."""
     out = dict(env)
     port = out.get("NSVPN_FRONT_PORT4")
     if not port:  # no session around us (a site-wide LD_PRELOAD is not even read)
         return out
     for k in SESSION_VARS:
         out.pop(k, None)
+    # present but empty: the outer shim, still loaded in this nsvpn, puts a session back into
+    # an environment that has no NSVPN_CTL at all (see the shim's exec hooks)
+    out["NSVPN_CTL"] = ""
     for k in ("ALL_PROXY", "all_proxy"):
         v = out.get(k, "")
         if v.startswith("socks5h://") and v.endswith(f"@127.0.0.1:{port}"):

@@ -953,7 +953,7 @@ def test_nsvpn_inside_nsvpn(nsvpn_lab, ssh_via, socks_via, outer, inner):
     an outer preload session (whose front is on another host's 127.0.0.1 there), and under
     a new shim not the outer shim a second time."""
     inner_cmd = ("curl -sS --fail -m 20 http://remote.lab/1M.bin | sha256sum; "
-                 "echo \"preload=$LD_PRELOAD\"; env | grep -c '^NSVPN_'")
+                 "echo \"preload=$LD_PRELOAD\"; env | grep -c '^NSVPN_..*=.'")
     r = nsexec(nsvpn_lab, ["--mode", outer, "--via", ssh_via],
                ["nsvpn", "exec", "--mode", inner, "--via", socks_via, "--",
                 "sh", "-c", inner_cmd], timeout=90)

@@ -666,3 +666,41 @@ def test_blocking_connect_honours_sndtimeo(lab, preload):
     r = preload(["python3", "-c", SNDTIMEO, lab.remote_ip], delay=2.0)
     err, took = r.stdout.split()
     assert err == "EINPROGRESS" and 0.35 <= float(took) < 1.5, r
+
+
+SCRUBBED = r"""
+import hashlib, os, subprocess, sys
+url, want = sys.argv[1], sys.argv[2]
+fetch = ["/usr/bin/curl", "-sS", "--fail", "-m", "20", url]
+def check(name, out):
+    print(name, "ok" if hashlib.sha256(out).hexdigest() == want else "BAD")
+check("env={}", subprocess.run(fetch, env={}, stdout=subprocess.PIPE).stdout)
+check("env-i", subprocess.run(["env", "-i"] + fetch, stdout=subprocess.PIPE).stdout)
+r, w = os.pipe()
+pid = os.posix_spawn(fetch[0], fetch, {}, file_actions=[(os.POSIX_SPAWN_DUP2, w, 1)])
+os.close(w)
+data = b""
+while True:
+    chunk = os.read(r, 65536)
+    if not chunk:
+        break
+    data += chunk
+os.waitpid(pid, 0)
+check("posix_spawn", data)
+out = subprocess.run(fetch, env={"NSVPN_CTL": ""}, stdout=subprocess.PIPE,
+                     stderr=subprocess.DEVNULL)
+print("opted-out", out.returncode)
+"""
+
+
+def test_a_scrubbed_environment_keeps_the_session(lab, preload):
+    """Batch systems start jobs with an environment built from scratch (HTCondor's starter
+    does): LD_PRELOAD and the front's settings would be gone below that point, and the job
+    would have no network, where in namespace mode it has. execve/execvp(env -i)/posix_spawn
+    with an empty environment still get through; an empty NSVPN_CTL= opts out."""
+    url, want = _remote(lab, "/1M.bin"), lab.sha256["1M.bin"]
+    r = preload(["python3", "-c", SCRUBBED, url, want])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split("\n")
+    assert lines[:3] == ["env={} ok", "env-i ok", "posix_spawn ok"], r.stdout + r.stderr
+    assert lines[3].startswith("opted-out ") and lines[3] != "opted-out 0", r.stdout

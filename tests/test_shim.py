@@ -149,10 +149,11 @@ def test_without_session_strips_only_an_outer_session(fresh_shim, tmp_path):
              "ALL_PROXY": "socks5h://nsvpn:s3cret@127.0.0.1:4000",
              "all_proxy": "socks5h://me@proxy.site:1080", "HOME": "/h"}
     env = without_session(outer)
-    assert env == {"PATH": "/bin", "LD_PRELOAD": str(other),
+    # NSVPN_CTL stays, empty: "no session here" to the outer shim's exec hooks
+    assert env == {"PATH": "/bin", "LD_PRELOAD": str(other), "NSVPN_CTL": "",
                    "all_proxy": "socks5h://me@proxy.site:1080", "HOME": "/h"}
-    assert "LD_PRELOAD" not in without_session({"LD_PRELOAD": fresh_shim,
-                                                 "NSVPN_FRONT_PORT4": "4000"})
+    assert without_session({"LD_PRELOAD": fresh_shim, "NSVPN_FRONT_PORT4": "4000"}) == \
+        {"NSVPN_CTL": ""}
     plain = {"PATH": "/bin", "LD_PRELOAD": f"{other}:/nonexistent.so", "ALL_PROXY": "x"}
     assert without_session(plain) == plain
     # under a new shim the outer one is not loaded a second time
