@@ -269,7 +269,7 @@ static void probe_marker(void)
 /* ------------------------------------------------------------------ exec: keep the session */
 
 #define SESSION_VARS_MAX 8
-#define EXEC_ENV_MAX 4096  /* entries; a larger environment is passed on as it is */
+#define EXEC_ENV_MAX 1024  /* entries (8 KB of stack); a larger environment is passed on as is */
 #define EXEC_LD_MAX 8192   /* bytes of a merged LD_PRELOAD line */
 static char session_store[4096];
 static const char *session_vars[SESSION_VARS_MAX]; /* "NSVPN_CTL=...", ... */
