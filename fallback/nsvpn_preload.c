@@ -1220,15 +1220,24 @@ static int is_dns_peer(const struct sockaddr *sa, socklen_t len)
     return cfg.dns6 != 0 && d.port == cfg.dns6 && memcmp(d.a, &in6addr_loopback, 16) == 0;
 }
 
-/* Remember where a redirected DNS socket meant to go: replies get that source address back. */
-static void remember_dns(int fd, const struct sockaddr *sa, socklen_t len)
+/* fd's table entry, emptied and tied to the socket now behind fd (NULL past MAX_FDS). */
+static struct proxied *fresh_entry(int fd)
 {
     if (fd < 0 || fd >= MAX_FDS)
-        return;
+        return NULL;
     struct proxied *p = &table[fd];
     p->state = ST_NONE;
     p->ino = fd_inode(fd);
     p->lport = local_port(fd);
+    return p;
+}
+
+/* Remember where a redirected DNS socket meant to go: replies get that source address back. */
+static void remember_dns(int fd, const struct sockaddr *sa, socklen_t len)
+{
+    struct proxied *p = fresh_entry(fd);
+    if (p == NULL)
+        return;
     p->orig_len = len < sizeof p->orig ? len : (socklen_t)sizeof p->orig;
     memcpy(&p->orig, sa, p->orig_len);
     p->state = ST_DNS;
@@ -1240,13 +1249,9 @@ static int is_front_peer(const struct sockaddr *sa, socklen_t len, unsigned char
  * whose connection it is (a control round trip per connection). */
 static void remember_front_client(int fd)
 {
-    if (fd < 0 || fd >= MAX_FDS)
-        return;
-    struct proxied *p = &table[fd];
-    p->state = ST_NONE;
-    p->ino = fd_inode(fd);
-    p->lport = local_port(fd);
-    p->state = ST_FRONT;
+    struct proxied *p = fresh_entry(fd);
+    if (p != NULL)
+        p->state = ST_FRONT;
 }
 
 /*

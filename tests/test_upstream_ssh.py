@@ -89,6 +89,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_sshd(config, port: int, log) -> subprocess.Popen:
+    proc = subprocess.Popen([SSHD, "-D", "-f", str(config), "-E", str(log)])
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("sshd did not start: " + open(log).read())
+            time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
     if not os.path.exists(SSHD) or os.geteuid() != 0:
@@ -123,27 +137,17 @@ def sshd(tmp_path_factory):
         LogLevel ERROR
         """)
     )
-    proc = subprocess.Popen([SSHD, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "log")])
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("sshd did not start: " + (d / "log").read_text())
-            time.sleep(0.05)
+    proc = _start_sshd(d / "sshd_config", port, d / "log")
     yield {"port": port, "dir": d}
     proc.terminate()
     proc.wait(5)
     shutil.rmtree(keys, ignore_errors=True)
 
 
-def make_upstream(sshd, key="user", **kw) -> SshUpstream:
+def make_upstream(sshd, key="user", config=None, **kw) -> SshUpstream:
     url = parse_upstream_url(f"ssh://root@127.0.0.1:{sshd['port']}")
     opts = [
-        f"-F {sshd['dir']}/ssh_config",
+        f"-F {config or sshd['dir'] / 'ssh_config'}",
         f"-i {sshd['dir']}/{key}",
         "IdentitiesOnly=yes",
         "IdentityAgent=none",
@@ -588,17 +592,8 @@ async def test_first_start_tries_again_when_dropped_before_authentication(
     conf = re.sub(r"(?m)^Port \d+$", f"Port {port}", conf)
     conf = re.sub(r"(?m)^PidFile .*$", f"PidFile {tmp_path}/crowded.pid", conf)
     (tmp_path / "crowded_config").write_text(conf + "MaxStartups 1\n")
-    proc = subprocess.Popen([SSHD, "-D", "-f", str(tmp_path / "crowded_config"),
-                             "-E", str(tmp_path / "crowded.log")])
+    proc = _start_sshd(tmp_path / "crowded_config", port, tmp_path / "crowded.log")
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.05)
         await trio.sleep(0.2)  # sshd has counted that probe out again
         blocker = socket.create_connection(("127.0.0.1", port))  # the one pre-auth slot
 
@@ -621,13 +616,10 @@ async def test_first_start_tries_again_when_dropped_before_authentication(
         proc.wait(5)
 
 
-def _upstream_with_config(sshd, config: str, tmp_path) -> SshUpstream:
+def _upstream_with_config(sshd, config: str, tmp_path, **kw) -> SshUpstream:
     conf = tmp_path / "user_ssh_config"
     conf.write_text(config)
-    url = parse_upstream_url(f"ssh://root@127.0.0.1:{sshd['port']}")
-    opts = [f"-F {conf}", f"-i {sshd['dir']}/user", "IdentitiesOnly=yes", "IdentityAgent=none",
-            "StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null"]
-    return SshUpstream(url, ssh_opts=opts, interactive=False)
+    return make_upstream(sshd, config=conf, **kw)
 
 
 @needs_sshd
@@ -679,13 +671,9 @@ async def test_own_forward_failing_is_still_seen_at_once_beside_config_forwards(
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     socks = tmp_path / "socks"
     (socks / f"ssh-{os.getpid()}-0.sock").mkdir(parents=True)  # where our -D would listen
-    conf = tmp_path / "user_ssh_config"
-    conf.write_text(f"Host *\n    LogLevel QUIET\n    LocalForward 127.0.0.1:{_free_port()} "
-                    "127.0.0.1:9\n")
-    url = parse_upstream_url(f"ssh://root@127.0.0.1:{sshd['port']}")
-    opts = [f"-F {conf}", f"-i {sshd['dir']}/user", "IdentitiesOnly=yes", "IdentityAgent=none",
-            "StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null"]
-    up = SshUpstream(url, ssh_opts=opts, interactive=False, sockdir=str(socks))
+    up = _upstream_with_config(
+        sshd, f"Host *\n    LogLevel QUIET\n    LocalForward 127.0.0.1:{_free_port()} "
+              "127.0.0.1:9\n", tmp_path, sockdir=str(socks))
     t0 = trio.current_time()
     with pytest.raises(UpstreamError) as ei:
         await up.start()
