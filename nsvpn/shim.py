@@ -25,6 +25,7 @@ import hashlib
 import os
 import pkgutil
 import platform
+import secrets
 import shutil
 import subprocess
 from typing import Optional, Tuple
@@ -139,7 +140,7 @@ def _accept(tmp: str, final: str) -> Tuple[bool, str]:
 
 
 def _build(src: bytes, cc: str, d: str, final: str) -> Tuple[bool, str]:
-    tag = f"{os.getpid()}"
+    tag = f"{os.getpid()}-{secrets.token_hex(3)}"  # pids repeat across PID namespaces
     c_file = os.path.join(d, f".src-{tag}.c")
     tmp = os.path.join(d, f".build-{tag}.so")
     with open(c_file, "wb") as f:
@@ -163,7 +164,7 @@ def _build(src: bytes, cc: str, d: str, final: str) -> Tuple[bool, str]:
 
 
 def _extract(blob: bytes, d: str, final: str) -> Tuple[bool, str]:
-    tmp = os.path.join(d, f".prebuilt-{os.getpid()}.so")
+    tmp = os.path.join(d, f".prebuilt-{os.getpid()}-{secrets.token_hex(3)}.so")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
     with os.fdopen(fd, "wb") as f:
         f.write(blob)

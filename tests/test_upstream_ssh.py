@@ -670,7 +670,8 @@ async def test_own_forward_failing_is_still_seen_at_once_beside_config_forwards(
     cannot listen; its complaint on stderr ends the start at once, not after 20 s."""
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     socks = tmp_path / "socks"
-    (socks / f"ssh-{os.getpid()}-0.sock").mkdir(parents=True)  # where our -D would listen
+    monkeypatch.setattr("nsvpn.upstream.ssh.unique_tag", lambda: "fixed")
+    (socks / "ssh-fixed-0.sock").mkdir(parents=True)  # where our -D will listen
     up = _upstream_with_config(
         sshd, f"Host *\n    LogLevel QUIET\n    LocalForward 127.0.0.1:{_free_port()} "
               "127.0.0.1:9\n", tmp_path, sockdir=str(socks))
@@ -679,3 +680,29 @@ async def test_own_forward_failing_is_still_seen_at_once_beside_config_forwards(
         await up.start()
     assert up.config_forwards and "could not open nsvpn's forwarding" in str(ei.value)
     assert trio.current_time() - t0 < 10
+
+
+@needs_sshd
+@needs_root
+async def test_two_sessions_with_one_pid_keep_their_own_sockets(sshd, nursery, tmp_path,
+                                                                monkeypatch):
+    """Two nsvpn in different PID namespaces (containers, batch jobs) that share /tmp can have
+    the same pid: a socket named by pid alone was taken over (unlinked and bound again) by
+    the second ssh, and the first session's dials went to the wrong tunnel or failed. Two
+    upstreams of one process, both with index 0, stand in for them here."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    a, b = make_upstream(sshd), make_upstream(sshd)
+    await a.start()
+    try:
+        await b.start()
+        try:
+            assert a.socket_path != b.socket_path
+            echo = await echo_server(nursery)
+            for up in (a, b):
+                assert await roundtrip(up, echo, b"y" * 1000) == b"y" * 1000
+        finally:
+            await b.aclose()
+        assert os.path.exists(a.socket_path)  # b's cleanup left a's socket alone
+        assert await roundtrip(a, echo, b"z" * 1000) == b"z" * 1000
+    finally:
+        await a.aclose()

@@ -52,7 +52,7 @@ import trio
 from ..urls import OpenconnectUpstreamUrl
 from ..vpnenv import VpnEnv, VpnEnvError, parse_vpn_env
 from .base import QuietRepeats, UpstreamError, read_lines, wait_exit
-from .ssh import runtime_dir
+from .ssh import runtime_dir, unique_tag
 
 log = logging.getLogger("nsvpn.upstream.openconnect")
 
@@ -376,7 +376,7 @@ class OpenconnectUpstream:
     # -- the rendezvous socket ------------------------------------------------------------
     def _open_listener(self) -> None:
         d = self.sockdir or runtime_dir()
-        self.socket_path = os.path.join(d, f"oc-{os.getpid()}-{id(self) & 0xffff:x}.sock")
+        self.socket_path = os.path.join(d, f"oc-{unique_tag()}.sock")
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:

@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import select
 import shlex
 import signal
@@ -153,6 +154,12 @@ FORK_OPTION_MIN = (8, 7)
 def supports_unix_dynamic(version: Tuple[int, int] | None) -> bool:
     # Unknown (non-OpenSSH) clients: assume the oldest behaviour.
     return version is not None and version >= UNIX_DYNAMIC_MIN
+
+
+def unique_tag() -> str:
+    """For names in the shared runtime directory: the pid, and random bytes, since pids repeat
+    across PID namespaces (containers, batch jobs) that share one /tmp."""
+    return f"{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def runtime_dir() -> str:
@@ -382,7 +389,7 @@ class SshUpstream:
             self.force_tcp = True
         else:
             d = self.sockdir or runtime_dir()
-            name = f"ssh-{os.getpid()}-{self.index}.sock"
+            name = f"ssh-{unique_tag()}-{self.index}.sock"
             if len(os.path.join(d, name).encode()) > UNIX_PATH_MAX:
                 # A long $XDG_RUNTIME_DIR: the /tmp fallback is short and just as private.
                 saved = os.environ.pop("XDG_RUNTIME_DIR", None)
