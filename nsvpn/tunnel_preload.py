@@ -259,7 +259,7 @@ async def _run_child(argv: List[str], env: Dict[str, str]) -> int:
 
 
 def run_join_preload(name: str, state_dir: str, argv: List[str], *, quiet: bool = False,
-                     socks_env: bool = True) -> int:
+                     socks_env: bool = True, daemon_pid: Optional[int] = None) -> int:
     """CMD under the shim, its connections through tunnel `name`'s front."""
     from . import preload
     from .cli import EXIT_SETUP
@@ -279,4 +279,6 @@ def run_join_preload(name: str, state_dir: str, argv: List[str], *, quiet: bool 
             _err("warning: " + w)
     env = preload.build_env(base, shim, _SavedFront(info), info.get("direct", []),
                             socks_env=socks_env)
-    return trio.run(_run_child, argv, env)
+    from .tunnels import supervise_in_tunnel
+
+    return trio.run(supervise_in_tunnel, name, daemon_pid, lambda: _run_child(argv, env))

@@ -530,6 +530,36 @@ def _running(name: str) -> dict:
     return st
 
 
+async def _say_when_gone(name: str, daemon_pid: Optional[int]) -> None:
+    """Once the tunnel's daemon is gone, a command still running in it has no network any
+    more (its connects fail at once): say so, once, so that the failures have a reason."""
+    import trio
+
+    if not daemon_pid:
+        return
+    try:
+        fd = os.pidfd_open(daemon_pid)
+    except (AttributeError, OSError):
+        return
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+    _err(f"tunnel {name} ended (its daemon, pid {daemon_pid}, is gone): the command has no "
+         f"network any more; `nsvpn down {name}` cleans up")
+
+
+async def supervise_in_tunnel(name: str, daemon_pid: Optional[int], supervise) -> int:
+    """await supervise() (CMD's exit status), saying so if the tunnel dies meanwhile."""
+    import trio
+
+    async with trio.open_nursery() as n:
+        n.start_soon(_say_when_gone, name, daemon_pid)
+        status = await supervise()
+        n.cancel_scope.cancel()
+    return status
+
+
 def run_join(name: str, argv: List[str], *, quiet: bool = False,
              socks_env: bool = True) -> int:
     """Run argv in tunnel `name`; its exit status (128+N for signal N). Namespace mode: in the
@@ -548,7 +578,7 @@ def run_join(name: str, argv: List[str], *, quiet: bool = False,
         from .tunnel_preload import run_join_preload
 
         return run_join_preload(name, tunnel_dir(name), argv, quiet=quiet,
-                                socks_env=socks_env)
+                                socks_env=socks_env, daemon_pid=st.get("pid"))
     holder = st["holder_pid"]
     try:
         fds = [os.open(f"/proc/{holder}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
@@ -600,7 +630,8 @@ def run_join(name: str, argv: List[str], *, quiet: bool = False,
     except (AttributeError, OSError):
         pidfd = None
     child = namespace.NamespaceChild(pid, pidfd, -1, None)
-    return trio.run(namespace.supervise, child)
+    return trio.run(supervise_in_tunnel, name, st.get("pid"),
+                    lambda: namespace.supervise(child))
 
 
 # -- status / down ---------------------------------------------------------------------------

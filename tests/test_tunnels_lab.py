@@ -168,6 +168,8 @@ def test_killed_daemon_is_dead_and_down_cleans_it(nsvpn_lab: labenv.Lab):
         lab.wait_for(lambda: len(_in_netns(t["netns"])) >= 2, timeout=10)
         os.kill(t["pid"], signal.SIGKILL)
         lab.wait_for(lambda: not _alive(t["holder_pid"]), timeout=5)  # PDEATHSIG
+        # the command running in it is told why its network is gone
+        lab.wait_for(lambda: "has no network any more" in sleeper.output(), timeout=10)
         r, st = status(lab)
         assert r.returncode == 0, r.stderr  # the listing itself is fine
         (mine,) = [x for x in st["tunnels"] if x["name"] == name]
@@ -440,6 +442,7 @@ def test_preload_tunnel_killed_daemon_is_cleaned_up_by_next_up(nsvpn_lab: labenv
         lab.wait_for(lambda: _with_env(marker), timeout=10)
         os.kill(t["pid"], signal.SIGKILL)
         lab.wait_for(lambda: not _alive(t["pid"]), timeout=5)
+        lab.wait_for(lambda: "has no network any more" in sleeper.output(), timeout=10)
         r, st = status(lab, name)
         assert r.returncode == 1 and st["tunnels"][0]["state"] == "dead", st
         r = lab.run(["nsvpn", "exec", "--name", name, "--", "true"], timeout=30)
