@@ -49,6 +49,9 @@ def _build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
     pr.add_argument("--via", action="append", default=[], metavar="URL",
                     help="also check that this upstream's host:port can be reached")
+    pr.add_argument("--ssh-opt", action="append", default=[], metavar="OPT",
+                    help="ssh options for the --via ssh:// checks, as for exec (-F FILE, "
+                         "Key=Value)")
     pr.add_argument("--check", action="append", default=[], metavar="CMD",
                     help="report whether preload mode can divert CMD's connections "
                          "(static and setuid programs cannot be helped)")
@@ -107,7 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _probe(args: argparse.Namespace) -> int:
     from .probe import format_table, run_probe
 
-    caps = run_probe(args.via, args.check)
+    caps = run_probe(args.via, args.check, args.ssh_opt)
     if args.json:
         print(json.dumps(caps.to_json_dict(), indent=2, sort_keys=True))
     else:

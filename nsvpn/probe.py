@@ -89,8 +89,9 @@ def _tool_version(name: str, args: List[str]) -> Check:
     return Check(True, first, {"path": path, "version": first})
 
 
-def check_via(url: str, timeout: float = 1.5) -> Dict[str, object]:
-    """Can the upstream's host:port be reached with a plain TCP connect (bounded)?"""
+def check_via(url: str, timeout: float = 1.5, ssh_opts: Sequence[str] = ()) -> Dict[str, object]:
+    """Can the upstream's host:port be reached with a plain TCP connect (bounded)? For ssh://
+    the user's ssh config decides where that is (HostName, Port, ProxyJump), as for exec."""
     from .urls import parse_upstream_url
 
     try:
@@ -100,6 +101,24 @@ def check_via(url: str, timeout: float = 1.5) -> Dict[str, object]:
     default_port = {"ssh": 22, "openconnect": 443}.get(up.scheme, 1080)
     host, port = up.host, up.port or default_port
     shown = str(up)  # never shows a password
+    note = ""
+    if up.scheme == "ssh" and shutil.which("ssh"):
+        from .upstream.ssh import config_forwards, effective_config, expand_ssh_opts
+
+        conf = effective_config("ssh", expand_ssh_opts(ssh_opts), up.port,
+                                up.ssh_destination())
+        first = {}
+        for k, v in conf:
+            first.setdefault(k, v)
+        forwards = config_forwards(conf)
+        if forwards:
+            note = f"; your ssh config adds forwardings for it ({', '.join(forwards)})"
+        for k in ("proxyjump", "proxycommand"):
+            if first.get(k, "none") != "none":
+                return {"url": shown, "ok": True,
+                        "detail": f"through {k} {first[k]} (ssh's own path: not checked){note}"}
+        host = first.get("hostname", host)
+        port = int(first.get("port", port))
     t0 = time.monotonic()
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -111,7 +130,7 @@ def check_via(url: str, timeout: float = 1.5) -> Dict[str, object]:
     except OSError as e:
         return {"url": shown, "ok": False, "detail": f"{host}:{port}: {e.strerror}"}
     ms = (time.monotonic() - t0) * 1000
-    return {"url": shown, "ok": True, "detail": f"{host}:{port} reachable ({ms:.1f} ms)"}
+    return {"url": shown, "ok": True, "detail": f"{host}:{port} reachable ({ms:.1f} ms){note}"}
 
 
 def check_command(cmd: str) -> Dict[str, object]:
@@ -128,7 +147,8 @@ def check_command(cmd: str) -> Dict[str, object]:
             "detail": detail, "warnings": warnings}
 
 
-def run_probe(vias: List[str], commands: Sequence[str] = ()) -> Capabilities:
+def run_probe(vias: List[str], commands: Sequence[str] = (),
+              ssh_opts: Sequence[str] = ()) -> Capabilities:
     t0 = time.monotonic()
     checks: Dict[str, Check] = {}
     checks["userns"] = _trial(namespace.trial_userns)
@@ -141,7 +161,7 @@ def run_probe(vias: List[str], commands: Sequence[str] = ()) -> Capabilities:
     checks["preload"] = check_preload()
     checks["ssh"] = _tool_version("ssh", ["-V"])
     checks["openconnect"] = _tool_version("openconnect", ["--version"])
-    via = [check_via(u) for u in vias]
+    via = [check_via(u, ssh_opts=ssh_opts) for u in vias]
 
     reasons: List[str] = []
     if checks["userns"].ok and checks["tun"].ok and checks["mount"].ok:

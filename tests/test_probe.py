@@ -165,3 +165,24 @@ def test_check_reports_static_and_setuid_programs():
     assert not by[static]["preload_ok"] and "statically linked" in by[static]["detail"]
     assert not by["/usr/bin/su"]["preload_ok"] and "setuid" in by["/usr/bin/su"]["detail"]
     assert not by["no-such-program-xyz"]["ok"]
+
+
+@pytest.mark.lab
+def test_via_ssh_follows_the_users_ssh_config(lab, user_tmp):
+    """exec reaches an ssh:// host the way the user's ssh config says (an alias with HostName,
+    a ProxyJump), so the probe does too, instead of calling the alias unresolvable; and it
+    names forwardings the config would add to nsvpn's ssh."""
+    conf = os.path.join(user_tmp, "ssh_config")
+    with open(conf, "w") as f:
+        f.write(f"Host edge-alias\n    HostName {lab.info['edge']['ip']}\n"
+                "    DynamicForward 127.0.0.1:1080\n"
+                f"Host edge-jump\n    HostName {lab.info['edge']['ip']}\n"
+                f"    ProxyJump {lab.info['ssh']['host']}\n")
+    os.chmod(conf, 0o644)
+    p = lab.run(["nsvpn", "probe", "--json", "--ssh-opt", f"-F {conf}",
+                 "--via", "ssh://edge-alias", "--via", "ssh://edge-jump"], timeout=30)
+    assert p.returncode == 0, p.stderr
+    alias, jump = json.loads(p.stdout)["via"]
+    assert alias["ok"] and f"{lab.info['edge']['ip']}:22 reachable" in alias["detail"], alias
+    assert "DynamicForward [127.0.0.1]:1080" in alias["detail"], alias
+    assert jump["ok"] and "proxyjump" in jump["detail"], jump

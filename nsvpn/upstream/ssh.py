@@ -124,26 +124,32 @@ def ssh_version(ssh: str = "ssh") -> Tuple[Tuple[int, int] | None, str]:
 # Set in the environment of our ssh (and of `ssh -G`), so that a user's config can keep its
 # own forwardings out of it: Match host login01 exec "test -z $NSVPN_SSH".
 SSH_MARK = "NSVPN_SSH"
-_FORWARD_LINE = re.compile(r"^(localforward|remoteforward|dynamicforward) (.+)$", re.IGNORECASE)
 
 
-def config_forwards(ssh: str, opts: Sequence[str], port: int | None, dest: str) -> List[str]:
-    """The forwardings the user's ssh config (and options) add for `dest`, from `ssh -G`
-    ("DynamicForward [127.0.0.1]:1080"); [] when there are none or ssh cannot say."""
+def effective_config(ssh: str, opts: Sequence[str], port: int | None,
+                     dest: str) -> List[Tuple[str, str]]:
+    """What ssh would use for `dest` with the user's config and `opts` (`ssh -G`), as
+    (lowercase key, value) lines as our ssh sees them; [] when ssh cannot say."""
     argv = [ssh, "-G", *opts] + (["-p", str(port)] if port is not None else []) + ["--", dest]
     try:
         p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=5,
                            env={**os.environ, SSH_MARK: "1"})
     except (OSError, subprocess.SubprocessError):
         return []
-    names = {"localforward": "LocalForward", "remoteforward": "RemoteForward",
-             "dynamicforward": "DynamicForward"}
+    if p.returncode != 0:
+        return []
     out = []
     for line in p.stdout.decode(errors="replace").splitlines():
-        m = _FORWARD_LINE.match(line.strip())
-        if m:
-            out.append(f"{names[m.group(1).lower()]} {m.group(2)}")
+        key, _, value = line.strip().partition(" ")
+        out.append((key.lower(), value))
     return out
+
+
+def config_forwards(config: List[Tuple[str, str]]) -> List[str]:
+    """The forwardings in an effective_config() ("DynamicForward [127.0.0.1]:1080")."""
+    names = {"localforward": "LocalForward", "remoteforward": "RemoteForward",
+             "dynamicforward": "DynamicForward"}
+    return [f"{names[k]} {v}" for k, v in config if k in names]
 
 
 # ForkAfterAuthentication (OpenSSH 8.7) forks ssh into the background like -f; older clients
@@ -399,8 +405,8 @@ class SshUpstream:
                     if saved is not None:
                         os.environ["XDG_RUNTIME_DIR"] = saved
             self.socket_path = os.path.join(d, name)
-        self.config_forwards = config_forwards(self.ssh, expand_ssh_opts(self.ssh_opts),
-                                               self.url.port, self.url.ssh_destination())
+        self.config_forwards = config_forwards(effective_config(
+            self.ssh, expand_ssh_opts(self.ssh_opts), self.url.port, self.url.ssh_destination()))
         if self.config_forwards:
             # They come with every ssh to this host, ours too: one busy port (the user's own
             # session, a second nsvpn on this node) would end ours under ExitOnForwardFailure.
