@@ -37,6 +37,10 @@ log = logging.getLogger("nsvpn.relay")
 READ_BATCH = 16  # packets per wake-up: measured faster than 64 (ACKs go out sooner)
 DIAL_TIMEOUT = 20.0
 UDP_IDLE = 60.0
+# Host sockets for UDP to direct networks (one per app 4-tuple, held UDP_IDLE after the last
+# datagram): a job sending from a new port each time (one-shot queries to a site server)
+# would hold thousands of fds; past this many the least recently used one goes.
+UDP_FLOWS_MAX = 1024
 
 Dialer = Callable[[str, int, float], "trio.abc.Stream"]
 
@@ -293,6 +297,8 @@ class Relay:
             key = (src, dst)
             u = self.udp.get(key)
             if u is None:
+                if len(self.udp) >= UDP_FLOWS_MAX:
+                    min(self.udp.values(), key=lambda f: f.last).evict()
                 try:
                     u = _UdpFlow(self, src, dst, (d.host, d.port))
                 except OSError as e:  # EMFILE: drop this datagram, keep the session
@@ -325,6 +331,13 @@ class _UdpFlow:
             trio.socket.SOCK_DGRAM,
         )
         self.last = trio.current_time()
+        self._scope = trio.CancelScope()
+
+    def evict(self) -> None:
+        """Make room: forget it now, its task ends at its next checkpoint."""
+        if self.relay.udp.get((self.src, self.dst)) is self:
+            del self.relay.udp[(self.src, self.dst)]
+        self._scope.cancel()
 
     def send(self, payload: bytes) -> None:
         self.last = trio.current_time()
@@ -335,16 +348,18 @@ class _UdpFlow:
 
     async def run(self) -> None:
         try:
-            while True:
-                with trio.move_on_at(self.last + UDP_IDLE):
-                    data = await self.sock.recv(65535)
-                    self.last = trio.current_time()
-                    self.relay.send_udp(self.dst, self.src, data)
-                    continue
-                if trio.current_time() >= self.last + UDP_IDLE:
-                    return
+            with self._scope:
+                while True:
+                    with trio.move_on_at(self.last + UDP_IDLE):
+                        data = await self.sock.recv(65535)
+                        self.last = trio.current_time()
+                        self.relay.send_udp(self.dst, self.src, data)
+                        continue
+                    if trio.current_time() >= self.last + UDP_IDLE:
+                        return
         except OSError:
             return
         finally:
             self.sock.close()
-            self.relay.udp.pop((self.src, self.dst), None)
+            if self.relay.udp.get((self.src, self.dst)) is self:  # not a newer flow's
+                del self.relay.udp[(self.src, self.dst)]
