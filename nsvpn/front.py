@@ -60,6 +60,11 @@ log = logging.getLogger("nsvpn.front")
 USERNAME = "nsvpn"
 TOKEN_LEN = 16
 CLAIM_WAIT = 10.0  # a claimed connection and its claim must meet within this time
+# Accepted connections not yet claimed (or known to speak SOCKS) hold an fd each while they
+# wait. Out of fds, unbounded accepts took every fd, so the control connections carrying the
+# claims were never accepted: the session stalled until the claims timed out, over and over.
+# Past this many, new ones wait in the listen backlog, where a claim can still be registered.
+MAX_UNCLAIMED = 128
 HANDSHAKE_TIMEOUT = 10.0
 RELAY_CHUNK = 256 * 1024
 VERDICTS_KEPT = 4096
@@ -105,15 +110,21 @@ class FrontStats:
     by_reason: Dict[str, int] = field(default_factory=dict)
 
 
-async def accept_forever(listener, what: str, start) -> None:
+async def accept_forever(listener, what: str, start,
+                         gate: Optional[trio.Semaphore] = None) -> None:
     """Accept on a trio socket until cancelled; start(sock, addr) takes each connection.
-    A failed accept (EMFILE and friends) is logged and retried after a pause, never spun on."""
+    A failed accept (EMFILE and friends) is logged and retried after a pause, never spun on.
+    With `gate`, each accept first takes a token of it, which start's task gives back."""
     quiet_until = -math.inf
     spare = _spare_fd()
     while True:
+        if gate is not None:
+            await gate.acquire()
         try:
             sock, addr = await listener.accept()
         except OSError as exc:
+            if gate is not None:
+                gate.release()
             now = trio.current_time()
             if now >= quiet_until:  # out of fds comes in storms: one line per 10 s
                 log.warning("%s failed: %s (further ones not shown for 10 s)", what, exc)
@@ -239,6 +250,7 @@ class Front:
         self.trim = TrimWhenDrained(lambda: self.stats.active)
         self._next_id = 1
         self._claims: Dict[Key, Claim] = {}
+        self._unclaimed = trio.Semaphore(MAX_UNCLAIMED)  # see MAX_UNCLAIMED
         self._claim_events: Dict[Key, trio.Event] = {}
         self._pending: Dict[int, Claim] = {}
         self._verdicts: collections.OrderedDict[int, int] = collections.OrderedDict()
@@ -368,7 +380,8 @@ class Front:
     async def _accept_loop(self, listener, tag: int, nursery: trio.Nursery) -> None:
         await accept_forever(listener, "front accept",
                              lambda sock, addr: nursery.start_soon(self._handle_tcp, sock,
-                                                                   (tag, addr[1])))
+                                                                   (tag, addr[1])),
+                             gate=self._unclaimed)
 
     async def _peek(self, sock, n: int, deadline: float) -> bytes:
         """The first n bytes without consuming them (they stay in the kernel's buffer, so a
@@ -384,16 +397,26 @@ class Front:
 
     async def _handle_tcp(self, sock, key: Key) -> None:
         deadline = trio.current_time() + CLAIM_WAIT
+        token = [True]  # holds one of self._unclaimed until claimed or known to speak SOCKS
+
+        def release() -> None:
+            if token[0]:
+                token[0] = False
+                self._unclaimed.release()
+
         try:
             first = await self._peek(sock, 1, deadline)
             if first == b"\x00":
-                await self._serve_claimed(sock, key, deadline)
+                await self._serve_claimed(sock, key, deadline, release)
                 return
             if first == bytes((socks.VERSION,)):
+                release()
                 await self._serve_socks(sock)
                 return
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("front connection %s: %s", key, exc)
+        finally:
+            release()
         sock.close()
 
     async def _wait_claim(self, key: Key, token: bytes, deadline: float) -> Optional[Claim]:
@@ -412,9 +435,11 @@ class Front:
             if scope.cancelled_caught:
                 return None
 
-    async def _serve_claimed(self, sock, key: Key, deadline: float) -> None:
+    async def _serve_claimed(self, sock, key: Key, deadline: float,
+                             claimed: Callable[[], None]) -> None:
         token = await self._peek(sock, TOKEN_LEN, deadline)
         claim = await self._wait_claim(key, token, deadline) if len(token) == TOKEN_LEN else None
+        claimed()
         if claim is None:
             log.info("front: unclaimed connection from port %s dropped", key[1])
             _linger_close(sock)
