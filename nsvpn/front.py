@@ -61,9 +61,10 @@ USERNAME = "nsvpn"
 TOKEN_LEN = 16
 CLAIM_WAIT = 10.0  # a claimed connection and its claim must meet within this time
 # Accepted connections not yet claimed (or known to speak SOCKS) hold an fd each while they
-# wait. Out of fds, unbounded accepts took every fd, so the control connections carrying the
+# wait. Out of fds, unbounded they took every fd, so the control connections carrying the
 # claims were never accepted: the session stalled until the claims timed out, over and over.
-# Past this many, new ones wait in the listen backlog, where a claim can still be registered.
+# Past this many the oldest is dropped (reset): a claim comes within milliseconds, and
+# connections nobody claims (another user's, say) cannot hold up the ones that get claimed.
 MAX_UNCLAIMED = 128
 HANDSHAKE_TIMEOUT = 10.0
 RELAY_CHUNK = 256 * 1024
@@ -110,21 +111,15 @@ class FrontStats:
     by_reason: Dict[str, int] = field(default_factory=dict)
 
 
-async def accept_forever(listener, what: str, start,
-                         gate: Optional[trio.Semaphore] = None) -> None:
+async def accept_forever(listener, what: str, start) -> None:
     """Accept on a trio socket until cancelled; start(sock, addr) takes each connection.
-    A failed accept (EMFILE and friends) is logged and retried after a pause, never spun on.
-    With `gate`, each accept first takes a token of it, which start's task gives back."""
+    A failed accept (EMFILE and friends) is logged and retried after a pause, never spun on."""
     quiet_until = -math.inf
     spare = _spare_fd()
     while True:
-        if gate is not None:
-            await gate.acquire()
         try:
             sock, addr = await listener.accept()
         except OSError as exc:
-            if gate is not None:
-                gate.release()
             now = trio.current_time()
             if now >= quiet_until:  # out of fds comes in storms: one line per 10 s
                 log.warning("%s failed: %s (further ones not shown for 10 s)", what, exc)
@@ -250,7 +245,9 @@ class Front:
         self.trim = TrimWhenDrained(lambda: self.stats.active)
         self._next_id = 1
         self._claims: Dict[Key, Claim] = {}
-        self._unclaimed = trio.Semaphore(MAX_UNCLAIMED)  # see MAX_UNCLAIMED
+        # accepted connections waiting for their claim, oldest first (see MAX_UNCLAIMED)
+        self._unclaimed: collections.OrderedDict[object, trio.CancelScope] = \
+            collections.OrderedDict()
         self._claim_events: Dict[Key, trio.Event] = {}
         self._pending: Dict[int, Claim] = {}
         self._verdicts: collections.OrderedDict[int, int] = collections.OrderedDict()
@@ -380,8 +377,7 @@ class Front:
     async def _accept_loop(self, listener, tag: int, nursery: trio.Nursery) -> None:
         await accept_forever(listener, "front accept",
                              lambda sock, addr: nursery.start_soon(self._handle_tcp, sock,
-                                                                   (tag, addr[1])),
-                             gate=self._unclaimed)
+                                                                   (tag, addr[1])))
 
     async def _peek(self, sock, n: int, deadline: float) -> bytes:
         """The first n bytes without consuming them (they stay in the kernel's buffer, so a
@@ -397,21 +393,27 @@ class Front:
 
     async def _handle_tcp(self, sock, key: Key) -> None:
         deadline = trio.current_time() + CLAIM_WAIT
-        token = [True]  # holds one of self._unclaimed until claimed or known to speak SOCKS
+        me, waiting = object(), trio.CancelScope()
+        self._unclaimed[me] = waiting
+        if len(self._unclaimed) > MAX_UNCLAIMED:
+            self._unclaimed.popitem(last=False)[1].cancel()
 
-        def release() -> None:
-            if token[0]:
-                token[0] = False
-                self._unclaimed.release()
+        def release() -> None:  # claimed, or known to speak SOCKS: no longer droppable
+            self._unclaimed.pop(me, None)
 
         try:
-            first = await self._peek(sock, 1, deadline)
-            if first == b"\x00":
-                await self._serve_claimed(sock, key, deadline, release)
-                return
-            if first == bytes((socks.VERSION,)):
-                release()
-                await self._serve_socks(sock)
+            with waiting:
+                first = await self._peek(sock, 1, deadline)
+                if first == b"\x00":
+                    await self._serve_claimed(sock, key, deadline, release)
+                    return
+                if first == bytes((socks.VERSION,)):
+                    release()
+                    await self._serve_socks(sock)
+                    return
+            if waiting.cancelled_caught:
+                log.debug("front connection %s dropped: too many unclaimed", key)
+                _linger_close(sock)
                 return
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("front connection %s: %s", key, exc)
@@ -428,10 +430,12 @@ class Front:
                 del self._claims[key]
                 return claim
             ev = self._claim_events[key] = trio.Event()
-            with trio.move_on_at(deadline) as scope:
-                await ev.wait()
-            if self._claim_events.get(key) is ev:
-                del self._claim_events[key]
+            try:
+                with trio.move_on_at(deadline) as scope:
+                    await ev.wait()
+            finally:  # also when dropped (MAX_UNCLAIMED)
+                if self._claim_events.get(key) is ev:
+                    del self._claim_events[key]
             if scope.cancelled_caught:
                 return None
 

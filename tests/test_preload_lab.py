@@ -704,3 +704,26 @@ def test_a_scrubbed_environment_keeps_the_session(lab, preload):
     lines = r.stdout.split("\n")
     assert lines[:3] == ["env={} ok", "env-i ok", "posix_spawn ok"], r.stdout + r.stderr
     assert lines[3].startswith("opted-out ") and lines[3] != "opted-out 0", r.stdout
+
+
+IDLE_THEN_FETCH = r"""
+import hashlib, os, socket, sys, time, urllib.request
+port = int(os.environ["NSVPN_FRONT_PORT4"])
+idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]  # never claimed
+time.sleep(0.5)
+t0 = time.monotonic()
+data = urllib.request.urlopen(sys.argv[1], timeout=30).read()
+print(hashlib.sha256(data).hexdigest(), round(time.monotonic() - t0, 2))
+"""
+
+
+def test_idle_connections_to_the_front_do_not_hold_up_real_ones(lab, preload):
+    """Connections to the front that never get claimed (another user's, a confused program)
+    are bounded (MAX_UNCLAIMED, which keeps fds for the claims when fds run short) by
+    dropping the oldest, not by refusing newcomers: 300 idle ones do not delay a real
+    connect by the claim timeout."""
+    url, want = _remote(lab, "/1M.bin"), lab.sha256["1M.bin"]
+    r = preload(["python3", "-c", IDLE_THEN_FETCH, url])
+    assert r.returncode == 0, r.stderr
+    digest, secs = r.stdout.split()
+    assert digest == want and float(secs) < 5, r.stdout
