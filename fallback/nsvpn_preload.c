@@ -375,12 +375,14 @@ static char *const *with_session(char *const envp[], char **out, char *ld, size_
 /* The hooks: a VLA for the new environment (no malloc after fork), else pass through. */
 #define SESSION_ENV(envp, call)                                                            \
     do {                                                                                   \
-        size_t n_ = env_count(envp), ldcap_ = ld_room(envp);                               \
-        if (lacks_session(envp) && n_ <= EXEC_ENV_MAX && ldcap_ <= EXEC_LD_MAX) {          \
-            char *out_[n_ + SESSION_VARS_MAX + 2];                                         \
-            char ld_[ldcap_];                                                              \
-            char *const *env_ = with_session(envp, out_, ld_, ldcap_);                     \
-            return call;                                                                   \
+        if (lacks_session(envp)) { /* sizes only then: most execs keep the session */      \
+            size_t n_ = env_count(envp), ldcap_ = ld_room(envp);                           \
+            if (n_ <= EXEC_ENV_MAX && ldcap_ <= EXEC_LD_MAX) {                             \
+                char *out_[n_ + SESSION_VARS_MAX + 2];                                     \
+                char ld_[ldcap_];                                                          \
+                char *const *env_ = with_session(envp, out_, ld_, ldcap_);                 \
+                return call;                                                               \
+            }                                                                              \
         }                                                                                  \
     } while (0)
 

@@ -1,7 +1,8 @@
 """The processes a preload session started, and ending them.
 
-Every process started under the shim (and everything it starts in turn, unless it scrubs its
-environment) carries NSVPN_CTL=<the session's control socket> in its initial environment; that
+Every process started under the shim (and everything it starts in turn: the shim's exec hooks
+put the session back into a scrubbed environment; only a static program's children escape)
+carries NSVPN_CTL=<the session's control socket> in its initial environment; that
 path is unique to the session, so our own processes with it in /proc/PID/environ are exactly
 the session's. `exec` ends those that outlive CMD (in ns mode nothing outlives it either), and
 `down` ends a shared tunnel's. own_processes() and end_all() serve ns mode's cleanup of the

@@ -25,7 +25,6 @@ import hashlib
 import os
 import pkgutil
 import platform
-import secrets
 import shutil
 import subprocess
 from typing import Optional, Tuple
@@ -140,7 +139,9 @@ def _accept(tmp: str, final: str) -> Tuple[bool, str]:
 
 
 def _build(src: bytes, cc: str, d: str, final: str) -> Tuple[bool, str]:
-    tag = f"{os.getpid()}-{secrets.token_hex(3)}"  # pids repeat across PID namespaces
+    from .upstream.ssh import unique_tag  # not at import: the pyz's start-up imports this
+
+    tag = unique_tag()
     c_file = os.path.join(d, f".src-{tag}.c")
     tmp = os.path.join(d, f".build-{tag}.so")
     with open(c_file, "wb") as f:
@@ -164,7 +165,9 @@ def _build(src: bytes, cc: str, d: str, final: str) -> Tuple[bool, str]:
 
 
 def _extract(blob: bytes, d: str, final: str) -> Tuple[bool, str]:
-    tmp = os.path.join(d, f".prebuilt-{os.getpid()}-{secrets.token_hex(3)}.so")
+    from .upstream.ssh import unique_tag
+
+    tmp = os.path.join(d, f".prebuilt-{unique_tag()}.so")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
     with os.fdopen(fd, "wb") as f:
         f.write(blob)

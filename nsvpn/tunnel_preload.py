@@ -13,9 +13,9 @@ LD_PRELOAD and the tunnel's NSVPN_* variables (the same environment `exec --mode
 builds), signals forwarded, PDEATHSIG, same warnings for static/setuid programs.
 
 Tracking CMDs for `down`: there is no namespace to enumerate, but every process started this
-way (and everything it starts, unless it scrubs its environment) carries NSVPN_CTL=<this
-tunnel's control socket> in its initial environment; `leftovers.session_processes()` finds
-our own processes by that marker in /proc/PID/environ.
+way (and everything it starts, unless a static program scrubs the environment) carries
+NSVPN_CTL=<this tunnel's control socket> in its initial environment;
+`leftovers.session_processes()` finds our own processes by that marker in /proc/PID/environ.
 """
 
 from __future__ import annotations

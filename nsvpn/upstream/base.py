@@ -63,6 +63,13 @@ class QuietRepeats:
         self._hidden += 1
         return False, 0
 
+    def suffix(self, why: str) -> str | None:
+        """check() for a log line: None (leave it out), else what goes after `why`."""
+        say, hidden = self.check(why)
+        if not say:
+            return None
+        return f" ({hidden} more like it not shown)" if hidden else ""
+
     def reset(self) -> None:
         """The helper works again: the next failure is news."""
         self._key, self._count, self._hidden = None, 0, 0

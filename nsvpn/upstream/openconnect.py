@@ -663,9 +663,8 @@ class OpenconnectUpstream:
                     if trio.current_time() - t0 > STABLE_AFTER:
                         backoff = self.backoff_first
                     msg = err or self._ended_message()
-                    say, hidden = self._quiet.check(msg)
-                    if say:
-                        more = f" ({hidden} more like it not shown)" if hidden else ""
+                    more = self._quiet.suffix(msg)
+                    if more is not None:
                         sys.stderr.write(f"nsvpn: {self.name}: {msg}; restarting in "
                                          f"{backoff:g} s{more}\n")
                     await trio.sleep(backoff)

@@ -585,9 +585,8 @@ class SshUpstream:
                    for line in self._stderr)
 
     def _say_failure(self, text: str) -> None:
-        say, hidden = self._quiet.check(text)
-        if say:
-            more = f" ({hidden} more like it not shown)" if hidden else ""
+        more = self._quiet.suffix(text)
+        if more is not None:
             log.warning("%s: %s%s", self.name, text, more)
 
     def _messages(self) -> str:
