@@ -33,8 +33,8 @@ def _add_exec_settings(p: argparse.ArgumentParser) -> None:
                         "given, its local = networks are direct, its path sections route "
                         "their networks through their own SOCKS5 server")
     p.add_argument("--no-proxy-env", action="store_true",
-                   help="preload mode: do not set ALL_PROXY=socks5h://... for CMD (Python "
-                        "requests/pip without PySocks fail on it)")
+                   help="preload mode: do not point ALL_PROXY, http_proxy and https_proxy "
+                        "at nsvpn's front for CMD")
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ The file (XDG_CONFIG_HOME honoured; `--config FILE` overrides the path):
     upstream_policy = "first"                # first | round-robin (several via)
     tsocks_conf = "/etc/tsocks.conf"         # its server, local nets and path sections
     allow_host_loopback = false
-    no_proxy_env = false                     # preload mode: no ALL_PROXY for CMD
+    no_proxy_env = false                     # preload mode: no ALL_PROXY/http(s)_proxy
     oc_opts = ["--servercert=pin-sha256:..."]  # openconnect options
     passwd_file = "~/.vpnpass"               # openconnect password (first line)
 

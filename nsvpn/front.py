@@ -1,4 +1,4 @@
-"""The local front of the preload modes: where the shim's (and SOCKS clients') connections land.
+"""The local front of the preload modes: where the shim's (and proxy clients') connections land.
 
 Two doors, both only usable by the user who runs nsvpn:
 
@@ -8,7 +8,11 @@ Two doors, both only usable by the user who runs nsvpn:
     names the connection by its source port and carries a random token that must be the first
     16 bytes on it; or
   - it speaks SOCKS5 with user/password = (``username``, per-session ``secret``) (RFC 1929):
-    the path of SOCKS-aware programs that get ``ALL_PROXY=socks5h://user:secret@...``.
+    the path of SOCKS-aware programs that get ``ALL_PROXY=socks5h://user:secret@...``; or
+  - it speaks HTTP proxy (CONNECT or one absolute-form request, see httpproxy) with those
+    credentials, or from a socket of our own uid (sockdiag): programs that read
+    ``http_proxy``/``https_proxy``, which carry no credentials (not every client can send
+    them).
 * a unix stream socket (``ctl_path``) in nsvpn's 0700 runtime directory: the control channel.
   One request line, one answer line per connection:
 
@@ -48,7 +52,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import trio
 
-from . import socks
+from . import httpproxy, sockdiag, socks
 from .dns import DnsService, FakeIpTable, parse_server, relay_tcp
 from .memtrim import TrimWhenDrained
 from .sockpump import detach_socket
@@ -253,11 +257,20 @@ class Front:
         self._verdicts: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._peers: Dict[Key, Tuple[str, int]] = {}
         self._nursery: Optional[trio.Nursery] = None
+        self._sockdiag: Optional[bool] = None
 
     # ------------------------------------------------------------------ public
 
     def socks_url(self) -> str:
         return f"socks5h://{self.username}:{self.secret}@127.0.0.1:{self.port4}"
+
+    def http_proxy_url(self) -> str:
+        """Without credentials where the front can tell its user's connections (sockdiag):
+        some HTTP clients cannot send proxy credentials at all."""
+        if self._sockdiag is None:
+            self._sockdiag = sockdiag.works()
+        who = "" if self._sockdiag else f"{self.username}:{self.secret}@"
+        return f"http://{who}127.0.0.1:{self.port4}"
 
     def shim_env(self) -> Dict[str, str]:
         return {
@@ -411,6 +424,10 @@ class Front:
                     release()
                     await self._serve_socks(sock)
                     return
+                if first.isalpha():  # an HTTP request line: a program that read http_proxy
+                    release()
+                    await self._serve_http(sock)
+                    return
             if waiting.cancelled_caught:
                 log.debug("front connection %s dropped: too many unclaimed", key)
                 _linger_close(sock)
@@ -542,6 +559,56 @@ class Front:
             if hs.leftover:
                 await upstream.send_all(hs.leftover)
                 self.stats.bytes_up += len(hs.leftover)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await upstream.aclose()
+            raise
+        await self._relay(stream, upstream)
+
+    async def _serve_http(self, sock) -> None:
+        """An HTTP proxy client (http_proxy/https_proxy): CONNECT, or one absolute-form
+        request (see nsvpn.httpproxy). Served when it carries our credentials or, since
+        HTTP clients may send none, when its socket belongs to our uid (sockdiag)."""
+        stream = trio.SocketStream(sock)
+        buf = b""
+        try:
+            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                while True:
+                    end = httpproxy.head_end(buf)
+                    if end is not None:
+                        break
+                    data = await stream.receive_some(4096)
+                    if not data:
+                        break
+                    buf += data
+            if end is None:
+                await stream.aclose()
+                return
+            req = httpproxy.parse_request(buf[:end], (self.username, self.secret))
+            if not req.authorized and not sockdiag.peer_is_ours(sock):
+                raise httpproxy.HttpProxyError(407, "credentials required")
+        except httpproxy.HttpProxyError as exc:
+            log.info("front: HTTP proxy client rejected: %s", exc)
+            with trio.move_on_after(1.0):
+                await stream.send_all(exc.response())
+            await stream.aclose()
+            return
+        self.stats.flows += 1
+        try:
+            upstream = await self._dial(req.host, req.port)
+        except DialError as exc:
+            self._count_failure(exc)
+            await stream.send_all(httpproxy.dial_failure(exc.errno, str(exc.message or exc)))
+            await stream.aclose()
+            return
+        first_up = req.head + buf[end:]
+        try:
+            if req.tunnel:
+                await stream.send_all(httpproxy.response(200))
+            _set_rcvbuf(sock, SERVED_RCVBUF)
+            if first_up:
+                await upstream.send_all(first_up)
+                self.stats.bytes_up += len(first_up)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await upstream.aclose()

@@ -3,7 +3,7 @@
 A pilot may wrap a whole job in `nsvpn exec --mode preload`, and the job run `nsvpn exec`
 again. The inner nsvpn itself should stay under the outer shim (its ssh reaches the login node
 through the outer front), but its CMD must not: in a new network namespace 127.0.0.1 is
-another host, so the outer shim and ALL_PROXY would send every connect to a port nobody
+another host, so the outer shim and proxy variables would send every connect to a port nobody
 listens on; under a new shim the outer one would only be loaded twice.
 """
 
@@ -29,8 +29,8 @@ def is_nsvpn_shim(path: str) -> bool:
 
 def without_session(env: Mapping[str, str]) -> Dict[str, str]:
     """`env` minus an enclosing session's shim, its NSVPN_* settings (NSVPN_CTL stays, empty)
-    and the ALL_PROXY that points at its front. An environment with no session is returned
-    unchanged (a copy)."""
+    and the ALL_PROXY and http(s)_proxy that point at its front. An environment with no
+    session is returned unchanged (a copy)."""
     out = dict(env)
     port = out.get("NSVPN_FRONT_PORT4")
     if not port:  # no session around us (a site-wide LD_PRELOAD is not even read)
@@ -43,6 +43,11 @@ def without_session(env: Mapping[str, str]) -> Dict[str, str]:
     for k in ("ALL_PROXY", "all_proxy"):
         v = out.get(k, "")
         if v.startswith("socks5h://") and v.endswith(f"@127.0.0.1:{port}"):
+            del out[k]
+    for k in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        v = out.get(k, "")
+        if v.startswith("http://") and (v.endswith(f"@127.0.0.1:{port}")
+                                        or v == f"http://127.0.0.1:{port}"):
             del out[k]
     pre = out.get("LD_PRELOAD", "")
     entries = [p for p in re.split(r"[ :]+", pre) if p]

@@ -4,9 +4,9 @@
 
 The caller brings `pool` up first (and closes it afterwards), as for namespace mode. Here:
 start the front (nsvpn/front.py), build CMD's environment (the shim appended to LD_PRELOAD, the
-front's address and control socket, the direct networks, ALL_PROXY/all_proxy for programs
-that speak SOCKS themselves), run CMD with SIGINT/SIGTERM/SIGHUP/SIGUSR1/SIGUSR2 forwarded,
-return its status (128+N when it died of signal N), stop the front.
+front's address and control socket, the direct networks, ALL_PROXY (SOCKS) and
+http(s)_proxy for programs that use a proxy themselves), run CMD with SIGINT/SIGTERM/SIGHUP/
+SIGUSR1/SIGUSR2 forwarded, return its status (128+N when it died of signal N), stop the front.
 
 What the shim cannot help (check_binary): statically linked programs (no dynamic loader, so
 nothing reads LD_PRELOAD) and setuid/setgid programs (the loader ignores LD_PRELOAD for them).
@@ -151,8 +151,14 @@ def build_env(base: Mapping[str, str], shim: str, front: Front, direct_cidrs: Se
     # before the shim can hand out its fake IP. A user's own setting wins.
     env.setdefault("RES_OPTIONS", RES_OPTIONS)
     if socks_env:
-        url = front.socks_url()
-        env["ALL_PROXY"] = env["all_proxy"] = url
+        env["ALL_PROXY"] = env["all_proxy"] = front.socks_url()
+        # HTTP clients get the front as an HTTP proxy too: Python requests and pip fail on a
+        # socks5h:// ALL_PROXY without PySocks, Go reads only HTTP(S)_PROXY. A site's own
+        # proxy (a squid) stays where the job already has one.
+        http = front.http_proxy_url()
+        for scheme in ("http", "https"):
+            if http and not (env.get(f"{scheme}_proxy") or env.get(f"{scheme.upper()}_PROXY")):
+                env[f"{scheme}_proxy"] = env[f"{scheme.upper()}_PROXY"] = http
         for k in ("NO_PROXY", "no_proxy"):
             env[k] = _append_list(env.get(k), ["localhost", "127.0.0.1", "::1"], ",")
     return env

@@ -174,6 +174,7 @@ async def serve_preload(args, upstream, direct: List[str], state_dir: str,
             await n.start(front.serve)
             write_private(os.path.join(state_dir, FRONT_FILE), json.dumps({
                 "shim_env": front.shim_env(), "socks_url": front.socks_url(),
+                "http_proxy_url": front.http_proxy_url(),
                 "direct": list(direct)}))
 
             async def watch_signals() -> None:
@@ -216,7 +217,7 @@ async def serve_preload(args, upstream, direct: List[str], state_dir: str,
 # -- exec --name --------------------------------------------------------------------------------
 
 class _SavedFront:
-    """The two things preload.build_env asks a Front for, from front.json."""
+    """What preload.build_env asks a Front for, from front.json."""
 
     def __init__(self, info: dict) -> None:
         self.info = info
@@ -226,6 +227,9 @@ class _SavedFront:
 
     def socks_url(self) -> str:
         return self.info["socks_url"]
+
+    def http_proxy_url(self) -> str:
+        return self.info.get("http_proxy_url", "")  # "" from a tunnel started before it
 
 
 def read_front(state_dir: str) -> Optional[dict]:

@@ -564,7 +564,7 @@ def run_join(name: str, argv: List[str], *, quiet: bool = False,
              socks_env: bool = True) -> int:
     """Run argv in tunnel `name`; its exit status (128+N for signal N). Namespace mode: in the
     holder's namespaces. Preload mode: under the shim, pointed at the tunnel's front (quiet:
-    no warning about static/setuid programs; socks_env: set ALL_PROXY as exec does)."""
+    no warning about static/setuid programs; socks_env: set the proxy variables as exec does)."""
     import trio
 
     from . import namespace

@@ -334,3 +334,88 @@ def test_udp_port_ownership():
     finally:
         s.close()
     assert not _udp_port_is_ours(port)  # nobody's: not ours either
+
+
+# ------------------------------------------------------------------ the HTTP proxy door
+
+async def _http_exchange(front, request: bytes, until_close: bool = False) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", front.port4)
+    async with stream:
+        await stream.send_all(request)
+        if until_close:
+            await stream.send_eof()
+        out = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in out or until_close:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                out += data
+        return out
+
+
+async def test_http_connect_from_our_own_user_needs_no_credentials(env):
+    front, port = env
+    stream = await trio.open_tcp_stream("127.0.0.1", front.port4)
+    async with stream:
+        await stream.send_all(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\nearly" % port)
+        got = b""
+        with trio.fail_after(5):
+            while not got.endswith(b"early"):
+                got += await stream.receive_some(4096)
+        assert got == b"HTTP/1.1 200 Connection established\r\n\r\nearly"
+        payload = os.urandom(1 << 20)
+        await stream.send_all(payload)
+        back = b""
+        with trio.fail_after(5):
+            while len(back) < len(payload):
+                back += await stream.receive_some(1 << 16)
+        assert back == payload
+    assert front.stats.flows == 1
+
+
+async def test_http_absolute_form_reaches_the_origin_rewritten(env):
+    """The echo server plays the origin: what it echoes is what the origin received."""
+    front, port = env
+    got = await _http_exchange(front, b"POST http://127.0.0.1:%d/up?x=1 HTTP/1.1\r\n"
+                                      b"Host: 127.0.0.1:%d\r\nProxy-Connection: keep-alive\r\n"
+                                      b"Content-Length: 5\r\n\r\nhello" % (port, port),
+                               until_close=True)
+    assert got == (b"POST /up?x=1 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 5\r\n"
+                   b"Connection: close\r\n\r\nhello" % port)
+
+
+async def test_http_dial_failures_and_bad_requests(env):
+    front, _port = env
+    got = await _http_exchange(front, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n" % _closed_port())
+    assert got.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and b"Connection: close" in got
+    got = await _http_exchange(front, b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 400 ")
+    assert front.stats.failed == 1
+
+
+async def test_http_door_refuses_other_users_without_credentials(env):
+    """Another local user reaches the port, but not the upstream: 407 unless it has the
+    session's credentials (which only our own programs get)."""
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another user")
+    front, port = env
+    import base64
+
+    good = base64.b64encode(f"nsvpn:{front.secret}".encode()).decode()
+    script = (
+        "import socket,sys\n"
+        "def ask(extra):\n"
+        f"    s = socket.create_connection(('127.0.0.1', {front.port4}))\n"
+        f"    s.sendall(b'CONNECT 127.0.0.1:{port} HTTP/1.1\\r\\n' + extra + b'\\r\\n')\n"
+        "    return s.recv(100).split(b'\\r\\n')[0].decode()\n"
+        "print(ask(b''))\n"
+        "print(ask(b'Proxy-Authorization: Basic " + good + "\\r\\n'))\n")
+    out = await trio.to_thread.run_sync(lambda: subprocess.run(
+        [sys.executable, "-c", script], user=65534, capture_output=True, text=True,
+        timeout=20))
+    assert out.stdout.splitlines() == ["HTTP/1.1 407 Proxy Authentication Required",
+                                       "HTTP/1.1 200 Connection established"], out.stderr

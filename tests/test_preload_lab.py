@@ -20,6 +20,9 @@ pytestmark = pytest.mark.lab
 
 # argv: JSON config, then "--", then CMD. Config: via, direct (list), delay (seconds a local
 # pass-through proxy waits before it relays to `via`: makes every upstream dial slow).
+# curl with no proxy variables: its connects go through the shim
+NO_PROXY = "env -u ALL_PROXY -u all_proxy -u http_proxy -u HTTP_PROXY -u https_proxy -u HTTPS_PROXY"
+
 DRIVER = r"""
 import json, sys, trio
 from nsvpn.preload import run_preload
@@ -215,24 +218,44 @@ def _fields(out: str) -> dict:
 
 
 def test_curl_through_shim_sha256(lab, preload):
-    """curl (event-driven, non-blocking connect) with ALL_PROXY removed: the shim does it all,
+    """curl (event-driven, non-blocking connect) told to use no proxy: the shim does it all,
     including the fake IP for a name only the far side can resolve."""
-    r = preload("env -u ALL_PROXY -u all_proxy curl -sS --fail " + _remote(lab, "/100M.bin")
+    r = preload(f"{NO_PROXY} curl -sS --fail " + _remote(lab, "/100M.bin")
                 + " | sha256sum", timeout=240)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] == lab.sha256["100M.bin"]
 
 
 def test_curl_via_all_proxy_and_multi(lab, preload, user_tmp):
-    """ALL_PROXY=socks5h://user:secret@front for SOCKS-aware programs; plus curl's multi
-    interface doing parallel transfers through the shim."""
-    r = preload("curl -sS --fail " + _remote(lab, "/1M.bin") + " | sha256sum; "
-                "env -u ALL_PROXY -u all_proxy curl -sS --fail -Z --parallel-max 4 "
+    """ALL_PROXY=socks5h://user:secret@front for SOCKS-aware programs (curl without
+    http_proxy, which it would prefer); plus curl's multi interface doing parallel transfers
+    through the shim."""
+    r = preload("env -u http_proxy curl -sS --fail " + _remote(lab, "/1M.bin") + " | sha256sum; "
+                f"{NO_PROXY} curl -sS --fail -Z --parallel-max 4 "
                 + " ".join(f"-o {user_tmp}/p{i} " + _remote(lab, "/1M.bin") for i in range(4))
                 + f" && sha256sum {user_tmp}/p*")
     assert r.returncode == 0, r.stderr
     sums = [line.split()[0] for line in r.stdout.splitlines()]
     assert sums == [lab.sha256["1M.bin"]] * 5
+
+
+def test_http_proxy_door_for_requests_curl_and_a_static_wget(lab, preload):
+    """http(s)_proxy point at the front: Python requests (which fails on the socks5h://
+    ALL_PROXY alone without PySocks, "Missing dependencies for SOCKS support"), curl through
+    CONNECT (--proxytunnel) and as a plain forward proxy, and a static busybox wget, which
+    the shim cannot divert: all fetch a name only the far side resolves."""
+    url, want = _remote(lab, "/1M.bin"), lab.sha256["1M.bin"]
+    code = ("import hashlib, importlib.util as u, requests; "
+            "print('pysocks', u.find_spec('socks') is not None); "
+            f"print(hashlib.sha256(requests.get('{url}').content).hexdigest())")
+    r = preload(["/bin/sh", "-c", f'/usr/bin/python3 -c "{code}" && '
+                 f"curl -sS --fail --proxytunnel {url} | sha256sum && "
+                 f"curl -sS --fail {url} | sha256sum && "
+                 f"busybox wget -q -O - {url} | sha256sum"])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "pysocks False", "the lab's requests must lack PySocks for this test"
+    assert [x.split()[0] for x in lines[1:]] == [want] * 4, r.stdout
 
 
 def test_python_urllib_and_asyncio(lab, preload, user_tmp):
@@ -375,7 +398,7 @@ def test_fork_exec_and_exit_status(lab, preload):
             f"    os._exit(0 if hashlib.sha256(d).hexdigest() == '{want}' else 3)\n"
             "_, st = os.waitpid(pid, 0)\n"
             "assert st == 0, st\n"
-            "os.execvp('sh', ['sh', '-c', 'env -u ALL_PROXY curl -sS --fail -o /dev/null "
+            f"os.execvp('sh', ['sh', '-c', '{NO_PROXY} curl -sS --fail -o /dev/null "
             f"{url} && exit 42'])\n")
     r = preload(["python3", "-c", code])
     assert r.returncode == 42, r.stderr
@@ -428,7 +451,7 @@ def test_ssh_upstream(lab, preload):
     ssh = lab.ssh
     via = f"ssh://{ssh['user']}@{ssh['host']}"
     opts = [f"IdentityFile={ssh['key']}", f"UserKnownHostsFile={ssh['known_hosts']}"]
-    r = preload("env -u ALL_PROXY curl -sS --fail " + _remote(lab, "/1M.bin") + " | sha256sum",
+    r = preload(f"{NO_PROXY} curl -sS --fail " + _remote(lab, "/1M.bin") + " | sha256sum",
                 via=via, ssh_opts=opts)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] == lab.sha256["1M.bin"]
@@ -436,8 +459,9 @@ def test_ssh_upstream(lab, preload):
 
 def test_other_user_cannot_use_the_front(lab, preload, user_tmp):
     """nsvpntest2 learns the front's port and control path (not the secret) and tries every
-    door: SOCKS5 without and with wrong credentials, a shim-style connection without a
-    claim, and the control socket itself."""
+    door: SOCKS5 without and with wrong credentials, the HTTP proxy door (which serves our
+    own user's connections without credentials), a shim-style connection without a claim,
+    and the control socket itself."""
     share = os.path.join("/tmp", f"nsvpn-share-{os.getpid()}")
     os.mkdir(share)
     os.chmod(share, 0o1777)
@@ -465,6 +489,8 @@ def test_other_user_cannot_use_the_front(lab, preload, user_tmp):
             "print('noauth', tcp(b'\\x05\\x01\\x00'))\n"
             "print('wrongpw', tcp(b'\\x05\\x01\\x02\\x01\\x05nsvpn\\x05guess'))\n"
             "print('noclaim', tcp(b'\\x00' * 16 + b'GET / HTTP/1.0\\r\\n\\r\\n'))\n"
+            "print('http', tcp(b'CONNECT remote.lab:80 HTTP/1.1\\r\\n\\r\\n')[:12])\n"
+            "print('httpget', tcp(b'GET http://remote.lab/ HTTP/1.1\\r\\n\\r\\n')[:12])\n"
             "d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); d.settimeout(3)\n"
             "q = bytes.fromhex('123401000001000000000000') + b'\\x01x\\x03lab\\x00'\n"
             "q += bytes.fromhex('00010001')\n"
@@ -482,6 +508,7 @@ def test_other_user_cannot_use_the_front(lab, preload, user_tmp):
         # closed unserved after the claim wait (RST: it left our bytes unread)
         assert out["noclaim"] in ("b''", "b\"ConnectionResetError(104, 'Connection reset by "
                                   "peer')\""), r
+        assert out["http"] == out["httpget"] == "b'HTTP/1.1 407'", r
         assert out["ctl"] == "13", r  # EACCES: the runtime dir is 0700
         assert out["dns"] == "none", r  # the DNS responder ignores other users
         assert stat.S_IMODE(os.stat(os.path.dirname(ctl)).st_mode) == 0o700
@@ -605,7 +632,7 @@ def test_tcp_fast_open_clients(lab, preload):
             "        break\n"
             "    n += len(d)\n"
             "print(n > 1 << 20, s.getpeername()[0])\n")
-    r = preload(["/bin/sh", "-c", f"python3 -c \"{code}\" && env -u ALL_PROXY -u all_proxy "
+    r = preload(["/bin/sh", "-c", f"python3 -c \"{code}\" && {NO_PROXY} "
                  f"curl -sS --fail --tcp-fastopen {_remote(lab, '/1M.bin')} | sha256sum"])
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()

@@ -120,6 +120,9 @@ class _FrontStub:
     def socks_url(self):
         return "socks5h://nsvpn:s3cret@127.0.0.1:4000"
 
+    def http_proxy_url(self):
+        return "http://127.0.0.1:4000"
+
 
 def test_build_env():
     base = {"PATH": "/bin", "LD_PRELOAD": "/opt/other.so", "NO_PROXY": "cvmfs.example",
@@ -131,27 +134,37 @@ def test_build_env():
     assert env["ALL_PROXY"] == env["all_proxy"] == "socks5h://nsvpn:s3cret@127.0.0.1:4000"
     assert env["NO_PROXY"] == "cvmfs.example,localhost,127.0.0.1,::1"
     assert env["no_proxy"] == "localhost,127.0.0.1,::1"
+    for k in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        assert env[k] == "http://127.0.0.1:4000"
     assert env["PATH"] == "/bin" and env["HOME"] == "/h"
+    # a site's own HTTP proxy (either spelling) stays, for that scheme only
+    env = build_env({"HTTP_PROXY": "http://squid.site:3128"}, "/s.so", _FrontStub(), [])
+    assert env["HTTP_PROXY"] == "http://squid.site:3128" and "http_proxy" not in env
+    assert env["https_proxy"] == env["HTTPS_PROXY"] == "http://127.0.0.1:4000"
     assert env["RES_OPTIONS"] == "timeout:1 attempts:1"
     assert build_env({"RES_OPTIONS": "rotate"}, "/s.so", _FrontStub(), [])["RES_OPTIONS"] == \
         "rotate"
     env = build_env({}, "/x/_preload.so", _FrontStub(), [], socks_env=False)
     assert env["LD_PRELOAD"] == "/x/_preload.so" and "ALL_PROXY" not in env
+    assert "http_proxy" not in env and "HTTPS_PROXY" not in env
 
 
 def test_without_session_strips_only_an_outer_session(fresh_shim, tmp_path):
     """nsvpn inside nsvpn: our shim (found by its marker, whatever its name), the session's
-    NSVPN_* and the ALL_PROXY that points at its front go; everything else stays as it was."""
+    NSVPN_* and the proxy variables that point at its front go; everything else stays."""
     other = tmp_path / "other.so"
     other.write_bytes(b"\x7fELF not ours")
     outer = {"PATH": "/bin", "LD_PRELOAD": f"{other}:{fresh_shim}", "NSVPN_CTL": "/r/ctl",
              "NSVPN_FRONT_PORT4": "4000", "NSVPN_DNS_PORT4": "4001", "NSVPN_DIRECT": "",
              "ALL_PROXY": "socks5h://nsvpn:s3cret@127.0.0.1:4000",
-             "all_proxy": "socks5h://me@proxy.site:1080", "HOME": "/h"}
+             "all_proxy": "socks5h://me@proxy.site:1080", "HOME": "/h",
+             "http_proxy": "http://127.0.0.1:4000", "HTTPS_PROXY": "http://nsvpn:x@127.0.0.1:4000",
+             "HTTP_PROXY": "http://squid.site:3128"}
     env = without_session(outer)
     # NSVPN_CTL stays, empty: "no session here" to the outer shim's exec hooks
     assert env == {"PATH": "/bin", "LD_PRELOAD": str(other), "NSVPN_CTL": "",
-                   "all_proxy": "socks5h://me@proxy.site:1080", "HOME": "/h"}
+                   "all_proxy": "socks5h://me@proxy.site:1080", "HOME": "/h",
+                   "HTTP_PROXY": "http://squid.site:3128"}
     assert without_session({"LD_PRELOAD": fresh_shim, "NSVPN_FRONT_PORT4": "4000"}) == \
         {"NSVPN_CTL": ""}
     plain = {"PATH": "/bin", "LD_PRELOAD": f"{other}:/nonexistent.so", "ALL_PROXY": "x"}
