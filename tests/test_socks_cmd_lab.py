@@ -378,11 +378,12 @@ sys.exit(trio.run(run_preload_vpn, sys.argv[4:], oc))
 def test_preload_mode_over_the_vpn_stack(slab):
     """What `nsvpn exec --mode preload --via openconnect://` runs (run_preload_vpn): the
     shim's connect() and name lookups land in the front, which dials over VPNFD; a host
-    network (the edge) is dialled directly. The proxy variables are removed so curl uses
-    plain connect() through the shim."""
+    network (the edge) is dialled directly. curl first through the front's HTTP proxy door
+    (http_proxy), then with the proxy variables removed: plain connect() through the shim."""
     lab = slab
     oc = lab.ocserv
-    script = (f"unset ALL_PROXY all_proxy http_proxy HTTP_PROXY https_proxy HTTPS_PROXY; "
+    script = (f"echo HTTP=$(curl -sS http://remote.lab/1M.bin | sha256sum | cut -d' ' -f1); "
+              f"unset ALL_PROXY all_proxy http_proxy HTTP_PROXY https_proxy HTTPS_PROXY; "
               f"echo SHA=$(curl -sS http://remote.lab/1M.bin | sha256sum | cut -d' ' -f1); "
               f"echo EDGE=$(curl -sS -o /dev/null -w '%{{http_code}}' "
               f"http://{lab.edge_ip}:8080/); exit 5")
@@ -391,7 +392,7 @@ def test_preload_mode_over_the_vpn_stack(slab):
                  f"--servercert={_pin(lab)}", "/bin/sh", "-c", script], timeout=120)
     out = r.stdout + r.stderr
     assert r.returncode == 5, out  # CMD's own status
-    assert _marker(out, "SHA") == lab.sha256["1M.bin"], out
+    assert _marker(out, "SHA") == _marker(out, "HTTP") == lab.sha256["1M.bin"], out
     assert _marker(out, "EDGE") == "200", out
 
 
