@@ -123,7 +123,8 @@ def check_binary(path: str, *, env_path: Optional[str] = None, _depth: int = 0) 
     dyn = _elf_has_interp(head)
     if dyn is False:
         warnings.append(f"{real} is statically linked: the preload shim cannot divert its "
-                        "connections (namespace mode can)")
+                        "connections; only those it makes through http_proxy/https_proxy or "
+                        "ALL_PROXY get through (namespace mode takes them all)")
     return warnings
 
 
