@@ -411,7 +411,7 @@ class Front:
         if len(self._unclaimed) > MAX_UNCLAIMED:
             self._unclaimed.popitem(last=False)[1].cancel()
 
-        def release() -> None:  # claimed, or known to speak SOCKS: no longer droppable
+        def release() -> None:  # claimed or authenticated: no longer droppable
             self._unclaimed.pop(me, None)
 
         try:
@@ -420,13 +420,13 @@ class Front:
                 if first == b"\x00":
                     await self._serve_claimed(sock, key, deadline, release)
                     return
+                # Stays droppable until it authenticated: connections that stall in their
+                # handshake (another user's, say) must not pile up past MAX_UNCLAIMED either.
                 if first == bytes((socks.VERSION,)):
-                    release()
-                    await self._serve_socks(sock)
+                    await self._serve_socks(sock, release)
                     return
                 if first.isalpha():  # an HTTP request line: a program that read http_proxy
-                    release()
-                    await self._serve_http(sock)
+                    await self._serve_http(sock, release)
                     return
             if waiting.cancelled_caught:
                 log.debug("front connection %s dropped: too many unclaimed", key)
@@ -518,7 +518,7 @@ class Front:
         while len(self._verdicts) > VERDICTS_KEPT:
             self._verdicts.popitem(last=False)
 
-    async def _serve_socks(self, sock) -> None:
+    async def _serve_socks(self, sock, authenticated: Callable[[], None]) -> None:
         stream = trio.SocketStream(sock)
         hs = socks.ServerHandshake(
             credentials=(self.username, self.secret), commands=(socks.CMD_CONNECT,)
@@ -544,6 +544,7 @@ class Front:
         if scope.cancelled_caught or hs.request is None:
             await stream.aclose()
             return
+        authenticated()
         req = hs.request
         self.stats.flows += 1
         try:
@@ -565,7 +566,7 @@ class Front:
             raise
         await self._relay(stream, upstream)
 
-    async def _serve_http(self, sock) -> None:
+    async def _serve_http(self, sock, authenticated: Callable[[], None]) -> None:
         """An HTTP proxy client (http_proxy/https_proxy): CONNECT, or one absolute-form
         request (see nsvpn.httpproxy). Served when it carries our credentials or, since
         HTTP clients may send none, when its socket belongs to our uid (sockdiag)."""
@@ -587,6 +588,7 @@ class Front:
             req = httpproxy.parse_request(buf[:end], (self.username, self.secret))
             if not req.authorized and not sockdiag.peer_is_ours(sock):
                 raise httpproxy.HttpProxyError(407, "credentials required")
+            authenticated()
         except httpproxy.HttpProxyError as exc:
             log.info("front: HTTP proxy client rejected: %s", exc)
             with trio.move_on_after(1.0):

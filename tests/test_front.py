@@ -419,3 +419,43 @@ async def test_http_door_refuses_other_users_without_credentials(env):
         timeout=20))
     assert out.stdout.splitlines() == ["HTTP/1.1 407 Proxy Authentication Required",
                                        "HTTP/1.1 200 Connection established"], out.stderr
+
+
+@pytest.mark.parametrize("first", [b"\x05\x01", b"CONNECT 127.0.0.1:"])
+async def test_stalled_handshakes_are_dropped_past_the_bound(env, first):
+    """Connections that start a SOCKS or HTTP handshake and stall stay droppable until they
+    authenticated: 300 of them (what another local user could open) leave at most
+    MAX_UNCLAIMED holding an fd, and the door still serves."""
+    from nsvpn.front import MAX_UNCLAIMED
+
+    front, port = env
+    held = []
+    try:
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", front.port4))
+            s.sendall(first)
+            s.setblocking(False)
+            held.append(s)
+
+        def still_open() -> int:
+            n = 0
+            for s in held:
+                try:
+                    if s.recv(1) == b"":
+                        continue
+                except BlockingIOError:
+                    n += 1
+                except OSError:  # reset
+                    continue
+            return n
+
+        with trio.fail_after(10):
+            while still_open() > MAX_UNCLAIMED:
+                await trio.sleep(0.05)
+        stream = await _socks_connect(front, "127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"ping")
+            assert await stream.receive_some(4) == b"ping"
+    finally:
+        for s in held:
+            s.close()
