@@ -147,6 +147,25 @@ async def accept_forever(listener, what: str, start) -> None:
         start(sock, addr)
 
 
+class DropOldest:
+    """Connections that hold an fd before they proved anything (not yet claimed, still in
+    their handshake), oldest first. Past `limit` the oldest is dropped (its cancel scope
+    cancelled): idle or stalling connections, another local user's say, cannot pile up."""
+
+    def __init__(self, limit: int = MAX_UNCLAIMED) -> None:
+        self.limit = limit
+        self._scopes: collections.OrderedDict[object, trio.CancelScope] = \
+            collections.OrderedDict()
+
+    def add(self) -> Tuple[trio.CancelScope, Callable[[], None]]:
+        """(the scope to run the connection's early phase in, release())."""
+        me, scope = object(), trio.CancelScope()
+        self._scopes[me] = scope
+        if len(self._scopes) > self.limit:
+            self._scopes.popitem(last=False)[1].cancel()
+        return scope, lambda: self._scopes.pop(me, None)
+
+
 def _spare_fd() -> int:
     try:
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -250,8 +269,7 @@ class Front:
         self._next_id = 1
         self._claims: Dict[Key, Claim] = {}
         # accepted connections waiting for their claim, oldest first (see MAX_UNCLAIMED)
-        self._unclaimed: collections.OrderedDict[object, trio.CancelScope] = \
-            collections.OrderedDict()
+        self._unclaimed = DropOldest()
         self._claim_events: Dict[Key, trio.Event] = {}
         self._pending: Dict[int, Claim] = {}
         self._verdicts: collections.OrderedDict[int, int] = collections.OrderedDict()
@@ -406,13 +424,8 @@ class Front:
 
     async def _handle_tcp(self, sock, key: Key) -> None:
         deadline = trio.current_time() + CLAIM_WAIT
-        me, waiting = object(), trio.CancelScope()
-        self._unclaimed[me] = waiting
-        if len(self._unclaimed) > MAX_UNCLAIMED:
-            self._unclaimed.popitem(last=False)[1].cancel()
-
-        def release() -> None:  # claimed or authenticated: no longer droppable
-            self._unclaimed.pop(me, None)
+        # released once claimed or authenticated: no longer droppable
+        waiting, release = self._unclaimed.add()
 
         try:
             with waiting:

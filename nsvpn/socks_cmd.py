@@ -204,7 +204,7 @@ class SocksService:
 
     def __init__(self, upstream, *, listen: Tuple[str, int], forwards: List[Tuple[int, str, int]],
                  direct: List[str], rundir: str) -> None:
-        from .front import Front
+        from .front import DropOldest, Front
 
         self.upstream = upstream
         self.listen = listen
@@ -213,6 +213,7 @@ class SocksService:
         # Direct networks are decided by the upstream (VpnStackUpstream.carries: longest
         # prefix against the VPN's routes), not by the front's plain membership test.
         self.front = Front(upstream, runtime_dir=rundir, direct=[])
+        self._unauthenticated = DropOldest()
         self.direct = direct
         self.port = 0
         self.refused_users = 0
@@ -275,8 +276,10 @@ class SocksService:
 
         stream = trio.SocketStream(sock)
         hs = socks.ServerHandshake(credentials=(self.front.username, self.front.secret))
+        # droppable until authenticated (see front.DropOldest)
+        early, authenticated = self._unauthenticated.add()
         try:
-            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            with early, trio.move_on_after(HANDSHAKE_TIMEOUT):
                 while hs.request is None:
                     data = await stream.receive_some(4096)
                     if not data:
@@ -290,6 +293,7 @@ class SocksService:
                     out = hs.data_to_send()
                     if out:
                         await stream.send_all(out)
+            authenticated()
             req = hs.request
             if req is None:
                 await stream.aclose()
@@ -305,6 +309,7 @@ class SocksService:
                 await stream.aclose()
                 return
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            authenticated()
             log.debug("SOCKS connection: %s", e)
             await stream.aclose()
             return

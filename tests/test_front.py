@@ -459,3 +459,16 @@ async def test_stalled_handshakes_are_dropped_past_the_bound(env, first):
     finally:
         for s in held:
             s.close()
+
+
+async def test_drop_oldest_cancels_only_past_the_limit():
+    from nsvpn.front import DropOldest
+
+    d = DropOldest(limit=2)
+    a, release_a = d.add()
+    b, _ = d.add()
+    release_a()  # authenticated: no longer counted, never dropped
+    c, _ = d.add()
+    assert not (a.cancel_called or b.cancel_called or c.cancel_called)
+    e, _ = d.add()
+    assert b.cancel_called and not (a.cancel_called or c.cancel_called or e.cancel_called)
