@@ -390,6 +390,11 @@ def test_preload_tunnel_shared_by_two_execs_and_down_resets(nsvpn_lab: labenv.La
         r = lab.run(["nsvpn", "status"], timeout=30)
         line = [x for x in r.stdout.splitlines() if x.startswith(name)][0]
         assert "running" in line and "preload" in line, r.stdout
+        # CMD gets the tunnel's HTTP proxy door, as under `exec --mode preload`
+        r = lab.run(["nsvpn", "exec", "--name", name, "--", "sh", "-c",
+                     "echo $http_proxy $HTTPS_PROXY"], timeout=60)
+        assert r.stdout.split() == [front["http_proxy_url"]] * 2, (r.stdout, front)
+        assert front["http_proxy_url"].startswith("http://127.0.0.1:"), front
 
         # the same warning as `exec --mode preload` for a program the shim cannot divert
         r = lab.run(["nsvpn", "exec", "--name", name, "--", "/bin/busybox", "true"],
