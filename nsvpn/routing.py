@@ -1,9 +1,11 @@
 """Where a flow from the namespace goes: the decision only, no I/O (tested without privileges).
 
 Order of the rules, first match wins:
-1. the gateway address: the host's loopback when --allow-host-loopback, else refused;
-2. the DNS address: our own DNS service (TCP and UDP port 53), anything else there refused;
-3. other addresses in the namespace's own subnet: unreachable (nothing lives there);
+1. the gateway address: the host's loopback when --allow-host-loopback, else refused
+   (the IPv6 gateway: refused);
+2. the DNS address: our own DNS service (TCP and UDP port 53), anything else there refused
+   (the IPv6 DNS address: refused; resolv.conf names only the IPv4 one);
+3. other addresses in the namespace's own subnets: unreachable (nothing lives there);
 4. a fake IP handed out by our DNS: through the upstream, CONNECT by *name*;
 5. direct networks (the host's connected networks, --direct CIDRs): host sockets;
 6. everything else: through the upstream, by address.
@@ -41,8 +43,13 @@ class Router:
         direct: Iterable[str] = (),
         allow_host_loopback: bool = False,
         fake_ip_lookup: Optional[Callable[[str], Optional[str]]] = None,
+        namespace_net6: Optional[str] = None,
+        gateway6: str = "",
+        dns6: str = "",
     ) -> None:
         self.namespace_net = ipaddress.ip_network(namespace_net)
+        self.namespace_net6 = ipaddress.ip_network(namespace_net6) if namespace_net6 else None
+        self.refused6 = {ipaddress.ip_address(a) for a in (gateway6, dns6) if a}
         self.gateway = gateway
         self.dns = dns
         self.direct: List[IPNetwork] = [ipaddress.ip_network(c, strict=False) for c in direct]
@@ -61,8 +68,11 @@ class Router:
         if ip == self.dns:
             return Decision(DNS, ip, port) if port == 53 else Decision(REFUSE)
         a = ipaddress.ip_address(ip)
-        if a.version == self.namespace_net.version and a in self.namespace_net:
-            return Decision(UNREACHABLE)
+        if a in self.refused6:
+            return Decision(REFUSE)
+        for net in (self.namespace_net, self.namespace_net6):
+            if net is not None and a.version == net.version and a in net:
+                return Decision(UNREACHABLE)
         if self.fake_ip_lookup is not None:
             name = self.fake_ip_lookup(ip)
             if name is not None:

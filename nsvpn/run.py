@@ -349,13 +349,18 @@ async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[
     try:
         stack_cfg = StackConfig(vnet_hdr=True)
         # The TUN queue must hold a full advertised window (tun orphans skbs: no backpressure).
+        # IPv6 too, so that IPv6 literals (an XRootD redirect, `curl http://[...]/`) go
+        # through the upstream; names keep IPv4 (empty AAAA answers), the far side picks.
         spec = namespace.NetnsSpec(mtu=stack_cfg.mtu, vnet_hdr=True,
-                                   window=stack_cfg.tcp.rcv_buf)
+                                   window=stack_cfg.tcp.rcv_buf, ipv6=True,
+                                   routes=["0.0.0.0/0", "::/0"])  # fd00::100/64 via fd00::2
         stack_cfg.tun_queue_len = spec.queue_len()
         spec.hosts = namespace_hosts(spec.addr)
         fakes = FakeIpTable()
         router = routing.Router(direct=direct, allow_host_loopback=args.allow_host_loopback,
-                                fake_ip_lookup=fakes.name_for)
+                                fake_ip_lookup=fakes.name_for,
+                                namespace_net6=stack_cfg.net6, gateway6=stack_cfg.gateway6,
+                                dns6=stack_cfg.dns6)
         # Everything that can fail is built before CMD exists.
         direct_up = DirectUpstream()
         stack = Stack(stack_cfg)

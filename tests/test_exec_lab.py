@@ -189,6 +189,26 @@ def test_static_busybox_wget(nsvpn_lab, ssh_via):
     assert r.stdout.split()[0] == nsvpn_lab.sha256["1M.bin"], explain(r)
 
 
+@pytest.mark.parametrize("upstream", ["ssh", "socks5"])
+def test_ipv6_literal_through_the_upstream(nsvpn_lab, ssh_via, socks_via, upstream):
+    """The namespace routes IPv6 too: an IPv6 literal (an XRootD redirect, a URL) goes
+    through the upstream, which reaches the remote over the lab's edge-remote IPv6 link;
+    names keep resolving to IPv4 (no AAAA), and the IPv6 gateway refuses at once."""
+    via = ssh_via if upstream == "ssh" else socks_via
+    ip6 = nsvpn_lab.info["remote"].get("ip6")
+    assert ip6, "scripts/lab up gives the remote an IPv6 address"
+    r = nsexec(nsvpn_lab, ["--via", via],
+               f"curl -sS --fail -g 'http://[{ip6}]/1M.bin' | sha256sum; "
+               "getent ahostsv6 remote.lab || echo no-aaaa; "
+               "curl -sS -g --max-time 5 -o /dev/null 'http://[fd00::2]/'; echo gw=$?",
+               timeout=60)
+    assert r.returncode == 0, explain(r)
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[0] == nsvpn_lab.sha256["1M.bin"], explain(r)
+    assert "no-aaaa" in lines or all(x.startswith("::ffff:") for x in lines[1:-1]), explain(r)
+    assert lines[-1] == "gw=7", explain(r)
+
+
 def test_200_concurrent_connections_byte_exact(nsvpn_lab, ssh_via):
     r = nsexec(nsvpn_lab, ["--via", ssh_via],
                ["python3", "-c", MANY_PY, "200", "remote.lab", "/1M.bin",

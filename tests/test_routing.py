@@ -36,3 +36,13 @@ def test_direct_networks_and_default_upstream():
 def test_multicast_and_broadcast_go_nowhere():
     assert make().decide("224.0.0.1", 5353).action == UNREACHABLE
     assert make().decide("255.255.255.255", 67).action == UNREACHABLE
+
+
+def test_ipv6_namespace_addresses():
+    r = make(namespace_net6="fd00::/64", gateway6="fd00::2", dns6="fd00::3")
+    assert r.decide("fd00::2", 80).action == REFUSE
+    assert r.decide("fd00::3", 53).action == REFUSE
+    assert r.decide("fd00::77", 80).action == UNREACHABLE
+    assert r.decide("ff02::fb", 5353, "udp").action == UNREACHABLE
+    assert r.decide("fd31:2::2", 80) == Decision(UPSTREAM, "fd31:2::2", 80)
+    assert make().decide("fd00::77", 80).action == UPSTREAM  # no IPv6 namespace net given
