@@ -44,9 +44,11 @@ import ipaddress
 import logging
 import math
 import os
+import resource
 import secrets
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -150,20 +152,52 @@ async def accept_forever(listener, what: str, start) -> None:
 class DropOldest:
     """Connections that hold an fd before they proved anything (not yet claimed, still in
     their handshake), oldest first. Past `limit` the oldest is dropped (its cancel scope
-    cancelled): idle or stalling connections, another local user's say, cannot pile up."""
+    cancelled): idle or stalling connections, another local user's say, cannot pile up.
 
-    def __init__(self, limit: int = MAX_UNCLAIMED) -> None:
+    Our own user's connections are spared while fds are plentiful: a program that opens
+    hundreds of proxy connections at once (curl -Z, aiohttp, Go) sends its greetings only
+    after its connects, and must not see them reset. When fds run short, the oldest goes
+    whoever it is: the claims that unblock the shim's connects need fds to get in."""
+
+    def __init__(self, limit: int = MAX_UNCLAIMED,
+                 spare: Optional[Callable[[object], bool]] = None) -> None:
         self.limit = limit
-        self._scopes: collections.OrderedDict[object, trio.CancelScope] = \
+        self.spare = spare if spare is not None else _ours_while_fds_last
+        self._scopes: collections.OrderedDict[object, Tuple[trio.CancelScope, object]] = \
             collections.OrderedDict()
 
-    def add(self) -> Tuple[trio.CancelScope, Callable[[], None]]:
+    def add(self, sock: object = None) -> Tuple[trio.CancelScope, Callable[[], None]]:
         """(the scope to run the connection's early phase in, release())."""
         me, scope = object(), trio.CancelScope()
-        self._scopes[me] = scope
-        if len(self._scopes) > self.limit:
-            self._scopes.popitem(last=False)[1].cancel()
+        self._scopes[me] = (scope, sock)
+        while len(self._scopes) > self.limit:
+            old_scope, old_sock = self._scopes.popitem(last=False)[1]
+            if old_sock is not None and self.spare(old_sock):
+                continue  # spared: no longer counted
+            old_scope.cancel()
         return scope, lambda: self._scopes.pop(me, None)
+
+
+_fd_check = [-math.inf, False]  # (when, scarce)
+
+
+def fds_scarce() -> bool:
+    """More than 3/4 of our fd limit in use (looked at most every 0.2 s)."""
+    now = time.monotonic()
+    if now - _fd_check[0] < 0.2:
+        return bool(_fd_check[1])
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:  # out of fds already, or no /proc: assume the worst
+        used = soft
+    scarce = soft != resource.RLIM_INFINITY and used * 4 > soft * 3
+    _fd_check[0], _fd_check[1] = now, scarce
+    return scarce
+
+
+def _ours_while_fds_last(sock: object) -> bool:
+    return not fds_scarce() and sockdiag.peer_is_ours(sock)
 
 
 def _spare_fd() -> int:
@@ -425,7 +459,7 @@ class Front:
     async def _handle_tcp(self, sock, key: Key) -> None:
         deadline = trio.current_time() + CLAIM_WAIT
         # released once claimed or authenticated: no longer droppable
-        waiting, release = self._unclaimed.add()
+        waiting, release = self._unclaimed.add(sock)
 
         try:
             with waiting:

@@ -277,7 +277,7 @@ class SocksService:
         stream = trio.SocketStream(sock)
         hs = socks.ServerHandshake(credentials=(self.front.username, self.front.secret))
         # droppable until authenticated (see front.DropOldest)
-        early, authenticated = self._unauthenticated.add()
+        early, authenticated = self._unauthenticated.add(sock)
         try:
             with early, trio.move_on_after(HANDSHAKE_TIMEOUT):
                 while hs.request is None:
