@@ -7,6 +7,7 @@ connecting socket must belong to our uid, as `ss -e` would show. No privileges n
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from typing import Optional, Tuple
@@ -56,8 +57,6 @@ def tcp_socket_uid(family: int, local: Tuple, remote: Tuple) -> Optional[int]:
 
 def peer_is_ours(sock: socket.socket, uid: Optional[int] = None) -> bool:
     """Does the other end of this accepted loopback connection belong to our uid?"""
-    import os
-
     try:
         ours, theirs = sock.getsockname(), sock.getpeername()
     except OSError:
