@@ -48,7 +48,6 @@ import resource
 import secrets
 import socket
 import struct
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -117,9 +116,11 @@ class FrontStats:
     by_reason: Dict[str, int] = field(default_factory=dict)
 
 
-async def accept_forever(listener, what: str, start) -> None:
+async def accept_forever(listener, what: str, start,
+                         shed: Optional[Callable[[], None]] = None) -> None:
     """Accept on a trio socket until cancelled; start(sock, addr) takes each connection.
-    A failed accept (EMFILE and friends) is logged and retried after a pause, never spun on."""
+    A failed accept (EMFILE and friends) is logged and retried after a pause, never spun on;
+    when it was for want of fds, `shed()` frees what it can first."""
     quiet_until = -math.inf
     spare = _spare_fd()
     while True:
@@ -130,6 +131,8 @@ async def accept_forever(listener, what: str, start) -> None:
             if now >= quiet_until:  # out of fds comes in storms: one line per 10 s
                 log.warning("%s failed: %s (further ones not shown for 10 s)", what, exc)
                 quiet_until = now + 10.0
+            if exc.errno in (errno.EMFILE, errno.ENFILE) and shed is not None:
+                shed()
             if exc.errno in (errno.EMFILE, errno.ENFILE) and spare < 0:
                 spare = _spare_fd()  # lost to a race last time: any fd freed since will do
             if exc.errno in (errno.EMFILE, errno.ENFILE) and spare >= 0:
@@ -154,50 +157,61 @@ class DropOldest:
     their handshake), oldest first. Past `limit` the oldest is dropped (its cancel scope
     cancelled): idle or stalling connections, another local user's say, cannot pile up.
 
-    Our own user's connections are spared while fds are plentiful: a program that opens
-    hundreds of proxy connections at once (curl -Z, aiohttp, Go) sends its greetings only
-    after its connects, and must not see them reset. When fds run short, the oldest goes
-    whoever it is: the claims that unblock the shim's connects need fds to get in."""
+    Our own user's connections may go past the limit while fds are plentiful: a program that
+    opens hundreds of proxy connections at once (curl -Z, aiohttp, Go) sends its greetings
+    only after its connects, and must not see them reset. When fds run short (`scarce()`, or
+    an accept failing for want of fds: `shed()`), the oldest go whoever they are: the claims
+    that unblock the shim's connects need fds to get in."""
 
     def __init__(self, limit: int = MAX_UNCLAIMED,
-                 spare: Optional[Callable[[object], bool]] = None) -> None:
+                 ours: Optional[Callable[[object], bool]] = None,
+                 scarce: Optional[Callable[[], bool]] = None) -> None:
         self.limit = limit
-        self.spare = spare if spare is not None else _ours_while_fds_last
-        self._scopes: collections.OrderedDict[object, Tuple[trio.CancelScope, object]] = \
-            collections.OrderedDict()
+        self.ours = ours if ours is not None else sockdiag.peer_is_ours
+        self.scarce = scarce if scarce is not None else fds_scarce
+        # key -> [cancel scope, socket, ours (None: not looked up yet)]
+        self._entries: collections.OrderedDict[object, list] = collections.OrderedDict()
 
     def add(self, sock: object = None) -> Tuple[trio.CancelScope, Callable[[], None]]:
         """(the scope to run the connection's early phase in, release())."""
         me, scope = object(), trio.CancelScope()
-        self._scopes[me] = (scope, sock)
-        while len(self._scopes) > self.limit:
-            old_scope, old_sock = self._scopes.popitem(last=False)[1]
-            if old_sock is not None and self.spare(old_sock):
-                continue  # spared: no longer counted
-            old_scope.cancel()
-        return scope, lambda: self._scopes.pop(me, None)
+        self._entries[me] = [scope, sock, None]
+        if len(self._entries) > self.limit:
+            if self.scarce():
+                self.shed()
+            else:
+                self._drop_strangers(len(self._entries) - self.limit)
+        return scope, lambda: self._entries.pop(me, None)
 
+    def shed(self) -> None:
+        """Down to the limit, oldest first, ours too."""
+        while len(self._entries) > self.limit:
+            self._entries.popitem(last=False)[1][0].cancel()
 
-_fd_check = [-math.inf, False]  # (when, scarce)
+    def _drop_strangers(self, n: int) -> None:
+        victims = []
+        for key, entry in self._entries.items():
+            if len(victims) >= n:
+                break
+            if entry[2] is None:  # looked up once, only once the limit is passed
+                entry[2] = entry[1] is not None and self.ours(entry[1])
+            if not entry[2]:
+                victims.append(key)
+        for key in victims:
+            self._entries.pop(key)[0].cancel()
 
 
 def fds_scarce() -> bool:
-    """More than 3/4 of our fd limit in use (looked at most every 0.2 s)."""
-    now = time.monotonic()
-    if now - _fd_check[0] < 0.2:
-        return bool(_fd_check[1])
+    """More than half of our fd limit in use. (Each relayed flow needs up to six; the rest
+    must stay free for the claims and control requests that move things on.)"""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return False
     try:
         used = len(os.listdir("/proc/self/fd"))
     except OSError:  # out of fds already, or no /proc: assume the worst
-        used = soft
-    scarce = soft != resource.RLIM_INFINITY and used * 4 > soft * 3
-    _fd_check[0], _fd_check[1] = now, scarce
-    return scarce
-
-
-def _ours_while_fds_last(sock: object) -> bool:
-    return not fds_scarce() and sockdiag.peer_is_ours(sock)
+        return True
+    return used * 2 > soft
 
 
 def _spare_fd() -> int:
@@ -442,7 +456,8 @@ class Front:
     async def _accept_loop(self, listener, tag: int, nursery: trio.Nursery) -> None:
         await accept_forever(listener, "front accept",
                              lambda sock, addr: nursery.start_soon(self._handle_tcp, sock,
-                                                                   (tag, addr[1])))
+                                                                   (tag, addr[1])),
+                             shed=self._unclaimed.shed)
 
     async def _peek(self, sock, n: int, deadline: float) -> bytes:
         """The first n bytes without consuming them (they stay in the kernel's buffer, so a
@@ -835,9 +850,11 @@ class Front:
     # ------------------------------------------------------------------ control channel
 
     async def _ctl_loop(self, listener, nursery: trio.Nursery) -> None:
+        # out of fds for a control request: unclaimed connections hold them (see DropOldest)
         await accept_forever(listener, "front control accept",
                              lambda sock, _: nursery.start_soon(self._handle_ctl,
-                                                                trio.SocketStream(sock)))
+                                                                trio.SocketStream(sock)),
+                             shed=self._unclaimed.shed)
 
     async def _handle_ctl(self, stream: trio.SocketStream) -> None:
         keep = False

@@ -266,7 +266,8 @@ class SocksService:
         from .front import accept_forever
 
         await accept_forever(lsock, "accept",
-                             lambda sock, _: nursery.start_soon(self._serve_socks, sock))
+                             lambda sock, _: nursery.start_soon(self._serve_socks, sock),
+                             shed=self._unauthenticated.shed)
 
     async def _serve_socks(self, sock) -> None:
         """RFC 1929 authentication with the front's per-session secret, then CONNECT (the

@@ -516,7 +516,8 @@ async def test_a_burst_of_our_own_connections_is_not_dropped(env):
 async def test_drop_oldest_cancels_only_past_the_limit():
     from nsvpn.front import DropOldest
 
-    d = DropOldest(limit=2, spare=lambda sock: sock == "ours")
+    scarce = [False]
+    d = DropOldest(limit=2, ours=lambda sock: sock == "ours", scarce=lambda: scarce[0])
     a, release_a = d.add()
     b, _ = d.add()
     release_a()  # authenticated: no longer counted, never dropped
@@ -524,7 +525,17 @@ async def test_drop_oldest_cancels_only_past_the_limit():
     assert not (a.cancel_called or b.cancel_called or c.cancel_called)
     e, _ = d.add()
     assert b.cancel_called and not (a.cancel_called or c.cancel_called or e.cancel_called)
-    # a spared one (ours, fds plentiful) leaves the count instead of being dropped
+    # ours may go past the limit while fds are plentiful; strangers are dropped oldest first
     f, _ = d.add("ours")
-    g, _ = d.add()
-    assert not (f.cancel_called or g.cancel_called) and c.cancel_called
+    g, _ = d.add("ours")
+    assert c.cancel_called and e.cancel_called
+    assert not (f.cancel_called or g.cancel_called)
+    h, _ = d.add()
+    assert h.cancel_called and not (f.cancel_called or g.cancel_called)
+    # short of fds: the oldest go, ours too
+    scarce[0] = True
+    i, _ = d.add("ours")
+    assert f.cancel_called and not (g.cancel_called or i.cancel_called)
+    j, _ = d.add("ours")
+    d.shed()
+    assert g.cancel_called and not (i.cancel_called or j.cancel_called)
