@@ -607,26 +607,11 @@ class Front:
             await stream.aclose()
             return
         authenticated()
-        req = hs.request
-        self.stats.flows += 1
-        try:
-            upstream = await self._dial(req.host, req.port)
-        except DialError as exc:
-            self._count_failure(exc)
-            await stream.send_all(socks.ServerHandshake.reply(socks.errno_reply(exc.errno)))
-            await stream.aclose()
-            return
-        try:
-            await stream.send_all(socks.ServerHandshake.reply(socks.REP_SUCCEEDED))
-            _set_rcvbuf(sock, SERVED_RCVBUF)
-            if hs.leftover:
-                await upstream.send_all(hs.leftover)
-                self.stats.bytes_up += len(hs.leftover)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await upstream.aclose()
-            raise
-        await self._relay(stream, upstream)
+        await self._dial_and_relay(
+            stream, hs.request.host, hs.request.port,
+            ok=socks.ServerHandshake.reply(socks.REP_SUCCEEDED),
+            failed=lambda exc: socks.ServerHandshake.reply(socks.errno_reply(exc.errno)),
+            first_up=hs.leftover)
 
     async def _serve_http(self, sock, authenticated: Callable[[], None]) -> None:
         """An HTTP proxy client (http_proxy/https_proxy): CONNECT, or one absolute-form
@@ -657,19 +642,29 @@ class Front:
                 await stream.send_all(exc.response())
             await stream.aclose()
             return
+        await self._dial_and_relay(
+            stream, req.host, req.port,
+            ok=httpproxy.response(200) if req.tunnel else b"",
+            failed=lambda exc: httpproxy.dial_failure(exc.errno, str(exc.message or exc)),
+            first_up=req.head + buf[end:])
+
+    async def _dial_and_relay(self, stream: trio.SocketStream, host: str, port: int, *,
+                              ok: bytes, failed: Callable[[DialError], bytes],
+                              first_up: bytes) -> None:
+        """A proxy client asked for host:port: dial it, answer `ok` (or `failed(error)` and
+        close), send on what the client already sent past its request, then relay."""
         self.stats.flows += 1
         try:
-            upstream = await self._dial(req.host, req.port)
+            upstream = await self._dial(host, port)
         except DialError as exc:
             self._count_failure(exc)
-            await stream.send_all(httpproxy.dial_failure(exc.errno, str(exc.message or exc)))
+            await stream.send_all(failed(exc))
             await stream.aclose()
             return
-        first_up = req.head + buf[end:]
         try:
-            if req.tunnel:
-                await stream.send_all(httpproxy.response(200))
-            _set_rcvbuf(sock, SERVED_RCVBUF)
+            if ok:
+                await stream.send_all(ok)
+            _set_rcvbuf(stream.socket, SERVED_RCVBUF)
             if first_up:
                 await upstream.send_all(first_up)
                 self.stats.bytes_up += len(first_up)
