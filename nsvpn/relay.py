@@ -19,6 +19,7 @@ moves bytes and wakes tasks:
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ log = logging.getLogger("nsvpn.relay")
 READ_BATCH = 16  # packets per wake-up: measured faster than 64 (ACKs go out sooner)
 DIAL_TIMEOUT = 20.0
 UDP_IDLE = 60.0
+UDP_SETUP_TIMEOUT = 10.0  # s for a SOCKS5 UDP association (connect, greeting, request)
 # Host sockets for UDP to direct networks (one per app 4-tuple, held UDP_IDLE after the last
 # datagram): a job sending from a new port each time (one-shot queries to a site server)
 # would hold thousands of fds; past this many the least recently used one goes.
@@ -90,6 +92,7 @@ class Relay:
         dial_direct: Callable[..., object],
         dns_service: Optional[object] = None,
         read_tun: bool = True,
+        udp_upstream: Optional[object] = None,
     ) -> None:
         self.fd = tun_fd
         # False: someone else reads the TUN and hands us our packets with feed() (the vpn
@@ -100,6 +103,8 @@ class Relay:
         self.dial_upstream = dial_upstream
         self.dial_direct = dial_direct
         self.dns = dns_service
+        # has carries_udp and udp_associate() (a SOCKS5 proxy with UDP ASSOCIATE), or None
+        self.udp_upstream = udp_upstream
         self.flows: Dict[int, _Flow] = {}
         self.udp: Dict[Tuple, _UdpFlow] = {}
         self._timer = StackTimer(stack, lambda: self._after_stack())
@@ -293,23 +298,29 @@ class Relay:
             assert self._nursery is not None
             self._nursery.start_soon(self.dns.serve_udp, self, src, dst, payload)
             return
-        if d.action == routing.DIRECT:
+        up = self.udp_upstream
+        if d.action == routing.DIRECT or (
+                d.action == routing.UPSTREAM and up is not None and up.carries_udp):
             key = (src, dst)
             u = self.udp.get(key)
             if u is None:
                 if len(self.udp) >= UDP_FLOWS_MAX:
                     min(self.udp.values(), key=lambda f: f.last).evict()
                 try:
-                    u = _UdpFlow(self, src, dst, (d.host, d.port))
+                    if d.action == routing.DIRECT:
+                        u = _UdpFlow(self, src, dst, (d.host, d.port))
+                    else:
+                        u = _UdpUpstreamFlow(self, src, dst, (d.host, d.port))
                 except OSError as e:  # EMFILE: drop this datagram, keep the session
                     self._warn_local(f"no host socket for UDP to {d.host}:{d.port}", e)
                     return
                 self.udp[key] = u
                 assert self._nursery is not None
                 self._nursery.start_soon(u.run)
-            u.send(payload)
+            u.send(ev)
             return
-        # Upstreams here carry no UDP (ssh -D): tell the app at once.
+        # The upstream carries no UDP (ssh -D, a proxy without UDP ASSOCIATE): tell the app
+        # at once rather than let it wait for a timeout.
         self.stack.udp_unreachable(ev)
         self._after_stack()
 
@@ -339,10 +350,10 @@ class _UdpFlow:
             del self.relay.udp[(self.src, self.dst)]
         self._scope.cancel()
 
-    def send(self, payload: bytes) -> None:
+    def send(self, ev) -> None:
         self.last = trio.current_time()
         try:
-            self.sock._sock.sendto(payload, self.target)  # non-blocking; UDP may drop
+            self.sock._sock.sendto(ev.payload, self.target)  # non-blocking; UDP may drop
         except OSError:
             pass
 
@@ -363,3 +374,93 @@ class _UdpFlow:
             self.sock.close()
             if self.relay.udp.get((self.src, self.dst)) is self:  # not a newer flow's
                 del self.relay.udp[(self.src, self.dst)]
+
+
+class _UdpUpstreamFlow:
+    """One app UDP 4-tuple carried through the upstream by its own SOCKS5 UDP association,
+    idle-timed like _UdpFlow. One association per 4-tuple keeps replies unambiguous: whatever
+    comes back is the answer to this flow, also when the far side was named (a fake IP) and
+    the proxy reports the address it resolved."""
+
+    PENDING_MAX = 16  # datagrams kept while the association is set up
+
+    def __init__(self, relay: Relay, src, dst, target: Tuple[str, int]) -> None:
+        self.relay = relay
+        self.src = src
+        self.dst = dst
+        self.target = target  # what the proxy is asked to reach: an address, or a name
+        self.last = trio.current_time()
+        self._scope = trio.CancelScope()
+        self._assoc: Optional[object] = None
+        self._pending: list = []
+
+    def evict(self) -> None:
+        if self.relay.udp.get((self.src, self.dst)) is self:
+            del self.relay.udp[(self.src, self.dst)]
+        self._scope.cancel()
+
+    def send(self, ev) -> None:
+        self.last = trio.current_time()
+        if self._assoc is not None:
+            self._assoc.send(self.target[0], self.target[1], ev.payload)
+        elif len(self._pending) < self.PENDING_MAX:
+            self._pending.append(ev)
+
+    def _reply_source(self, host: str, port: int) -> Tuple[str, int]:
+        """Where a reply seems to come from, for the app: the proxy's word when we asked for
+        an address of the flow's family; the flow's own address when we asked for a name
+        (the app only knows the fake IP)."""
+        if self.target[0] == self.dst[0] and (":" in host) == (":" in self.dst[0]):
+            try:
+                return str(ipaddress.ip_address(host)), port
+            except ValueError:
+                pass
+        return self.dst[0], port
+
+    async def run(self) -> None:
+        relay = self.relay
+        try:
+            with self._scope:
+                try:
+                    assoc = await relay.udp_upstream.udp_associate(
+                        self.target[0], self.target[1], timeout=UDP_SETUP_TIMEOUT)
+                except OSError as e:
+                    log.debug("no UDP association for %s:%s: %s", *self.target, e)
+                    for ev in self._pending:
+                        relay.stack.udp_unreachable(ev)
+                    self._pending.clear()
+                    relay._after_stack()
+                    return
+                try:
+                    self._assoc = assoc
+                    for ev in self._pending:
+                        assoc.send(self.target[0], self.target[1], ev.payload)
+                    self._pending.clear()
+                    async with trio.open_nursery() as n:
+                        n.start_soon(self._until_closed, assoc, n.cancel_scope)
+                        await self._replies(assoc)
+                        n.cancel_scope.cancel()
+                finally:
+                    self._assoc = None
+                    with trio.CancelScope(shield=True):
+                        await assoc.aclose()
+        except OSError:  # the proxy's relay port is gone (ICMP): the next datagram starts over
+            return
+        finally:
+            if relay.udp.get((self.src, self.dst)) is self:
+                del relay.udp[(self.src, self.dst)]
+
+    async def _replies(self, assoc) -> None:
+        while True:
+            with trio.move_on_at(self.last + UDP_IDLE):
+                host, port, data = await assoc.receive()
+                self.last = trio.current_time()
+                self.relay.send_udp(self._reply_source(host, port), self.src, data)
+                continue
+            if trio.current_time() >= self.last + UDP_IDLE:
+                return
+
+    @staticmethod
+    async def _until_closed(assoc, scope: trio.CancelScope) -> None:
+        await assoc.wait_closed()  # the proxy ended the association
+        scope.cancel()

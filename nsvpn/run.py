@@ -392,7 +392,8 @@ async def _run_ns(args: argparse.Namespace, argv: List[str], pool, direct: List[
 
         ns_inode = namespace.netns_inode(child.pid)
         relay = Relay(child.tun_fd, stack, router, dial_upstream=dial_upstream,
-                      dial_direct=dial_direct, dns_service=dns)
+                      dial_direct=dial_direct, dns_service=dns,
+                      udp_upstream=pool if hasattr(pool, "carries_udp") else None)
         relay.pcap = pcap
         try:
             async with trio.open_nursery() as n:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import socket
+from functools import partial
 from typing import Iterator
 
 import labenv
+import peers
 import pytest
+import trio
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +54,36 @@ def _stop_lab_processes() -> Iterator[None]:
     """Background processes a test started with lab.popen() never outlive it."""
     yield
     labenv.stop_all()
+
+
+@pytest.fixture
+def microsocks() -> Iterator[peers.Servers]:
+    """`microsocks(*args)` starts one on loopback and returns its port."""
+    servers = peers.Servers(peers.start_microsocks)
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture
+def danted(tmp_path) -> Iterator[peers.Servers]:
+    """`danted()` starts a Dante SOCKS5 server (with UDP ASSOCIATE) on loopback and returns
+    its port; `danted.kill(danted.procs[i])` ends one with all its children."""
+    servers = peers.Servers(partial(peers.start_danted, conf_dir=str(tmp_path)))
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture
+async def udp_echo(nursery) -> int:
+    """The port of a UDP echo server on 127.0.0.1."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+
+    async def serve() -> None:
+        with sock:
+            while True:
+                data, addr = await sock.recvfrom(65535)
+                await sock.sendto(data, addr)
+
+    nursery.start_soon(serve)
+    return sock.getsockname()[1]

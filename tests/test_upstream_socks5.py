@@ -5,58 +5,18 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import socket
 import subprocess
-import time
 from functools import partial
 
 import pytest
 import trio
+from peers import free_port, need_danted, need_microsocks
 
 from nsvpn.upstream.base import DialError, UpstreamError
 from nsvpn.upstream.direct import DirectUpstream, host_networks
 from nsvpn.upstream.pool import UpstreamPool
 from nsvpn.upstream.socks5 import Socks5Upstream
 from nsvpn.urls import parse_upstream_url
-
-MICROSOCKS = shutil.which("microsocks") or "/usr/bin/microsocks"
-need_microsocks = pytest.mark.skipif(
-    not os.path.exists(MICROSOCKS), reason="microsocks is not installed"
-)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def microsocks():
-    procs = []
-
-    def start(*args: str) -> int:
-        port = free_port()
-        p = subprocess.Popen(
-            [MICROSOCKS, "-i", "127.0.0.1", "-p", str(port), *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        procs.append(p)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return port
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("microsocks did not come up")
-
-    start.procs = procs
-    yield start
-    for p in procs:
-        p.kill()
-        p.wait()
 
 
 async def echo_server(nursery) -> int:
@@ -283,3 +243,58 @@ async def test_pool_round_robin_and_from_urls(nursery, microsocks):
         UpstreamPool.from_urls(["openconnect://vpn.example.org"])
     with pytest.raises(ValueError, match="unknown upstream policy"):
         UpstreamPool([pool.upstreams[0]], policy="random")
+
+
+# ---------------------------------------------------------------- UDP ASSOCIATE (dante)
+
+@need_danted
+async def test_udp_associate_carries_datagrams_byte_exact(danted, udp_echo):
+    """Datagrams of every size up to 60000 bytes go out and come back through dante, and the
+    reply names the far side's address. The association ends when the proxy does."""
+    echo = udp_echo
+    up = Socks5Upstream("127.0.0.1", danted())
+    await up.start()
+    assert up.carries_udp
+    assoc = await up.udp_associate("127.0.0.1", echo, timeout=5)
+    try:
+        for n in (1, 512, 1400, 9000, 60000):
+            payload = os.urandom(n)
+            assoc.send("127.0.0.1", echo, payload)
+            with trio.fail_after(5):
+                assert await assoc.receive() == ("127.0.0.1", echo, payload)
+        danted.kill(danted.procs[0])
+        with trio.fail_after(5):
+            await assoc.wait_closed()
+    finally:
+        await assoc.aclose()
+
+
+@need_microsocks
+@need_danted
+async def test_udp_associate_skips_proxies_without_udp(microsocks, danted, udp_echo):
+    """microsocks answers "command not supported": it is not asked again, and a pool takes
+    UDP to the next proxy that has it while TCP stays with the first."""
+    echo = udp_echo
+    plain = Socks5Upstream("127.0.0.1", microsocks())
+    with pytest.raises(DialError) as ei:
+        await plain.udp_associate("127.0.0.1", echo, timeout=5)
+    assert ei.value.errno == errno.EOPNOTSUPP and not plain.carries_udp
+    assert plain.healthy  # a proxy without UDP is still a good proxy
+
+    first = Socks5Upstream("127.0.0.1", microsocks())
+    pool = UpstreamPool([first, Socks5Upstream("127.0.0.1", danted())])
+    await pool.start()
+    assert pool.carries_udp
+    assoc = await pool.udp_associate("127.0.0.1", echo, timeout=5)
+    try:
+        assoc.send("127.0.0.1", echo, b"ping")
+        with trio.fail_after(5):
+            assert (await assoc.receive())[2] == b"ping"
+    finally:
+        await assoc.aclose()
+    assert not first.carries_udp and not pool._down_until
+    only_plain = UpstreamPool([plain])
+    assert not only_plain.carries_udp
+    with pytest.raises(DialError) as ei:
+        await only_plain.udp_associate("127.0.0.1", echo, timeout=5)
+    assert ei.value.errno == errno.EOPNOTSUPP

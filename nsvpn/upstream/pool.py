@@ -10,6 +10,7 @@ same destination would get the same answer, and retrying would only multiply the
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Dict, List, Sequence
 
@@ -121,6 +122,39 @@ class UpstreamPool:
             self._backoff.pop(i, None)
             return stream
         raise upstream_down("no upstream usable: " + "; ".join(failures or ["timed out"]))
+
+    @property
+    def carries_udp(self) -> bool:
+        return any(getattr(u, "carries_udp", False) for u in self.upstreams)
+
+    async def udp_associate(self, host: str, port: int, *, timeout: float):
+        """A UDP association from the first usable upstream that relays UDP (ssh -D does
+        not); failover as for dial_tcp."""
+        deadline = trio.current_time() + timeout
+        failures: List[str] = []
+        for i in self._order():
+            up = self.upstreams[i]
+            left = deadline - trio.current_time()
+            if not getattr(up, "carries_udp", False):
+                continue
+            if left <= 0:
+                break
+            try:
+                assoc = await up.udp_associate(host, port, timeout=left)
+            except DialError as exc:
+                if exc.reason != "upstream-down":
+                    if exc.errno == errno.EOPNOTSUPP:
+                        continue  # this one has no UDP after all: the next may
+                    raise
+                failures.append(f"{up.name}: {exc.message or exc}")
+                self._mark_down(i)
+                continue
+            self._down_until.pop(i, None)
+            self._backoff.pop(i, None)
+            return assoc
+        if not failures:
+            raise DialError(errno.EOPNOTSUPP, "no upstream relays UDP")
+        raise upstream_down("no upstream usable for UDP: " + "; ".join(failures))
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):

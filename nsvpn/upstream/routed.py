@@ -3,11 +3,12 @@ everything else the default one. Same interface as the other upstreams."""
 
 from __future__ import annotations
 
+import errno
 from typing import Callable, List, Sequence, Tuple
 
 import trio
 
-from .base import UpstreamError
+from .base import DialError, UpstreamError
 
 Matcher = Callable[[str, int], bool]
 
@@ -52,6 +53,16 @@ class RoutedUpstream:
 
     async def dial_tcp(self, host: str, port: int, *, timeout: float) -> trio.abc.Stream:
         return await self.pick(host, port).dial_tcp(host, port, timeout=timeout)
+
+    @property
+    def carries_udp(self) -> bool:
+        return any(getattr(u, "carries_udp", False) for u in self.upstreams)
+
+    async def udp_associate(self, host: str, port: int, *, timeout: float):
+        up = self.pick(host, port)
+        if not getattr(up, "carries_udp", False):
+            raise DialError(errno.EOPNOTSUPP, f"{up.name} does not relay UDP")
+        return await up.udp_associate(host, port, timeout=timeout)
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):

@@ -14,8 +14,10 @@ The whole handshake is bounded by the dial timeout. Failures become DialError:
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
-from typing import Awaitable, Callable
+import socket
+from typing import Awaitable, Callable, Tuple
 
 import trio
 
@@ -100,6 +102,23 @@ async def socks5_dial(
         hs = socks.ClientHandshake(socks.CMD_CONNECT, host, port, username, password)
     except socks.SocksError as exc:
         raise DialError(errno.EINVAL, f"cannot ask {proxy_name} for {host}:{port}: {exc}") from None
+    stream, hs = await _handshake(connect, lambda _stream: hs, f"{host}:{port}",
+                                  timeout=timeout, proxy_name=proxy_name,
+                                  on_eof=None if on_eof is None else lambda: on_eof(host, port))
+    return PrefixedStream(stream, hs.leftover) if hs.leftover else stream
+
+
+async def _handshake(
+    connect: Connector,
+    handshake_for: Callable[[trio.abc.Stream], socks.ClientHandshake],
+    what: str,
+    *,
+    timeout: float,
+    proxy_name: str,
+    on_eof: Callable[[], Awaitable[DialError]] | None = None,
+) -> Tuple[trio.abc.Stream, socks.ClientHandshake]:
+    """Connect to the proxy and run `handshake_for(stream)` to its reply; bounded by
+    `timeout`. Every failure is a DialError (see the module's docstring)."""
     stream: trio.abc.Stream | None = None
     request_sent = False
     ok = False
@@ -112,6 +131,7 @@ async def socks5_dial(
                 why = errno.errorcode.get(err or 0, str(exc)) if err else str(exc)
                 raise upstream_down(f"cannot reach SOCKS5 proxy {proxy_name}: {why}") from None
             try:
+                hs = handshake_for(stream)
                 while hs.reply is None:
                     out = hs.data_to_send()
                     if out:
@@ -122,11 +142,10 @@ async def socks5_dial(
                     if not data:
                         if request_sent:
                             if on_eof is not None:
-                                raise await on_eof(host, port)
+                                raise await on_eof()
                             raise DialError(
                                 errno.ECONNABORTED,
-                                f"{proxy_name} closed the connection to {host}:{port} "
-                                "without a reply",
+                                f"{proxy_name} closed the connection to {what} without a reply",
                             )
                         raise upstream_down(
                             f"{proxy_name} closed the connection during the SOCKS5 greeting"
@@ -141,7 +160,7 @@ async def socks5_dial(
                     ) from None
                 raise upstream_down(f"{proxy_name}: connection broke: {exc}") from None
             except socks.SocksReplyError as exc:
-                raise DialError(exc.errno, f"{proxy_name} -> {host}:{port}: {exc}") from None
+                raise DialError(exc.errno, f"{proxy_name} -> {what}: {exc}") from None
             except socks.SocksAuthError as exc:
                 raise upstream_down(f"{proxy_name}: {exc}") from None
             except socks.SocksError as exc:
@@ -152,14 +171,113 @@ async def socks5_dial(
                     f"{proxy_name} did not complete the SOCKS5 greeting in {timeout:g} s"
                 )
             raise DialError(
-                errno.ETIMEDOUT, f"{proxy_name}: no answer for {host}:{port} in {timeout:g} s"
+                errno.ETIMEDOUT, f"{proxy_name}: no answer for {what} in {timeout:g} s"
             )
         ok = True
         assert stream is not None
-        return PrefixedStream(stream, hs.leftover) if hs.leftover else stream
+        return stream, hs
     finally:
         if not ok and stream is not None:
             await trio.aclose_forcefully(stream)
+
+
+class UdpAssociation:
+    """One SOCKS5 UDP ASSOCIATE: a UDP socket of ours connected to the proxy's relay port
+    (so only the relay's datagrams reach it), alive as long as the proxy keeps the control
+    connection open."""
+
+    def __init__(self, control: trio.abc.Stream, sock: socket.socket, proxy_name: str) -> None:
+        self.control = control
+        self.sock = sock
+        self.proxy_name = proxy_name
+
+    def send(self, host: str, port: int, payload: bytes) -> None:
+        """Non-blocking; a full queue or an error drops the datagram, as UDP may."""
+        try:
+            self.sock.send(socks.encode_udp(host, port, payload))
+        except (OSError, socks.SocksError):
+            pass
+
+    async def receive(self) -> Tuple[str, int, bytes]:
+        """The next datagram from the far side: (its host, its port, payload). Fragments
+        (which no common proxy sends) and malformed headers are dropped, as RFC 1928
+        allows. Raises OSError when the relay port is gone (ICMP unreachable)."""
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            try:
+                data = self.sock.recv(65535)
+            except BlockingIOError:
+                continue
+            try:
+                dg = socks.decode_udp(data)
+            except socks.SocksError:
+                continue
+            if dg.frag == 0:
+                return dg.host, dg.port, dg.payload
+
+    async def wait_closed(self) -> None:
+        """Returns when the proxy ends the association (closes the control connection)."""
+        while True:
+            try:
+                if not await self.control.receive_some(RECV):
+                    return
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+
+    async def aclose(self) -> None:
+        self.sock.close()
+        await trio.aclose_forcefully(self.control)
+
+
+async def socks5_udp_associate(
+    connect: Connector,
+    *,
+    timeout: float,
+    proxy_name: str,
+    username: str | None = None,
+    password: str | None = None,
+) -> UdpAssociation:
+    """UDP ASSOCIATE with the proxy reached by `connect()` (over TCP). The request names the
+    exact address our datagrams will come from, so the proxy relays only ours. A proxy
+    without UDP answers "command not supported": DialError EOPNOTSUPP."""
+    udp: list = []
+
+    def handshake_for(stream: trio.abc.Stream) -> socks.ClientHandshake:
+        tsock = getattr(stream, "socket", None)
+        if tsock is None or tsock.family not in (socket.AF_INET, socket.AF_INET6):
+            raise DialError(errno.EOPNOTSUPP, f"{proxy_name} is not reached over TCP: no UDP")
+        local = tsock.getsockname()
+        u = socket.socket(tsock.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                          | socket.SOCK_CLOEXEC)
+        udp.append(u)
+        u.bind((local[0], 0))
+        return socks.ClientHandshake(socks.CMD_UDP_ASSOCIATE, local[0], u.getsockname()[1],
+                                     username, password)
+
+    try:
+        stream, hs = await _handshake(connect, handshake_for, "UDP ASSOCIATE", timeout=timeout,
+                                      proxy_name=proxy_name)
+    except BaseException:
+        for u in udp:
+            u.close()
+        raise
+    sock = udp[0]
+    try:
+        assert hs.reply is not None
+        host = hs.reply.host
+        try:
+            unspecified = ipaddress.ip_address(host).is_unspecified
+        except ValueError:
+            unspecified = False  # a name: connect() below resolves it (a proxy's choice)
+        if unspecified:  # "the same address as the control connection" (common practice)
+            host = stream.socket.getpeername()[0]  # type: ignore[attr-defined]
+        sock.connect((host, hs.reply.port))
+    except OSError as exc:
+        sock.close()
+        await trio.aclose_forcefully(stream)
+        raise DialError(errno.ECONNABORTED,
+                        f"{proxy_name}: cannot use its UDP relay address: {exc}") from None
+    return UdpAssociation(stream, sock, proxy_name)
 
 
 def _why_connect_failed(e: OSError) -> str:
@@ -230,6 +348,8 @@ class Socks5Upstream:
         self.name = name or (f"socks5://{host}:{port}" if path is None else f"socks5:{path}")
         self.start_timeout = start_timeout
         self._healthy = True
+        # UDP ASSOCIATE needs a proxy reached over TCP; False once it said "not supported"
+        self.carries_udp = path is None
 
     @classmethod
     def from_url(cls, url: Socks5UpstreamUrl, **kw) -> Socks5Upstream:
@@ -273,6 +393,26 @@ class Socks5Upstream:
             raise
         self._healthy = True
         return stream
+
+    async def udp_associate(self, host: str, port: int, *, timeout: float) -> UdpAssociation:
+        """A UDP association (for datagrams to host:port; any destination works on it). A
+        proxy that answers "command not supported" is not asked again."""
+        if not self.carries_udp:
+            raise DialError(errno.EOPNOTSUPP, f"{self.name} does not relay UDP")
+        try:
+            assoc = await socks5_udp_associate(
+                self._connect, timeout=timeout, proxy_name=self.name,
+                username=self.username, password=self.password)
+        except DialError as exc:
+            if exc.errno == errno.EOPNOTSUPP:
+                self.carries_udp = False
+                log.info("%s does not relay UDP: UDP beyond the direct networks gets "
+                         "ICMP port unreachable", self.name)
+            elif exc.reason == "upstream-down":
+                self._healthy = False
+            raise
+        self._healthy = True
+        return assoc
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
