@@ -43,6 +43,9 @@ UDP_SETUP_TIMEOUT = 10.0  # s for a SOCKS5 UDP association (connect, greeting, r
 # datagram): a job sending from a new port each time (one-shot queries to a site server)
 # would hold thousands of fds; past this many the least recently used one goes.
 UDP_FLOWS_MAX = 1024
+# Of those, the ones carried by SOCKS5 UDP associations: each holds a connection to the
+# proxy (and, with Dante, a share of a server process), so they are fewer.
+UDP_ASSOC_MAX = 256
 
 Dialer = Callable[[str, int, float], "trio.abc.Stream"]
 
@@ -310,6 +313,11 @@ class Relay:
                     if d.action == routing.DIRECT:
                         u = _UdpFlow(self, src, dst, (d.host, d.port))
                     else:
+                        if len(self.udp) >= UDP_ASSOC_MAX:
+                            assocs = [f for f in self.udp.values()
+                                      if isinstance(f, _UdpUpstreamFlow)]
+                            if len(assocs) >= UDP_ASSOC_MAX:
+                                min(assocs, key=lambda f: f.last).evict()
                         u = _UdpUpstreamFlow(self, src, dst, (d.host, d.port))
                 except OSError as e:  # EMFILE: drop this datagram, keep the session
                     self._warn_local(f"no host socket for UDP to {d.host}:{d.port}", e)
