@@ -209,6 +209,57 @@ def test_ipv6_literal_through_the_upstream(nsvpn_lab, ssh_via, socks_via, upstre
     assert lines[-1] == "gw=7", explain(r)
 
 
+TCP_HELLO_PY = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.bind((sys.argv[1], 0))
+s.listen(8)
+print(s.getsockname()[1], flush=True)
+while True:
+    c, peer = s.accept()
+    c.sendall(("hello " + peer[0] + "\n").encode())
+    c.close()
+"""
+
+
+@pytest.fixture
+def worker_ipv6_network(nsvpn_lab):
+    """An IPv6 network only the worker has (a veth pair with both ends in its netns: not
+    every kernel has the dummy driver), with a TCP server on it that greets each client
+    with the client's address: the edge cannot reach it, so only a direct host socket
+    gets there."""
+    ns, ifname, addr = "worker", "nsvpn-v6t", "fd31:9::1"
+
+    def ip(*args: str, check: bool = True) -> None:
+        subprocess.run(["ip", "netns", "exec", nsvpn_lab.netns[ns], *args], check=check,
+                       capture_output=True)
+
+    ip("ip", "link", "del", ifname, check=False)
+    ip("ip", "link", "add", ifname, "type", "veth", "peer", "name", ifname + "p")
+    try:
+        ip("sysctl", "-q", "-w", f"net.ipv6.conf.{ifname}.disable_ipv6=0")
+        ip("ip", "-6", "addr", "add", f"{addr}/64", "dev", ifname, "nodad")
+        ip("ip", "link", "set", ifname, "up")
+        p = nsvpn_lab.popen(["python3", "-c", TCP_HELLO_PY, addr], user=None,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        yield addr, int(p.stdout.readline())
+        p.stop()
+    finally:
+        ip("ip", "link", "del", ifname, check=False)
+
+
+@pytest.mark.parametrize("mode", ["ns", "preload"])
+def test_the_nodes_ipv6_networks_are_direct(nsvpn_lab, ssh_via, worker_ipv6_network, mode):
+    """The node's own IPv6 networks are found like its IPv4 ones: a site-local IPv6 server
+    (a dual-stack storage node's redirect, say) is dialled with host sockets, not through
+    the login node, which cannot reach it."""
+    addr, port = worker_ipv6_network
+    r = nsexec(nsvpn_lab, ["--mode", mode, "--via", ssh_via],
+               f"curl -sS -g --max-time 10 telnet://[{addr}]:{port} </dev/null", timeout=60)
+    assert r.returncode == 0, explain(r)
+    assert r.stdout.split() == ["hello", addr], explain(r)  # from the node's own address
+
+
 def test_200_concurrent_connections_byte_exact(nsvpn_lab, ssh_via):
     r = nsexec(nsvpn_lab, ["--via", ssh_via],
                ["python3", "-c", MANY_PY, "200", "remote.lab", "/1M.bin",

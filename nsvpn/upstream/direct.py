@@ -1,7 +1,7 @@
 """Plain host sockets for destinations in the host's own (site-local) networks.
 
-`host_networks()` lists the IPv4 networks the host is directly connected to: the default set
-of destinations that bypass the tunnel (shared squids, cluster file servers stay fast).
+`host_networks()` lists the networks the host is directly connected to: the default set of
+destinations that bypass the tunnel (shared squids, cluster file servers stay fast).
 """
 
 from __future__ import annotations
@@ -11,19 +11,25 @@ import ipaddress
 import os
 import socket
 import struct
-from typing import List
+from typing import List, Union
 
 import trio
 
 from .base import DialError, keepalive
 
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
-def host_networks(include_loopback: bool = False) -> List[ipaddress.IPv4Network]:
-    """Connected IPv4 networks of the current network namespace, via netlink."""
-    nets = []
-    for addr, prefixlen in _ipv4_addresses():
-        net = ipaddress.IPv4Network(f"{addr}/{prefixlen}", strict=False)
+
+def host_networks(include_loopback: bool = False) -> List[IPNetwork]:
+    """Connected IPv4 and IPv6 networks of the current network namespace, via netlink.
+    IPv6 link-local networks are left out: every link has fe80::/64, and an address in it
+    means nothing without its interface."""
+    nets: List[IPNetwork] = []
+    for addr, prefixlen in _addresses():
+        net = ipaddress.ip_network(f"{addr}/{prefixlen}", strict=False)
         if net.is_loopback and not include_loopback:
+            continue
+        if net.version == 6 and net.is_link_local:
             continue
         if net not in nets:
             nets.append(net)
@@ -35,14 +41,15 @@ _NLM_F_REQUEST_DUMP = 0x301
 _IFA_ADDRESS, _IFA_LOCAL = 1, 2
 
 
-def _ipv4_addresses() -> List[tuple]:
-    """(address, prefixlen) of every IPv4 address: one RTM_GETADDR dump on a raw netlink
-    socket. (pyroute2 did this before, but importing it costs ~100-150 ms of every start-up.)"""
+def _addresses() -> List[tuple]:
+    """(address, prefixlen) of every IPv4 and IPv6 address: one RTM_GETADDR dump on a raw
+    netlink socket. (pyroute2 did this before, but importing it costs ~100-150 ms of every
+    start-up.)"""
     s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
     try:
         s.bind((0, 0))
         s.send(struct.pack("=IHHII", 24, _RTM_GETADDR, _NLM_F_REQUEST_DUMP, 1, 0)
-               + struct.pack("=BBBBI", socket.AF_INET, 0, 0, 0, 0))
+               + struct.pack("=BBBBI", socket.AF_UNSPEC, 0, 0, 0, 0))
         out = []
         while True:
             data = s.recv(1 << 16)
@@ -69,6 +76,8 @@ def _ipv4_addresses() -> List[tuple]:
                     raw = attrs.get(_IFA_ADDRESS) or attrs.get(_IFA_LOCAL)
                     if family == socket.AF_INET and raw and len(raw) == 4:
                         out.append((socket.inet_ntoa(raw), prefixlen))
+                    elif family == socket.AF_INET6 and raw and len(raw) == 16:
+                        out.append((socket.inet_ntop(socket.AF_INET6, raw), prefixlen))
                 off += (length + 3) & ~3
     finally:
         s.close()
