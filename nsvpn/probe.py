@@ -120,17 +120,57 @@ def check_via(url: str, timeout: float = 1.5, ssh_opts: Sequence[str] = ()) -> D
         host = first.get("hostname", host)
         port = int(first.get("port", port))
     t0 = time.monotonic()
+    udp = None
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            ms = (time.monotonic() - t0) * 1000
+            if up.scheme in ("socks5", "socks5h"):
+                udp, note = _socks5_udp_trial(conn, up.user, getattr(up, "password", None))
+                if udp is None:  # not a usable SOCKS5 proxy: exec would fail too
+                    return {"url": shown, "ok": False,
+                            "detail": f"{host}:{port} reachable, but {note}"}
     except socket.gaierror as e:
         return {"url": shown, "ok": False, "detail": f"cannot resolve {host}: {e.strerror}"}
     except socket.timeout:
         return {"url": shown, "ok": False, "detail": f"{host}:{port}: no answer in {timeout:g} s"}
     except OSError as e:
         return {"url": shown, "ok": False, "detail": f"{host}:{port}: {e.strerror}"}
-    ms = (time.monotonic() - t0) * 1000
-    return {"url": shown, "ok": True, "detail": f"{host}:{port} reachable ({ms:.1f} ms){note}"}
+    if up.scheme == "ssh":
+        udp, note = False, note + "; TCP only (ssh -D has no UDP)"
+    out = {"url": shown, "ok": True, "detail": f"{host}:{port} reachable ({ms:.1f} ms){note}"}
+    if udp is not None:
+        out["udp"] = udp
+    return out
+
+
+def _socks5_udp_trial(conn: socket.socket, user, password):
+    """(relays UDP?, note) from a real greeting and UDP ASSOCIATE on `conn` (which bounds
+    every step by its timeout); None when the proxy did not get that far."""
+    from . import socks
+
+    hs = socks.ClientHandshake(socks.CMD_UDP_ASSOCIATE, "0.0.0.0", 0, user, password)
+    try:
+        while hs.reply is None:
+            out = hs.data_to_send()
+            if out:
+                conn.sendall(out)
+            data = conn.recv(512)
+            if not data:
+                if hs.awaiting_reply:  # some proxies hang up on a command they lack
+                    return False, "; SOCKS5 without UDP (it closed on UDP ASSOCIATE)"
+                return None, "the proxy closed the connection during the SOCKS5 greeting"
+            hs.receive_data(data)
+    except socks.SocksReplyError as e:
+        if e.reply_code == socks.REP_COMMAND_NOT_SUPPORTED:
+            return False, "; SOCKS5 without UDP (UDP gets ICMP port unreachable in ns mode)"
+        return False, f"; SOCKS5 UDP ASSOCIATE refused: {e}"
+    except socks.SocksError as e:
+        return None, f"SOCKS5: {e}"
+    except OSError as e:  # timeout, reset
+        if hs.awaiting_reply:
+            return False, f"; SOCKS5 without UDP (no answer to UDP ASSOCIATE: {e})"
+        return None, f"the SOCKS5 greeting failed: {e.strerror or e}"
+    return True, "; SOCKS5, relays UDP"
 
 
 def check_command(cmd: str) -> Dict[str, object]:

@@ -482,7 +482,7 @@ def test_ssh_wrong_key_exits_3_without_running_cmd(nsvpn_lab, user_tmp):
 
 def test_socks_upstream_down_exits_3(nsvpn_lab, user_tmp):
     ran = os.path.join(user_tmp, "ran")
-    # nothing listens on the edge's port 1081
+    # nothing listens on the edge's port 1081 (the lab's dante is on 1085)
     r = nsexec(nsvpn_lab, ["--via", f"socks5://{nsvpn_lab.edge_ip}:1081"], ["touch", ran],
                timeout=30)
     assert r.returncode == 3, explain(r)

@@ -144,13 +144,22 @@ def test_via_checks_reach_only_lab_hosts(lab):
     info = lab.info
     p = lab.run(["nsvpn", "probe", "--json", "--via", f"ssh://{info['ssh']['host']}",
                  "--via", f"socks5://{info['edge']['ip']}:9",
-                 "--via", "ftp://nope"], timeout=30)
+                 "--via", "ftp://nope",
+                 "--via", info["socks5"]["url"], "--via", info["socks5_udp"]["url"],
+                 "--via", f"socks5://{info['http']['edge']['host']}:{info['http']['edge']['port']}"],
+                timeout=30)
     r = json.loads(p.stdout)
     assert p.returncode == 0
-    ok, refused, bad = r["via"]
-    assert ok["ok"] and "reachable" in ok["detail"]
+    ok, refused, bad, microsocks, dante, http = r["via"]
+    assert ok["ok"] and "reachable" in ok["detail"] and ok["udp"] is False
     assert not refused["ok"] and "refused" in refused["detail"].lower()
     assert not bad["ok"]
+    # SOCKS5 proxies are asked for UDP ASSOCIATE: microsocks has none, dante has it
+    assert microsocks["ok"] and microsocks["udp"] is False, microsocks
+    assert "without UDP" in microsocks["detail"], microsocks
+    assert dante["ok"] and dante["udp"] is True and "relays UDP" in dante["detail"], dante
+    # something else on the port: reachable, but not a SOCKS5 proxy
+    assert not http["ok"] and "not a SOCKS5 server" in http["detail"], http
 
 
 def test_check_reports_static_and_setuid_programs():
