@@ -23,7 +23,7 @@ import ipaddress
 import logging
 import math
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import Awaitable, Callable, Dict, Optional, Tuple
 
 import trio
 
@@ -337,26 +337,49 @@ class Relay:
         self._after_stack()
 
 
-class _UdpFlow:
-    """One app UDP 4-tuple mapped to a host socket (direct networks only), idle-timed."""
+class _UdpFlowBase:
+    """An app UDP 4-tuple with a task of its own, forgotten UDP_IDLE after its last datagram
+    (either way) or when evicted to make room."""
 
     def __init__(self, relay: Relay, src, dst, target: Tuple[str, int]) -> None:
         self.relay = relay
         self.src = src
         self.dst = dst
-        self.target = target
-        self.sock = trio.socket.socket(
-            trio.socket.AF_INET6 if ":" in target[0] else trio.socket.AF_INET,
-            trio.socket.SOCK_DGRAM,
-        )
+        self.target = target  # where datagrams go: an address, or a name (upstream only)
         self.last = trio.current_time()
         self._scope = trio.CancelScope()
 
     def evict(self) -> None:
         """Make room: forget it now, its task ends at its next checkpoint."""
-        if self.relay.udp.get((self.src, self.dst)) is self:
-            del self.relay.udp[(self.src, self.dst)]
+        self._forget()
         self._scope.cancel()
+
+    def _forget(self) -> None:
+        if self.relay.udp.get((self.src, self.dst)) is self:  # not a newer flow's
+            del self.relay.udp[(self.src, self.dst)]
+
+    async def _replies(self, receive: Callable[[], Awaitable[Tuple[Tuple[str, int], bytes]]]
+                       ) -> None:
+        """Hand what receive() returns (where from, payload) to the app until idle."""
+        while True:
+            with trio.move_on_at(self.last + UDP_IDLE):
+                source, data = await receive()
+                self.last = trio.current_time()
+                self.relay.send_udp(source, self.src, data)
+                continue
+            if trio.current_time() >= self.last + UDP_IDLE:
+                return
+
+
+class _UdpFlow(_UdpFlowBase):
+    """Direct networks: a host socket per app 4-tuple."""
+
+    def __init__(self, relay: Relay, src, dst, target: Tuple[str, int]) -> None:
+        super().__init__(relay, src, dst, target)
+        self.sock = trio.socket.socket(
+            trio.socket.AF_INET6 if ":" in target[0] else trio.socket.AF_INET,
+            trio.socket.SOCK_DGRAM,
+        )
 
     def send(self, ev) -> None:
         self.last = trio.current_time()
@@ -365,47 +388,32 @@ class _UdpFlow:
         except OSError:
             pass
 
+    async def _receive(self) -> Tuple[Tuple[str, int], bytes]:
+        return self.dst, await self.sock.recv(65535)
+
     async def run(self) -> None:
         try:
             with self._scope:
-                while True:
-                    with trio.move_on_at(self.last + UDP_IDLE):
-                        data = await self.sock.recv(65535)
-                        self.last = trio.current_time()
-                        self.relay.send_udp(self.dst, self.src, data)
-                        continue
-                    if trio.current_time() >= self.last + UDP_IDLE:
-                        return
+                await self._replies(self._receive)
         except OSError:
             return
         finally:
             self.sock.close()
-            if self.relay.udp.get((self.src, self.dst)) is self:  # not a newer flow's
-                del self.relay.udp[(self.src, self.dst)]
+            self._forget()
 
 
-class _UdpUpstreamFlow:
-    """One app UDP 4-tuple carried through the upstream by its own SOCKS5 UDP association,
-    idle-timed like _UdpFlow. One association per 4-tuple keeps replies unambiguous: whatever
-    comes back is the answer to this flow, also when the far side was named (a fake IP) and
-    the proxy reports the address it resolved."""
+class _UdpUpstreamFlow(_UdpFlowBase):
+    """One app UDP 4-tuple carried through the upstream by its own SOCKS5 UDP association.
+    One association per 4-tuple keeps replies unambiguous: whatever comes back is the
+    answer to this flow, also when the far side was named (a fake IP) and the proxy
+    reports the address it resolved."""
 
     PENDING_MAX = 16  # datagrams kept while the association is set up
 
     def __init__(self, relay: Relay, src, dst, target: Tuple[str, int]) -> None:
-        self.relay = relay
-        self.src = src
-        self.dst = dst
-        self.target = target  # what the proxy is asked to reach: an address, or a name
-        self.last = trio.current_time()
-        self._scope = trio.CancelScope()
+        super().__init__(relay, src, dst, target)
         self._assoc: Optional[object] = None
         self._pending: list = []
-
-    def evict(self) -> None:
-        if self.relay.udp.get((self.src, self.dst)) is self:
-            del self.relay.udp[(self.src, self.dst)]
-        self._scope.cancel()
 
     def send(self, ev) -> None:
         self.last = trio.current_time()
@@ -426,28 +434,13 @@ class _UdpUpstreamFlow:
         return self.dst[0], port
 
     async def run(self) -> None:
-        relay = self.relay
         try:
             with self._scope:
-                try:
-                    assoc = await relay.udp_upstream.udp_associate(
-                        self.target[0], self.target[1], timeout=UDP_SETUP_TIMEOUT)
-                except OSError as e:
-                    log.debug("no UDP association for %s:%s: %s", *self.target, e)
-                    for ev in self._pending:
-                        relay.stack.udp_unreachable(ev)
-                    self._pending.clear()
-                    relay._after_stack()
+                assoc = await self._associate()
+                if assoc is None:
                     return
                 try:
-                    self._assoc = assoc
-                    for ev in self._pending:
-                        assoc.send(self.target[0], self.target[1], ev.payload)
-                    self._pending.clear()
-                    async with trio.open_nursery() as n:
-                        n.start_soon(self._until_closed, assoc, n.cancel_scope)
-                        await self._replies(assoc)
-                        n.cancel_scope.cancel()
+                    await self._serve(assoc)
                 finally:
                     self._assoc = None
                     with trio.CancelScope(shield=True):
@@ -455,18 +448,37 @@ class _UdpUpstreamFlow:
         except OSError:  # the proxy's relay port is gone (ICMP): the next datagram starts over
             return
         finally:
-            if relay.udp.get((self.src, self.dst)) is self:
-                del relay.udp[(self.src, self.dst)]
+            self._forget()
 
-    async def _replies(self, assoc) -> None:
-        while True:
-            with trio.move_on_at(self.last + UDP_IDLE):
-                host, port, data = await assoc.receive()
-                self.last = trio.current_time()
-                self.relay.send_udp(self._reply_source(host, port), self.src, data)
-                continue
-            if trio.current_time() >= self.last + UDP_IDLE:
-                return
+    async def _associate(self) -> Optional[object]:
+        """The association, with what the app sent meanwhile passed on; None (the app heard
+        ICMP port unreachable) when the upstream gives none."""
+        relay = self.relay
+        try:
+            assoc = await relay.udp_upstream.udp_associate(
+                self.target[0], self.target[1], timeout=UDP_SETUP_TIMEOUT)
+        except OSError as e:
+            log.debug("no UDP association for %s:%s: %s", *self.target, e)
+            for ev in self._pending:
+                relay.stack.udp_unreachable(ev)
+            self._pending.clear()
+            relay._after_stack()
+            return None
+        self._assoc = assoc
+        for ev in self._pending:
+            assoc.send(self.target[0], self.target[1], ev.payload)
+        self._pending.clear()
+        return assoc
+
+    async def _serve(self, assoc) -> None:
+        async def receive() -> Tuple[Tuple[str, int], bytes]:
+            host, port, data = await assoc.receive()
+            return self._reply_source(host, port), data
+
+        async with trio.open_nursery() as n:
+            n.start_soon(self._until_closed, assoc, n.cancel_scope)
+            await self._replies(receive)
+            n.cancel_scope.cancel()
 
     @staticmethod
     async def _until_closed(assoc, scope: trio.CancelScope) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Dict, List, Sequence
+from typing import Any, Awaitable, Callable, Dict, List, Sequence
 
 import trio
 
@@ -103,25 +103,8 @@ class UpstreamPool:
         return usable + [i for i in idx if i not in usable]
 
     async def dial_tcp(self, host: str, port: int, *, timeout: float) -> trio.abc.Stream:
-        deadline = trio.current_time() + timeout
-        failures: List[str] = []
-        for i in self._order():
-            up = self.upstreams[i]
-            left = deadline - trio.current_time()
-            if left <= 0:
-                break
-            try:
-                stream = await up.dial_tcp(host, port, timeout=left)
-            except DialError as exc:
-                if exc.reason != "upstream-down":
-                    raise
-                failures.append(f"{up.name}: {exc.message or exc}")
-                self._mark_down(i)
-                continue
-            self._down_until.pop(i, None)
-            self._backoff.pop(i, None)
-            return stream
-        raise upstream_down("no upstream usable: " + "; ".join(failures or ["timed out"]))
+        return await self._first_usable(
+            lambda up, left: up.dial_tcp(host, port, timeout=left), timeout)
 
     @property
     def carries_udp(self) -> bool:
@@ -130,20 +113,29 @@ class UpstreamPool:
     async def udp_associate(self, host: str, port: int, *, timeout: float):
         """A UDP association from the first usable upstream that relays UDP (ssh -D does
         not); failover as for dial_tcp."""
+        return await self._first_usable(
+            lambda up, left: up.udp_associate(host, port, timeout=left), timeout, udp=True)
+
+    async def _first_usable(self, attempt: Callable[[Any, float], Awaitable[Any]],
+                            timeout: float, *, udp: bool = False) -> Any:
+        """attempt(upstream, time left) on each upstream in turn until one is not down.
+        udp: only upstreams that relay UDP; one that turns out not to is skipped."""
         deadline = trio.current_time() + timeout
         failures: List[str] = []
+        timed_out = False
         for i in self._order():
             up = self.upstreams[i]
-            left = deadline - trio.current_time()
-            if not getattr(up, "carries_udp", False):
+            if udp and not getattr(up, "carries_udp", False):
                 continue
+            left = deadline - trio.current_time()
             if left <= 0:
+                timed_out = True
                 break
             try:
-                assoc = await up.udp_associate(host, port, timeout=left)
+                result = await attempt(up, left)
             except DialError as exc:
                 if exc.reason != "upstream-down":
-                    if exc.errno == errno.EOPNOTSUPP:
+                    if udp and exc.errno == errno.EOPNOTSUPP:
                         continue  # this one has no UDP after all: the next may
                     raise
                 failures.append(f"{up.name}: {exc.message or exc}")
@@ -151,10 +143,11 @@ class UpstreamPool:
                 continue
             self._down_until.pop(i, None)
             self._backoff.pop(i, None)
-            return assoc
-        if not failures:
+            return result
+        if udp and not failures and not timed_out:
             raise DialError(errno.EOPNOTSUPP, "no upstream relays UDP")
-        raise upstream_down("no upstream usable for UDP: " + "; ".join(failures))
+        raise upstream_down(f"no upstream usable{' for UDP' if udp else ''}: "
+                            + "; ".join(failures or ["timed out"]))
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
