@@ -266,10 +266,10 @@ async def socks5_udp_associate(
         assert hs.reply is not None
         host = hs.reply.host
         try:
-            unspecified = ipaddress.ip_address(host).is_unspecified
+            usable = not ipaddress.ip_address(host).is_unspecified
         except ValueError:
-            unspecified = False  # a name: connect() below resolves it (a proxy's choice)
-        if unspecified:  # "the same address as the control connection" (common practice)
+            usable = False  # a name: resolving it here would block the relay
+        if not usable:  # "the same address as the control connection" (common practice)
             host = stream.socket.getpeername()[0]  # type: ignore[attr-defined]
         sock.connect((host, hs.reply.port))
     except OSError as exc:
