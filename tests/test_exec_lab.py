@@ -260,6 +260,25 @@ def test_the_nodes_ipv6_networks_are_direct(nsvpn_lab, ssh_via, worker_ipv6_netw
     assert r.stdout.split() == ["hello", addr], explain(r)  # from the node's own address
 
 
+OWN_SSH_ARGV = ("for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done "
+                "| grep -- '-N -D .*ssh-'\"$PPID\"'-' | grep -o 'Ciphers=[^ ]*' || echo none")
+
+
+def test_own_ssh_prefers_aes_gcm_unless_ciphers_were_chosen(nsvpn_lab, ssh_via):
+    """With AES instructions and ssh's built-in cipher list, nsvpn's own ssh asks for AES-GCM
+    first (~1.5x the bytes per CPU second of chacha20); a Ciphers the user chose is kept."""
+    from nsvpn.upstream.ssh import cpu_has_aes
+
+    if not cpu_has_aes():
+        pytest.skip("this CPU has no AES instructions")
+    r = nsexec(nsvpn_lab, ["--via", ssh_via], OWN_SSH_ARGV)
+    assert r.returncode == 0, explain(r)
+    assert r.stdout.strip().startswith("Ciphers=aes128-gcm@openssh.com,"), explain(r)
+    r = nsexec(nsvpn_lab, ["--via", ssh_via, "--ssh-opt", "Ciphers=aes256-ctr"], OWN_SSH_ARGV)
+    assert r.returncode == 0, explain(r)
+    assert r.stdout.split() == ["Ciphers=aes256-ctr"], explain(r)  # theirs only
+
+
 def test_200_concurrent_connections_byte_exact(nsvpn_lab, ssh_via):
     r = nsexec(nsvpn_lab, ["--via", ssh_via],
                ["python3", "-c", MANY_PY, "200", "remote.lab", "/1M.bin",

@@ -706,3 +706,35 @@ async def test_two_sessions_with_one_pid_keep_their_own_sockets(sshd, nursery, t
         assert await roundtrip(a, echo, b"z" * 1000) == b"z" * 1000
     finally:
         await a.aclose()
+
+
+DEFAULT_CIPHERS = ("chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr,"
+                   "aes128-gcm@openssh.com,aes256-gcm@openssh.com")
+
+
+def test_own_ssh_puts_aes_gcm_first_only_when_nothing_chose_ciphers():
+    from nsvpn.upstream.ssh import faster_ciphers
+
+    builtin = [("ciphers", DEFAULT_CIPHERS)]
+    assert faster_ciphers(builtin, builtin, True) == (
+        "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,"
+        "aes128-ctr,aes192-ctr,aes256-ctr")
+    assert faster_ciphers(builtin, builtin, False) is None  # no AES instructions
+    # a user's or an admin's choice (RHEL's crypto policies) stays as it is
+    policy = [("ciphers", "aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-ctr")]
+    assert faster_ciphers(policy, builtin, True) is None
+    assert faster_ciphers([("ciphers", "chacha20-poly1305@openssh.com")], builtin, True) is None
+    assert faster_ciphers([], builtin, True) is None  # ssh -G said nothing
+
+
+def test_cpu_has_aes_reads_x86_and_arm_cpuinfo(tmp_path):
+    from nsvpn.upstream.ssh import cpu_has_aes
+
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu sse2 aes avx2\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd aes pmull sha1\n")
+    old = tmp_path / "old"
+    old.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 vaesx\n")
+    assert cpu_has_aes(str(x86)) and cpu_has_aes(str(arm))
+    assert not cpu_has_aes(str(old)) and not cpu_has_aes(str(tmp_path / "missing"))

@@ -152,6 +152,38 @@ def config_forwards(config: List[Tuple[str, str]]) -> List[str]:
     return [f"{names[k]} {v}" for k, v in config if k in names]
 
 
+def cpu_has_aes(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """AES instructions (x86 AES-NI, the ARMv8 crypto extension): AES-GCM is then several
+    times cheaper per byte than ChaCha20-Poly1305."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip().lower() in ("flags", "features"):
+                    return "aes" in value.split()
+    except OSError:
+        pass
+    return False
+
+
+def faster_ciphers(effective: List[Tuple[str, str]], builtin: List[Tuple[str, str]],
+                   aes: bool) -> str | None:
+    """A Ciphers= value for nsvpn's own ssh, or None to leave ssh's choice alone. OpenSSH
+    prefers chacha20-poly1305, which is right without AES instructions; with them AES-GCM
+    moves ~1.5x the bytes per CPU second (measured: 350 -> 530 MB/s for one ssh session), and
+    a node's cores are shared with the job. Only when neither the user nor the admin set
+    Ciphers (the effective list is ssh's built-in one): then the same ciphers, the AES-GCM
+    ones first."""
+    mine, default = dict(effective).get("ciphers"), dict(builtin).get("ciphers")
+    if not aes or not mine or mine != default:
+        return None
+    names = mine.split(",")
+    gcm = [c for c in names if c.startswith("aes") and c.endswith("-gcm@openssh.com")]
+    if not gcm or names[:len(gcm)] == gcm:
+        return None
+    return ",".join(gcm + [c for c in names if c not in gcm])
+
+
 # ForkAfterAuthentication (OpenSSH 8.7) forks ssh into the background like -f; older clients
 # reject the option name, so it is given only to clients that know it.
 FORK_OPTION_MIN = (8, 7)
@@ -356,6 +388,7 @@ class SshUpstream:
         self._stderr: Deque[str] = collections.deque(maxlen=STDERR_KEEP)
         self.first_retries = 0  # dropped before authentication at the first start
         self.config_forwards: List[str] = []  # the user's own, from `ssh -G`
+        self.ciphers: str | None = None  # our order of ssh's own cipher list (start())
         self._quiet = QuietRepeats()  # restart failures that repeat for hours
         self._open_failures: Deque[Tuple[float, str]] = collections.deque(maxlen=256)
         self._stderr_event = trio.Event()
@@ -405,8 +438,12 @@ class SshUpstream:
                     if saved is not None:
                         os.environ["XDG_RUNTIME_DIR"] = saved
             self.socket_path = os.path.join(d, name)
-        self.config_forwards = config_forwards(effective_config(
-            self.ssh, expand_ssh_opts(self.ssh_opts), self.url.port, self.url.ssh_destination()))
+        conf = effective_config(self.ssh, expand_ssh_opts(self.ssh_opts), self.url.port,
+                                self.url.ssh_destination())
+        self.config_forwards = config_forwards(conf)
+        if conf and cpu_has_aes():  # ssh's built-in defaults: no user or system config
+            self.ciphers = faster_ciphers(
+                conf, effective_config(self.ssh, ["-F", "/dev/null"], None, "localhost"), True)
         if self.config_forwards:
             # They come with every ssh to this host, ours too: one busy port (the user's own
             # session, a second nsvpn on this node) would end ours under ExitOnForwardFailure.
@@ -532,6 +569,8 @@ class SshUpstream:
         ]
         if not self.interactive:
             argv += ["-o", "BatchMode=yes"]
+        if self.ciphers:  # after the user's options: a Ciphers of theirs comes first, and wins
+            argv += ["-o", f"Ciphers={self.ciphers}"]
         if self.url.port is not None:
             argv += ["-p", str(self.url.port)]
         argv += ["--", self.url.ssh_destination()]
