@@ -71,9 +71,10 @@
  * exec with a scrubbed environment: batch systems build a job's environment from scratch
  * (HTCondor's starter does), so LD_PRELOAD and the front's settings would be lost below such a
  * point, and the job would have no network while the same job in namespace mode has. The
- * exec family and posix_spawn put them back when the new environment has no NSVPN_CTL at all
- * (an empty NSVPN_CTL= says "no session here": nsvpn sets it for a command that must not
- * inherit an enclosing session). No malloc there: it runs between fork and exec.
+ * exec family (fexecve and execveat too) and posix_spawn put them back when the new
+ * environment has no NSVPN_CTL at all (an empty NSVPN_CTL= says "no session here": nsvpn
+ * sets it for a command that must not inherit an enclosing session). No malloc there: it
+ * runs between fork and exec.
  *
  * Rules for the code: libc only, no locks, no malloc on the connect path (getaddrinfo results
  * must be malloc'ed: that is the API), errno preserved on pass-through paths, every hook falls
@@ -138,12 +139,16 @@ typedef int (*ghba_r_fn)(const void *, socklen_t, int, struct hostent *, char *,
 
 typedef int (*execve_fn)(const char *, char *const[], char *const[]);
 typedef int (*execvpe_fn)(const char *, char *const[], char *const[]);
+typedef int (*fexecve_fn)(int, char *const[], char *const[]);
+typedef int (*execveat_fn)(int, const char *, char *const[], char *const[], int);
 typedef int (*spawn_fn)(pid_t *, const char *, const posix_spawn_file_actions_t *,
                         const posix_spawnattr_t *, char *const[], char *const[]);
 
 static connect_fn real_connect;
 static execve_fn real_execve;
 static execvpe_fn real_execvpe;
+static fexecve_fn real_fexecve;
+static execveat_fn real_execveat;
 static spawn_fn real_posix_spawn;
 static spawn_fn real_posix_spawnp;
 static getpeername_fn real_getpeername;
@@ -398,6 +403,32 @@ EXPORT int execvpe(const char *file, char *const argv[], char *const envp[])
     REAL(execvpe);
     SESSION_ENV(envp, real_execvpe(file, argv, env_));
     return real_execvpe(file, argv, envp);
+}
+
+EXPORT int fexecve(int fd, char *const argv[], char *const envp[])
+{
+    REAL(fexecve);
+    SESSION_ENV(envp, real_fexecve(fd, argv, env_));
+    return real_fexecve(fd, argv, envp);
+}
+
+/* glibc has the wrapper since 2.34; before that, programs make the system call themselves
+ * (which no shim sees), and ours does it too (kernel headers older than 3.19 lack it). */
+EXPORT int execveat(int dirfd, const char *path, char *const argv[], char *const envp[],
+                    int flags)
+{
+    REAL(execveat);
+    if (real_execveat == NULL) {
+#ifdef SYS_execveat
+        SESSION_ENV(envp, (int)syscall(SYS_execveat, dirfd, path, argv, env_, flags));
+        return (int)syscall(SYS_execveat, dirfd, path, argv, envp, flags);
+#else
+        errno = ENOSYS;
+        return -1;
+#endif
+    }
+    SESSION_ENV(envp, real_execveat(dirfd, path, argv, env_, flags));
+    return real_execveat(dirfd, path, argv, envp, flags);
 }
 
 EXPORT int execv(const char *path, char *const argv[])

@@ -727,6 +727,30 @@ while True:
     data += chunk
 os.waitpid(pid, 0)
 check("posix_spawn", data)
+def by_fd(how):  # exec of an open file: fexecve (os.execve with an fd), execveat
+    import ctypes
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(w, 1)
+        fd = os.open(fetch[0], os.O_RDONLY)
+        if how == "fexecve":
+            os.execve(fd, fetch, {})
+        argv = (ctypes.c_char_p * (len(fetch) + 1))(*[a.encode() for a in fetch], None)
+        envp = (ctypes.c_char_p * 1)(None)
+        ctypes.CDLL(None).execveat(fd, b"", argv, envp, 0x1000)  # AT_EMPTY_PATH
+        os._exit(127)
+    os.close(w)
+    data = b""
+    while True:
+        chunk = os.read(r, 65536)
+        if not chunk:
+            break
+        data += chunk
+    os.waitpid(pid, 0)
+    check(how, data)
+by_fd("fexecve")
+by_fd("execveat")
 out = subprocess.run(fetch, env={"NSVPN_CTL": ""}, stdout=subprocess.PIPE,
                      stderr=subprocess.DEVNULL)
 print("opted-out", out.returncode)
@@ -736,14 +760,16 @@ print("opted-out", out.returncode)
 def test_a_scrubbed_environment_keeps_the_session(lab, preload):
     """Batch systems start jobs with an environment built from scratch (HTCondor's starter
     does): LD_PRELOAD and the front's settings would be gone below that point, and the job
-    would have no network, where in namespace mode it has. execve/execvp(env -i)/posix_spawn
-    with an empty environment still get through; an empty NSVPN_CTL= opts out."""
+    would have no network, where in namespace mode it has. execve/execvp(env -i)/posix_spawn/
+    fexecve/execveat with an empty environment still get through; an empty NSVPN_CTL= opts
+    out."""
     url, want = _remote(lab, "/1M.bin"), lab.sha256["1M.bin"]
     r = preload(["python3", "-c", SCRUBBED, url, want])
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split("\n")
-    assert lines[:3] == ["env={} ok", "env-i ok", "posix_spawn ok"], r.stdout + r.stderr
-    assert lines[3].startswith("opted-out ") and lines[3] != "opted-out 0", r.stdout
+    assert lines[:5] == ["env={} ok", "env-i ok", "posix_spawn ok", "fexecve ok",
+                         "execveat ok"], r.stdout + r.stderr
+    assert lines[5].startswith("opted-out ") and lines[5] != "opted-out 0", r.stdout
 
 
 IDLE_THEN_FETCH = r"""
