@@ -716,20 +716,22 @@ def check(name, out):
     print(name, "ok" if hashlib.sha256(out).hexdigest() == want else "BAD")
 check("env={}", subprocess.run(fetch, env={}, stdout=subprocess.PIPE).stdout)
 check("env-i", subprocess.run(["env", "-i"] + fetch, stdout=subprocess.PIPE).stdout)
-r, w = os.pipe()
-pid = os.posix_spawn(fetch[0], fetch, {}, file_actions=[(os.POSIX_SPAWN_DUP2, w, 1)])
-os.close(w)
-data = b""
-while True:
-    chunk = os.read(r, 65536)
-    if not chunk:
-        break
-    data += chunk
-os.waitpid(pid, 0)
-check("posix_spawn", data)
-def by_fd(how):  # exec of an open file: fexecve (os.execve with an fd), execveat
-    import ctypes
+def output_of(start):  # start(w) runs the fetch with stdout on w, returns its pid
     r, w = os.pipe()
+    pid = start(w)
+    os.close(w)
+    data = b""
+    while True:
+        chunk = os.read(r, 65536)
+        if not chunk:
+            break
+        data += chunk
+    os.waitpid(pid, 0)
+    return data
+check("posix_spawn", output_of(lambda w: os.posix_spawn(
+    fetch[0], fetch, {}, file_actions=[(os.POSIX_SPAWN_DUP2, w, 1)])))
+def by_fd(how, w):  # exec of an open file: fexecve (os.execve with an fd), execveat
+    import ctypes
     pid = os.fork()
     if pid == 0:
         os.dup2(w, 1)
@@ -740,17 +742,9 @@ def by_fd(how):  # exec of an open file: fexecve (os.execve with an fd), execvea
         envp = (ctypes.c_char_p * 1)(None)
         ctypes.CDLL(None).execveat(fd, b"", argv, envp, 0x1000)  # AT_EMPTY_PATH
         os._exit(127)
-    os.close(w)
-    data = b""
-    while True:
-        chunk = os.read(r, 65536)
-        if not chunk:
-            break
-        data += chunk
-    os.waitpid(pid, 0)
-    check(how, data)
-by_fd("fexecve")
-by_fd("execveat")
+    return pid
+check("fexecve", output_of(lambda w: by_fd("fexecve", w)))
+check("execveat", output_of(lambda w: by_fd("execveat", w)))
 out = subprocess.run(fetch, env={"NSVPN_CTL": ""}, stdout=subprocess.PIPE,
                      stderr=subprocess.DEVNULL)
 print("opted-out", out.returncode)
