@@ -173,6 +173,17 @@ static ghba_r_fn real_gethostbyaddr_r;
             real_##name = (__typeof__(real_##name))dlsym(RTLD_NEXT, #name);          \
     } while (0)
 
+/* glibc < 2.34 has no execveat: looked up once (in the constructor), so a child between fork
+ * and exec never calls dlsym, which may wait forever for a lock another thread held. */
+static int execveat_looked_up;
+static void resolve_execveat(void)
+{
+    if (!execveat_looked_up) {
+        real_execveat = (execveat_fn)dlsym(RTLD_NEXT, "execveat");
+        execveat_looked_up = 1;
+    }
+}
+
 static void resolve_all(void)
 {
     REAL(connect);
@@ -192,6 +203,8 @@ static void resolve_all(void)
     REAL(gethostbyaddr_r);
     REAL(execve);
     REAL(execvpe);
+    REAL(fexecve);
+    resolve_execveat();
     REAL(posix_spawn);
     REAL(posix_spawnp);
 }
@@ -417,7 +430,7 @@ EXPORT int fexecve(int fd, char *const argv[], char *const envp[])
 EXPORT int execveat(int dirfd, const char *path, char *const argv[], char *const envp[],
                     int flags)
 {
-    REAL(execveat);
+    resolve_execveat();
     if (real_execveat == NULL) {
 #ifdef SYS_execveat
         SESSION_ENV(envp, (int)syscall(SYS_execveat, dirfd, path, argv, env_, flags));
