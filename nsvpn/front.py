@@ -131,22 +131,24 @@ async def accept_forever(listener, what: str, start,
             if now >= quiet_until:  # out of fds comes in storms: one line per 10 s
                 log.warning("%s failed: %s (further ones not shown for 10 s)", what, exc)
                 quiet_until = now + 10.0
-            if exc.errno in (errno.EMFILE, errno.ENFILE) and shed is not None:
-                shed()
-            if exc.errno in (errno.EMFILE, errno.ENFILE) and spare < 0:
-                spare = _spare_fd()  # lost to a race last time: any fd freed since will do
-            if exc.errno in (errno.EMFILE, errno.ENFILE) and spare >= 0:
-                # Out of fds: the waiting connection would hang its program until it timed
-                # out (15 s per connect in the shim). Free the spare fd, take the connection
-                # and reset it, so that the program fails fast, then hold a spare again.
-                os.close(spare)
-                try:
-                    with trio.move_on_after(0.1):
-                        sock, _ = await listener.accept()
-                        _linger_close(sock)
-                except OSError:
-                    pass
-                spare = _spare_fd()
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                if shed is not None:
+                    shed()
+                if spare < 0:
+                    spare = _spare_fd()  # lost to a race last time: any fd freed since will do
+                if spare >= 0:
+                    # Out of fds: the waiting connection would hang its program until it
+                    # timed out (15 s per connect in the shim). Free the spare fd, take the
+                    # connection and reset it, so that the program fails fast, then hold a
+                    # spare again.
+                    os.close(spare)
+                    try:
+                        with trio.move_on_after(0.1):
+                            sock, _ = await listener.accept()
+                            _linger_close(sock)
+                    except OSError:
+                        pass
+                    spare = _spare_fd()
             await trio.sleep(0.01)
             continue
         start(sock, addr)

@@ -109,7 +109,7 @@ class Relay:
         # has carries_udp and udp_associate() (a SOCKS5 proxy with UDP ASSOCIATE), or None
         self.udp_upstream = udp_upstream
         self.flows: Dict[int, _Flow] = {}
-        self.udp: Dict[Tuple, _UdpFlow] = {}
+        self.udp: Dict[Tuple, _UdpFlowBase] = {}
         self._timer = StackTimer(stack, lambda: self._after_stack())
         self.pump = sockpump.SockPump(stack, self._after_stack, self._link_closed)
         self.trim = TrimWhenDrained(lambda: len(self.flows))
@@ -295,11 +295,11 @@ class Relay:
 
     # -- UDP ------------------------------------------------------------------------------
     def _udp_in(self, ev: object) -> None:
-        src, dst, payload = ev.src, ev.dst, bytes(ev.payload)
+        src, dst = ev.src, ev.dst
         d = self.router.decide(dst[0], dst[1], "udp")
         if d.action == routing.DNS and self.dns is not None:
             assert self._nursery is not None
-            self._nursery.start_soon(self.dns.serve_udp, self, src, dst, payload)
+            self._nursery.start_soon(self.dns.serve_udp, self, src, dst, bytes(ev.payload))
             return
         up = self.udp_upstream
         if d.action == routing.DIRECT or (
