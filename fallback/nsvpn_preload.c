@@ -38,8 +38,10 @@
  * as an autotuned buffer's would; the little it still opens cannot drain 32 KB. When the kernel
  * will not leave bytes unsent at all, connect() waits for the front's answer instead.
  * The shim then claims the connection (destination + padding length) and returns EINPROGRESS
- * without waiting. The front dials; on success it reads and drops exactly the padding, the
- * window opens, the last padding leaves, and the program's socket becomes writable: the program
+ * without waiting for any answer (front protocol 2, NSVPN_FRONT_PROTO; a front that does not
+ * say so, e.g. a tunnel started by an older nsvpn, first acknowledges the claim). The front
+ * dials; on success it reads and drops exactly the padding, the window opens, the last
+ * padding leaves, and the program's socket becomes writable: the program
  * sees "connected" exactly when the upstream is. On failure the front resets the connection;
  * the program sees POLLERR and asks getsockopt(SO_ERROR), which this shim answers with the
  * front's verdict instead of the kernel's ECONNRESET. The socket's NOTSENT_LOWAT goes back to
@@ -223,6 +225,7 @@ static struct {
     int active;
     unsigned short port4, port6;
     unsigned short dns4, dns6; /* the front's UDP DNS responder */
+    int proto;                 /* the front's control protocol (NSVPN_FRONT_PROTO; 1 if unset) */
     char ctl[sizeof(((struct sockaddr_un *)0)->sun_path)];
     struct cidr direct[MAX_DIRECT];
     int ndirect;
@@ -298,7 +301,8 @@ static void remember_session(void)
 {
     static const char *const names[] = {"NSVPN_CTL",       "NSVPN_FRONT_PORT4",
                                         "NSVPN_FRONT_PORT6", "NSVPN_DNS_PORT4",
-                                        "NSVPN_DNS_PORT6", "NSVPN_DIRECT"};
+                                        "NSVPN_DNS_PORT6", "NSVPN_DIRECT",
+                                        "NSVPN_FRONT_PROTO"};
     size_t used = 0;
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         const char *v = getenv(names[i]);
@@ -518,6 +522,9 @@ __attribute__((constructor)) static void shim_init(void)
     cfg.port6 = env_port("NSVPN_FRONT_PORT6");
     cfg.dns4 = env_port("NSVPN_DNS_PORT4");
     cfg.dns6 = env_port("NSVPN_DNS_PORT6");
+    /* a tunnel started by an older nsvpn (`exec --name` after an upgrade) speaks protocol 1 */
+    const char *proto = getenv("NSVPN_FRONT_PROTO");
+    cfg.proto = proto != NULL && atoi(proto) >= 2 ? 2 : 1;
     if (ctl != NULL && *ctl == '/' && strlen(ctl) < sizeof cfg.ctl && cfg.port4 != 0) {
         strcpy(cfg.ctl, ctl);
         const char *d = getenv("NSVPN_DIRECT");
@@ -657,11 +664,6 @@ static void hex(const unsigned char *b, size_t n, char *out)
     out[2 * n] = '\0';
 }
 
-/*
- * One request line, one answer line, on a fresh unix connection. timeout_ms < 0: wait until the
- * front answers (it always answers or closes: its dial is bounded). Returns the answer length
- * (without newline) or -1. errno is preserved.
- */
 static long ms_since(const struct timespec *t0)
 {
     struct timespec t1;
@@ -669,17 +671,15 @@ static long ms_since(const struct timespec *t0)
     return (t1.tv_sec - t0->tv_sec) * 1000 + (t1.tv_nsec - t0->tv_nsec) / 1000000;
 }
 
-static int ctl_request(const char *req, char *resp, size_t resp_size, int timeout_ms)
+/* A connected (blocking) control socket, or -1. Non-blocking connect: a front out of fds
+ * cannot accept, its backlog fills, and a blocking connect would then wait forever; EAGAIN is
+ * tried again until the timeout. */
+static int ctl_open(const struct timespec *t0, int timeout_ms)
 {
-    int saved = errno, ret = -1;
     REAL(connect);
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    /* Non-blocking connect: a front out of fds cannot accept, its backlog fills, and a
-     * blocking connect would then wait forever; EAGAIN is tried again until the timeout. */
     int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (s < 0)
-        goto out;
+        return -1;
     struct sockaddr_un un;
     memset(&un, 0, sizeof un);
     un.sun_family = AF_UNIX;
@@ -687,50 +687,75 @@ static int ctl_request(const char *req, char *resp, size_t resp_size, int timeou
     while (real_connect(s, (struct sockaddr *)&un, sizeof un) < 0) {
         if (errno == EINTR)
             continue;
-        if (errno != EAGAIN || ms_since(&t0) >= timeout_ms)
-            goto out;
+        if (errno != EAGAIN || ms_since(t0) >= timeout_ms) {
+            close(s);
+            return -1;
+        }
         poll(NULL, 0, 2);
     }
     fcntl(s, F_SETFL, fcntl(s, F_GETFL) & ~O_NONBLOCK);
+    return s;
+}
+
+static int ctl_send(int s, const char *req)
+{
     size_t len = strlen(req), off = 0;
     while (off < len) {
         ssize_t w = send(s, req + off, len - off, MSG_NOSIGNAL);
         if (w < 0 && errno == EINTR)
             continue;
         if (w <= 0)
-            goto out;
+            return -1;
         off += (size_t)w;
     }
+    return 0;
+}
+
+/* One answer line (newline cut off) within timeout_ms of t0: its length, or -1. */
+static int ctl_read(int s, char *resp, size_t resp_size, const struct timespec *t0,
+                    int timeout_ms)
+{
     size_t got = 0;
     for (;;) {
-        long el = ms_since(&t0);
+        long el = ms_since(t0);
         if (el >= timeout_ms)
-            goto out;
+            return -1;
         int wait = (int)(timeout_ms - el);
         struct pollfd p = {.fd = s, .events = POLLIN};
         int r = poll(&p, 1, wait);
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0)
-            goto out;
+            return -1;
         ssize_t n = recv(s, resp + got, resp_size - 1 - got, 0);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
-            goto out;
+            return -1;
         got += (size_t)n;
         char *nl = memchr(resp, '\n', got);
         if (nl != NULL) {
             *nl = '\0';
-            ret = (int)(nl - resp);
-            goto out;
+            return (int)(nl - resp);
         }
         if (got >= resp_size - 1)
-            goto out;
+            return -1;
     }
-out:
-    if (s >= 0)
+}
+
+/* One request line, one answer line, on a fresh unix connection, within timeout_ms. Returns the
+ * answer length (without newline) or -1. errno is preserved. */
+static int ctl_request(const char *req, char *resp, size_t resp_size, int timeout_ms)
+{
+    int saved = errno, ret = -1;
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int s = ctl_open(&t0, timeout_ms);
+    if (s >= 0) {
+        if (ctl_send(s, req) == 0)
+            ret = ctl_read(s, resp, resp_size, &t0, timeout_ms);
         close(s);
+    }
     errno = saved;
     return ret;
 }
@@ -820,7 +845,8 @@ enum {
  * fd closed behind our back (close_range, raw syscalls) and reused never inherits an entry. */
 struct proxied {
     unsigned long ino;
-    unsigned int claim;
+    unsigned int claim;       /* the front's id for it (protocol 1) */
+    unsigned char tok[16];    /* its token: the id in protocol 2 */
     unsigned short lport;
     unsigned char state;
     unsigned char listener; /* 4 or 6 */
@@ -901,11 +927,23 @@ static int settle(int fd, struct proxied *p)
     return 0;
 }
 
+/* "S <id>" for this claim. */
+static void status_request(const struct proxied *p, char *req, size_t n)
+{
+    if (cfg.proto >= 2) {
+        char tokhex[33];
+        hex(p->tok, 16, tokhex);
+        snprintf(req, n, "S %s\n", tokhex);
+    } else {
+        snprintf(req, n, "S %u\n", p->claim);
+    }
+}
+
 /* The front's answer for a claim: 0 connected, an errno, or -1 while still dialling. */
 static int claim_answer(const struct proxied *p)
 {
     char req[48], resp[64];
-    snprintf(req, sizeof req, "S %u\n", p->claim);
+    status_request(p, req, sizeof req);
     if (ctl_request(req, resp, sizeof resp, 5000) >= 3 && resp[0] == 'R')
         return atoi(resp + 2);
     return -1;
@@ -915,7 +953,7 @@ static int claim_answer(const struct proxied *p)
 static int claim_verdict(const struct proxied *p, int fallback)
 {
     char req[48], resp[64];
-    snprintf(req, sizeof req, "S %u\n", p->claim);
+    status_request(p, req, sizeof req);
     if (ctl_request(req, resp, sizeof resp, 5000) >= 3 && resp[0] == 'R') {
         int e = atoi(resp + 2);
         if (e > 0)
@@ -1058,27 +1096,30 @@ static long stuff_window(int fd, const unsigned char tok[16], int *old_lowat)
     return total;
 }
 
-/* Claim the connection (the front drops `pad` bytes, token included) and wait for the
- * upstream's outcome: 0 (connected) or -1 with its errno. The front's dial is bounded (its
- * connect timeout); the cap is a safety net only. SO_SNDTIMEO bounds the wait as in the kernel
- * (EINPROGRESS when it expires; the dial goes on). Signals do not interrupt it (as if
- * SA_RESTART). */
-static int claim_and_wait(int fd, struct proxied *p, unsigned char listener, unsigned short lport,
-                          long pad, const char *tokhex, const char *host, unsigned short port)
+/* How long a connect may wait for the front's verdict: SO_SNDTIMEO bounds it as in the kernel
+ * (EINPROGRESS when it expires; the dial goes on); the front's dial is bounded (its connect
+ * timeout), so the cap is a safety net only. */
+static int verdict_limit_ms(int fd)
 {
-    char req[200], resp[64];
-    snprintf(req, sizeof req, "C b %u %u %ld %s %s %u\n", listener, lport, pad, tokhex, host,
-             port);
     struct timeval tv = {0, 0};
     socklen_t tl = sizeof tv;
-    int limit = 300000;
     if (real_getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, &tl) == 0 &&
         (tv.tv_sec > 0 || tv.tv_usec > 0) && tv.tv_sec < 300)
-        limit = (int)(tv.tv_sec * 1000 + (tv.tv_usec + 999) / 1000);
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    if (ctl_request(req, resp, sizeof resp, limit) < 3 || resp[0] != 'R') {
-        if (limit < 300000 && ms_since(&t0) >= limit) {
+        return (int)(tv.tv_sec * 1000 + (tv.tv_usec + 999) / 1000);
+    return 300000;
+}
+
+/* The front's "R <errno>" on control socket `s` (closed here): 0 (connected) or -1 with the
+ * upstream's errno. Signals do not interrupt the wait (as if SA_RESTART). */
+static int await_verdict(int s, struct proxied *p, const struct timespec *t0, int limit,
+                         const char *host, unsigned short port)
+{
+    char resp[64];
+    int n = s < 0 ? -1 : ctl_read(s, resp, sizeof resp, t0, limit);
+    if (s >= 0)
+        close(s);
+    if (n < 3 || resp[0] != 'R') {
+        if (limit < 300000 && ms_since(t0) >= limit) {
             errno = EINPROGRESS;
             return -1;
         }
@@ -1094,6 +1135,76 @@ static int claim_and_wait(int fd, struct proxied *p, unsigned char listener, uns
     if (p != NULL)
         p->state = ST_OK;
     return 0;
+}
+
+/* Claim the connection (the front drops `pad` bytes, token included) and wait for the
+ * upstream's outcome: 0 (connected) or -1 with its errno. */
+static int claim_and_wait(int fd, struct proxied *p, unsigned char listener, unsigned short lport,
+                          long pad, const char *tokhex, const char *host, unsigned short port)
+{
+    char req[200];
+    snprintf(req, sizeof req, "C b %u %u %ld %s %s %u\n", listener, lport, pad, tokhex, host,
+             port);
+    int limit = verdict_limit_ms(fd);
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int s = ctl_open(&t0, limit);
+    if (s >= 0 && ctl_send(s, req) < 0) {
+        close(s);
+        s = -1;
+    }
+    return await_verdict(s, p, &t0, limit, host, port);
+}
+
+/*
+ * Non-blocking connect with a protocol-2 front: pad, then send the claim and its padding length
+ * ("L <pad>") in one write and return EINPROGRESS without an answer, so connect() never waits
+ * for the front (a busy front used to stall event loops for up to 15 s per connect). The token
+ * names the claim for later "S" requests. When the padding could not be left unsent (see the
+ * protocol-1 path in proxy_connect) nothing gates readiness: "W <pad>" asks for the verdict on
+ * that connection instead, and connect() waits for it as a blocking one does.
+ * (Sending the claim before the padding, which the front also accepts, was measured: no gain.)
+ */
+static int claim_nowait(int fd, struct proxied *p, unsigned char listener, unsigned short lport,
+                       const unsigned char tok[16], const char *tokhex, const char *host,
+                       unsigned short port)
+{
+    char req[240];
+    struct timespec t0;
+    int old_lowat = 0;
+    long pad = stuff_window(fd, tok, &old_lowat);
+    if (pad < 0) {
+        errno = ECONNABORTED;
+        return -1;
+    }
+    int gated = unsent_bytes(fd) > 0;
+    if (!gated)
+        setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &old_lowat, sizeof old_lowat);
+    snprintf(req, sizeof req, "C a %u %u - %s %s %u\n%c %ld\n", listener, lport, tokhex, host,
+             port, gated ? 'L' : 'W', pad);
+    int limit = gated ? 15000 : verdict_limit_ms(fd);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int s = ctl_open(&t0, limit);
+    if (s >= 0 && ctl_send(s, req) < 0) {
+        close(s);
+        s = -1;
+    }
+    if (!gated)
+        return await_verdict(s, p, &t0, limit, host, port);
+    if (s < 0) {
+        shim_log("no answer from the nsvpn front for %s port %u", host, port);
+        errno = ECONNABORTED;
+        return -1;
+    }
+    close(s);
+    if (p != NULL) {
+        memcpy(p->tok, tok, 16);
+        p->old_lowat = old_lowat;
+        p->pad = pad;
+        p->state = ST_PENDING;
+    }
+    errno = EINPROGRESS;
+    return -1;
 }
 
 static int proxy_connect(int fd, int sock_family, const struct sockaddr *sa, socklen_t salen,
@@ -1156,6 +1267,9 @@ static int proxy_connect(int fd, int sock_family, const struct sockaddr *sa, soc
             return -1;
         return claim_and_wait(fd, p, listener, lport, 16, tokhex, host, d->port);
     }
+
+    if (cfg.proto >= 2)
+        return claim_nowait(fd, p, listener, lport, tok, tokhex, host, d->port);
 
     int old_lowat = 0;
     long pad = stuff_window(fd, tok, &old_lowat);

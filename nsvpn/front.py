@@ -18,9 +18,14 @@ Two doors, both only usable by the user who runs nsvpn:
 
   ``C <a|b> <4|6> <srcport> <padding> <token-hex> <ip> <port>``
       claim. ``b`` (blocking): the answer ``R <errno>`` comes after the upstream dial (0 = ok).
-      ``a`` (non-blocking): answered at once with ``K <id>``; on success the front drops the
-      padding so the program's socket turns writable, on failure it resets the connection and
-      keeps the errno for ``S <id>`` (-> ``R <errno>``, or ``P`` while still pending).
+      ``a`` (non-blocking): on success the front drops the padding so the program's socket
+      turns writable, on failure it resets the connection and keeps the errno for ``S <id>``
+      (-> ``R <errno>``, or ``P`` while still pending). With a padding length the answer is
+      ``K <id>`` at once (protocol 1). With ``-`` (protocol 2, ``NSVPN_FRONT_PROTO``) nothing
+      is answered: the id is the token, the dial starts while the shim is still padding, and
+      a second line on the same connection gives the length: ``L <padding>``, or
+      ``W <padding>`` to get ``R <errno>`` there, as a blocking claim does. So a non-blocking
+      connect() never waits for the front.
   ``F <name>``  an address for a name the host resolver could not answer -> ``A <ip>``
                 (a fake IP; or the real one via ``dns_server`` over the upstream).
   ``K <name>``  the fake IP of a name already in the table -> ``A <ip>``, else ``U``
@@ -49,7 +54,7 @@ import secrets
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import trio
 
@@ -75,6 +80,7 @@ HANDSHAKE_TIMEOUT = 10.0
 RELAY_CHUNK = 256 * 1024
 VERDICTS_KEPT = 4096
 CTL_LINE_MAX = 600
+FRONT_PROTO = 2  # the control protocol this front speaks (see the module docstring)
 # The receive buffer of a connection that is not served yet, set (and so locked) on the
 # listener: a non-blocking shim connect fills it with padding (see the shim) and relies on the
 # window staying shut. With the kernel's autotuned default the window keeps growing for a
@@ -95,14 +101,15 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 @dataclass
 class Claim:
-    id: int
+    id: str  # what `S` asks for: the token's hex (protocol 2) or a number
     blocking: bool
     key: Key
-    padding: int
+    padding: Optional[int]  # None until an `L`/`W` line says it (protocol 2); -1: never will
     token: bytes
     host: str
     port: int
     answer: Optional[trio.SocketStream] = None  # blocking claims: where the verdict goes
+    padding_known: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass
@@ -250,6 +257,16 @@ async def _close_pair(client: trio.abc.Stream, upstream: trio.abc.Stream, reset:
                 pass
 
 
+async def _read_line(stream: trio.SocketStream, buf: bytes) -> bytes:
+    """`buf` plus what arrives until it holds a newline (or CTL_LINE_MAX bytes, or EOF)."""
+    while b"\n" not in buf and len(buf) < CTL_LINE_MAX:
+        data = await stream.receive_some(CTL_LINE_MAX)
+        if not data:
+            break
+        buf += data
+    return buf
+
+
 def _set_rcvbuf(sock, size: int) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
@@ -321,8 +338,8 @@ class Front:
         # accepted connections waiting for their claim, oldest first (see MAX_UNCLAIMED)
         self._unclaimed = DropOldest()
         self._claim_events: Dict[Key, trio.Event] = {}
-        self._pending: Dict[int, Claim] = {}
-        self._verdicts: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._pending: Dict[str, Claim] = {}
+        self._verdicts: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._peers: Dict[Key, Tuple[str, int]] = {}
         self._nursery: Optional[trio.Nursery] = None
         self._sockdiag: Optional[bool] = None
@@ -347,6 +364,7 @@ class Front:
             "NSVPN_FRONT_PORT6": str(self.port6),
             "NSVPN_DNS_PORT4": str(self.dns_port4),
             "NSVPN_DNS_PORT6": str(self.dns_port6),
+            "NSVPN_FRONT_PROTO": str(FRONT_PROTO),
         }
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -540,6 +558,14 @@ class Front:
                 await self._answer(claim, exc.errno or errno.ECONNABORTED)
                 _linger_close(sock)
                 return
+            if claim.padding is None:  # its `L`/`W` line is on its way (protocol 2)
+                with trio.move_on_at(deadline):
+                    await claim.padding_known.wait()
+            if claim.padding is None or claim.padding < 0:  # the shim gave up half-way
+                await upstream.aclose()
+                await self._answer(claim, errno.ECONNABORTED)
+                _linger_close(sock)
+                return
             await self._answer(claim, 0)
             self.stats.padding_max = max(self.stats.padding_max, claim.padding)
             _set_rcvbuf(sock, SERVED_RCVBUF)  # open the window wide: the padding drains at once
@@ -569,15 +595,16 @@ class Front:
 
     async def _answer(self, claim: Claim, err: int) -> None:
         self._pending.pop(claim.id, None)
-        if claim.blocking:
-            if claim.answer is not None:
-                try:
-                    await claim.answer.send_all(f"R {err}\n".encode())
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
-                await claim.answer.aclose()
-                claim.answer = None
+        if claim.answer is not None:
+            answer, claim.answer = claim.answer, None
+            try:
+                await answer.send_all(f"R {err}\n".encode())
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            await answer.aclose()
+        if claim.blocking and claim.padding is not None:
             return
+        # non-blocking, or a protocol-2 claim whose `W` may still come
         self._verdicts[claim.id] = err
         while len(self._verdicts) > VERDICTS_KEPT:
             self._verdicts.popitem(last=False)
@@ -858,34 +885,62 @@ class Front:
         try:
             buf = b""
             with trio.move_on_after(HANDSHAKE_TIMEOUT):
-                while b"\n" not in buf and len(buf) < CTL_LINE_MAX:
-                    data = await stream.receive_some(CTL_LINE_MAX)
-                    if not data:
-                        break
-                    buf += data
-            line = buf.split(b"\n", 1)[0].decode("ascii", "replace").split()
+                buf = await _read_line(stream, buf)
+            first, _, buf = buf.partition(b"\n")
+            line = first.decode("ascii", "replace").split()
             if not line:
                 return
             answer, keep = await self._ctl_request(line, stream)
             if answer is not None:
                 await stream.send_all(answer.encode() + b"\n")
+            if isinstance(keep, Claim):  # protocol 2: the padding's length comes next
+                claim, keep = keep, False
+                try:
+                    with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                        buf = await _read_line(stream, buf)
+                finally:  # also when cancelled: the dial must not wait for it
+                    # only a whole line: a cut one could name a shorter padding
+                    line2 = buf.partition(b"\n")[0] if b"\n" in buf else b""
+                    keep = self._padding_line(claim, line2, stream)
+                if keep and claim.id in self._verdicts:  # `W` after the dial failed
+                    await self._answer(claim, self._verdicts[claim.id])
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ValueError) as exc:
             log.debug("front control request failed: %s", exc)
         finally:
             if not keep:
                 await stream.aclose()
 
-    async def _ctl_request(self, words: List[str], stream) -> Tuple[Optional[str], bool]:
+    def _padding_line(self, claim: Claim, line: bytes, stream: trio.SocketStream) -> bool:
+        """`L <padding>` or `W <padding>` (then the verdict goes to `stream`: True is
+        returned, keep it open). Anything else, or nothing, abandons the claim."""
+        words = line.split()
+        pad = -1
+        if len(words) == 2 and words[0] in (b"L", b"W") and words[1].isdigit():
+            pad = int(words[1])
+        claim.padding = pad
+        claim.padding_known.set()
+        if pad >= 0 and words[0] == b"W":
+            claim.blocking = True
+            claim.answer = stream
+            return True
+        return False
+
+    async def _ctl_request(self, words: List[str], stream
+                           ) -> Tuple[Optional[str], Union[bool, Claim]]:
+        """(answer line or None, keep the connection: True, or a protocol-2 claim whose
+        padding line follows on it)."""
         op = words[0]
         if op == "C" and len(words) == 8:
             mode, listener, lport, pad, tok, host, port = words[1:]
             token = bytes.fromhex(tok)
+            later = mode == "a" and pad == "-"  # protocol 2: see the module docstring
             if mode not in ("a", "b") or len(token) != TOKEN_LEN:
                 return "E", False
             key = (int(listener), int(lport))
-            claim = Claim(self._next_id, mode == "b", key, int(pad), token, host, int(port))
+            claim = Claim(tok.lower() if later else str(self._next_id), mode == "b", key,
+                          None if later else int(pad), token, host, int(port))
             self._next_id += 1
-            log.debug("claim %d (%s) from port %s: %s port %s, padding %s", claim.id, mode,
+            log.debug("claim %s (%s) from port %s: %s port %s, padding %s", claim.id, mode,
                       lport, host, port, pad)
             if claim.blocking:
                 claim.answer = stream
@@ -902,9 +957,11 @@ class Front:
                 self._nursery.start_soon(self._expire_claim, claim)
             if claim.blocking:
                 return None, True
+            if later:
+                return None, claim
             return f"K {claim.id}", False
         if op == "S" and len(words) == 2:
-            cid = int(words[1])
+            cid = words[1].lower()
             if cid in self._verdicts:
                 return f"R {self._verdicts[cid]}", False
             return ("P" if cid in self._pending else "R 0"), False

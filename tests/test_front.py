@@ -243,6 +243,92 @@ async def test_async_claim_failure_verdict(env):
         assert await ctl(front, f"S {cid}") == f"R {errno.ECONNREFUSED}"
 
 
+async def _ctl_send_only(front: Front, data: bytes):
+    """A control connection that sends `data` and is returned open (no answer awaited)."""
+    s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await s.connect(front.ctl_path)
+    await s.send(data)
+    return s
+
+
+async def test_protocol2_claim_is_not_answered_and_relays(env):
+    """Protocol 2: the claim and its padding line in one write, nothing answered (the shim's
+    connect() does not wait); the token is the id for `S`."""
+    front, port = env
+    assert front.shim_env()["NSVPN_FRONT_PROTO"] == "2"
+    s, lport = await _open(front)
+    with s:
+        tok = _token()
+        pad = tok + bytes(50000 - 16)
+        await s.send(pad)
+        await s.send(b"app-data")
+        c = await _ctl_send_only(
+            front, f"C a 4 {lport} - {tok.hex()} 127.0.0.1 {port}\nL {len(pad)}\n".encode())
+        with c:
+            with trio.fail_after(5):
+                assert await c.recv(100) == b""  # closed without an answer
+        assert await _recv_exactly(s, 8) == b"app-data"
+        assert await ctl(front, f"S {tok.hex()}") == "R 0"
+
+
+async def test_protocol2_padding_line_may_come_later(env):
+    """The claim first, its padding length afterwards on the same connection: the dial does
+    not wait for it, the padding drop does."""
+    front, port = env
+    s, lport = await _open(front)
+    with s:
+        tok = _token()
+        c = await _ctl_send_only(front, f"C a 4 {lport} - {tok.hex()} 127.0.0.1 {port}\n".encode())
+        with c:
+            pad = tok + bytes(30000)
+            await s.send(pad)
+            await trio.sleep(0.2)
+            assert await ctl(front, f"S {tok.hex()}") == "P"  # dialled, waits for the length
+            await s.send(b"late")
+            await c.send(f"L {len(pad)}\n".encode())
+            assert await _recv_exactly(s, 4) == b"late"
+
+
+async def test_protocol2_wait_line_gets_the_verdict_there(env):
+    """`W <padding>`: the shim could not gate readiness and waits like a blocking connect;
+    the verdict comes on that connection, also when the dial failed before the line came."""
+    front, port = env
+    for dst_port, want in ((port, 0), (_closed_port(), errno.ECONNREFUSED)):
+        s, lport = await _open(front)
+        with s:
+            tok = _token()
+            await s.send(tok)
+            c = await _ctl_send_only(front,
+                                     f"C a 4 {lport} - {tok.hex()} 127.0.0.1 {dst_port}\n".encode())
+            with c:
+                await trio.sleep(0.2)  # the refused dial is over before the line comes
+                await c.send(b"W 16\n")
+                with trio.fail_after(5):
+                    assert await _recv_exactly(c, 100) == f"R {want}\n".encode()
+            if want == 0:
+                await s.send(b"blocking")
+                assert await _recv_exactly(s, 8) == b"blocking"
+
+
+@pytest.mark.parametrize("second", [b"", b"L 1", b"X 16\n"])
+async def test_protocol2_claim_without_a_whole_padding_line_is_aborted(env, second):
+    """The shim went away after its claim (no line, a cut one, garbage): the connection is
+    reset rather than relayed with padding the front could not drop, and `S` says why."""
+    front, port = env
+    s, lport = await _open(front)
+    with s:
+        tok = _token()
+        await s.send(tok + bytes(1000))
+        c = await _ctl_send_only(front, f"C a 4 {lport} - {tok.hex()} 127.0.0.1 {port}\n".encode()
+                                 + second)
+        c.close()
+        with trio.fail_after(5):
+            with pytest.raises(ConnectionResetError):
+                while await s.recv(10):
+                    pass
+        assert await ctl(front, f"S {tok.hex()}") == f"R {errno.ECONNABORTED}"
+
+
 async def test_claim_to_fake_ip_dials_by_name(env):
     """A fake IP is CONNECTed by name through the pool (here: a dialer that resolves
     'localhost' itself)."""

@@ -320,6 +320,60 @@ def test_nonblocking_connect_does_not_wait_for_upstream(lab, preload, epoll_clie
     assert refused["ready"][1] == "111" and float(refused["ready"][2]) >= 1.4, refused
 
 
+# A non-blocking connect() while nsvpn (the front, this program's parent) is stopped: the claim
+# and the padding land in kernel buffers, nothing waits for an answer. Then the front resumes
+# and the connection works. argv: address
+FRONT_STOPPED = r"""
+import errno, os, select, signal, socket, sys, time
+front = os.getppid()
+s = socket.socket()
+s.setblocking(False)
+os.kill(front, signal.SIGSTOP)
+try:
+    t = time.monotonic()
+    e = s.connect_ex((sys.argv[1], 80))
+    took = time.monotonic() - t
+finally:
+    os.kill(front, signal.SIGCONT)
+select.select([], [s], [], 30)
+err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+s.setblocking(True)
+s.sendall(b"GET /SHA256SUMS HTTP/1.0\r\nHost: x\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(errno.errorcode.get(e, e), "%.3f" % took, err, data.split(b" ")[1].decode())
+"""
+
+
+def test_nonblocking_connect_does_not_wait_for_the_front(lab, preload):
+    """connect() on a non-blocking socket never waits for the front's answer (event loops
+    must not stall when nsvpn is busy: it used to wait for the claim's acknowledgement, up
+    to 15 s); here the front is stopped outright while the program connects."""
+    r = preload(["python3", "-c", FRONT_STOPPED, lab.remote_ip], timeout=60)
+    assert r.returncode == 0, r
+    e, took, err, status = r.stdout.split()
+    assert e == "EINPROGRESS" and float(took) < 5, r
+    assert (err, status) == ("0", "200"), r
+
+
+def test_shim_speaks_protocol_1_to_an_older_front(lab, preload, epoll_client):
+    """A tunnel started by an older nsvpn (`exec --name` after an upgrade) has no
+    NSVPN_FRONT_PROTO in its environment: the shim then waits for the claim's `K` answer as
+    before, and event-loop and blocking clients still work (the front speaks both)."""
+    r = preload(f"env -u NSVPN_FRONT_PROTO {epoll_client} remote.lab 80 /1M.bin && "
+                f"env -u NSVPN_FRONT_PROTO {NO_PROXY} curl -sS --fail -o /dev/null "
+                f"-w '%{{http_code}}\\n' {_remote(lab, '/SHA256SUMS')}")
+    assert r.returncode == 0, r
+    f = _fields(r.stdout.split("\n200")[0])
+    assert f["connect"][:2] == ["-1", "115"] and f["ready"][:2] == ["1", "0"], r
+    assert int(f["bytes"][0]) > 1 << 20
+    assert r.stdout.rstrip().endswith("200"), r
+
+
 # connect() called again on a pending non-blocking socket: EALREADY while the upstream dial
 # runs, EISCONN once it stands (the idiom of code that polls connect() instead of SO_ERROR)
 RECONNECT = r"""
