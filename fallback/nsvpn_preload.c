@@ -98,6 +98,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -139,6 +140,7 @@ typedef struct hostent *(*ghba_fn)(const void *, socklen_t, int);
 typedef int (*ghba_r_fn)(const void *, socklen_t, int, struct hostent *, char *, size_t,
                          struct hostent **, int *);
 
+typedef int (*epoll_ctl_fn)(int, int, int, struct epoll_event *);
 typedef int (*execve_fn)(const char *, char *const[], char *const[]);
 typedef int (*execvpe_fn)(const char *, char *const[], char *const[]);
 typedef int (*fexecve_fn)(int, char *const[], char *const[]);
@@ -167,6 +169,7 @@ static ghbn_r_fn real_gethostbyname_r;
 static ghbn2_r_fn real_gethostbyname2_r;
 static ghba_fn real_gethostbyaddr;
 static ghba_r_fn real_gethostbyaddr_r;
+static epoll_ctl_fn real_epoll_ctl;
 
 /* Resolved in the constructor; lazily when another library's constructor calls us first. */
 #define REAL(name)                                                                   \
@@ -203,6 +206,7 @@ static void resolve_all(void)
     REAL(gethostbyname2_r);
     REAL(gethostbyaddr);
     REAL(gethostbyaddr_r);
+    REAL(epoll_ctl);
     REAL(execve);
     REAL(execvpe);
     REAL(fexecve);
@@ -850,6 +854,7 @@ struct proxied {
     unsigned short lport;
     unsigned char state;
     unsigned char listener; /* 4 or 6 */
+    unsigned char handed;   /* the fd is the upstream socket now (see take_over) */
     int old_lowat;
     long pad; /* readiness padding written by connect() */
     socklen_t orig_len;
@@ -883,9 +888,188 @@ static struct proxied *lookup(int fd)
     struct proxied *p = &table[fd];
     if (p->ino != fd_inode(fd) || p->lport != local_port(fd)) {
         p->state = ST_NONE;
+        p->handed = 0;
         return NULL;
     }
     return p;
+}
+
+/*
+ * Handing over (front protocol 2). When the front dialled a plain TCP/IPv4 socket (a SOCKS5
+ * proxy reached over TCP, ssh -D on a TCP port, a direct host), the program's AF_INET socket
+ * can *become* that socket: the front sends it over the control channel (SCM_RIGHTS) and this
+ * shim dup3()s it over the program's fd. The front is then out of the data path: the kernel
+ * moves the bytes, as with proxychains, and nsvpn spends no CPU on the flow. It happens where
+ * the program cannot be looking: inside a blocking connect() ("C h"), or, for a non-blocking
+ * one, at its first getsockopt(SO_ERROR)/getpeername() after success ("G"), and only while
+ * nothing has gone through the front yet (the front checks its side, this shim that the
+ * program wrote nothing past the padding). Not for sockets ever registered with epoll_ctl in
+ * this process (the registration belongs to the old socket and would be lost), nor for AF_INET6
+ * sockets (the family would change); those stay relayed, as do unix-socket upstreams (nsvpn's
+ * own ssh). The options a program sets before connect() are copied over; its buffer sizes
+ * are not (the new socket's are autotuned). Trade-off: getsockname() shows the upstream
+ * connection's local address, and after an exec getpeername() shows the proxy, not the
+ * destination.
+ */
+/* fds ever given to epoll_ctl(ADD) in this process image; never cleared: a stale bit only
+ * keeps a later connection on that fd number relayed */
+static unsigned char epolled[MAX_FDS / 8];
+static long long bytes_acked(int fd);
+
+EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
+{
+    REAL(epoll_ctl);
+    if (op == EPOLL_CTL_ADD && fd >= 0 && fd < MAX_FDS)
+        __atomic_fetch_or(&epolled[fd >> 3], (unsigned char)(1u << (fd & 7)), __ATOMIC_RELAXED);
+    return real_epoll_ctl(epfd, op, fd, ev);
+}
+
+static int may_hand_over(int fd)
+{
+    if (cfg.proto < 2 || fd < 0 || fd >= MAX_FDS)
+        return 0;
+    if (__atomic_load_n(&epolled[fd >> 3], __ATOMIC_RELAXED) & (1u << (fd & 7)))
+        return 0;
+    int domain = 0;
+    socklen_t l = sizeof domain;
+    REAL(getsockopt);
+    return real_getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &l) == 0 && domain == AF_INET;
+}
+
+/* The program's fd becomes `up` (consumed): its options, file status flags and close-on-exec
+ * carried over, TCP_NOTSENT_LOWAT set to `lowat` (the program's own). 0, or -1 (up closed). */
+static int take_over(int fd, int up, struct proxied *p, int lowat)
+{
+    static const int opts[][2] = {
+        {SOL_SOCKET, SO_KEEPALIVE},     {SOL_SOCKET, SO_LINGER},       {SOL_SOCKET, SO_RCVTIMEO},
+        {SOL_SOCKET, SO_SNDTIMEO},      {SOL_SOCKET, SO_OOBINLINE},    {SOL_SOCKET, SO_PRIORITY},
+        {SOL_SOCKET, SO_RCVLOWAT},      {IPPROTO_TCP, TCP_NODELAY},    {IPPROTO_TCP, TCP_KEEPIDLE},
+        {IPPROTO_TCP, TCP_KEEPINTVL},   {IPPROTO_TCP, TCP_KEEPCNT},    {IPPROTO_TCP, TCP_CORK},
+        {IPPROTO_TCP, TCP_USER_TIMEOUT}, {IPPROTO_TCP, TCP_CONGESTION}, {IPPROTO_IP, IP_TOS},
+        {IPPROTO_IP, IP_TTL},
+    };
+    REAL(getsockopt);
+    for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++) {
+        unsigned char v[64];
+        socklen_t l = sizeof v;
+        if (real_getsockopt(fd, opts[i][0], opts[i][1], v, &l) == 0)
+            setsockopt(up, opts[i][0], opts[i][1], v, l);
+    }
+    setsockopt(up, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof lowat);
+    int fl = fcntl(fd, F_GETFL), fdfl = fcntl(fd, F_GETFD);
+    if (fl < 0 || fdfl < 0 || fcntl(up, F_SETFL, fl) < 0 ||
+        dup3(up, fd, (fdfl & FD_CLOEXEC) ? O_CLOEXEC : 0) < 0) {
+        close(up);
+        return -1;
+    }
+    close(up);
+    if (p != NULL) {
+        p->ino = fd_inode(fd);
+        p->lport = local_port(fd);
+        p->state = ST_OK;
+        p->handed = 1;
+    }
+    return 0;
+}
+
+/* Receive one answer line on control socket `s`, with the socket the front may attach
+ * (*up = its fd, else -1). Like ctl_read otherwise. */
+static int ctl_read_fd(int s, char *resp, size_t resp_size, const struct timespec *t0,
+                       int timeout_ms, int *up)
+{
+    *up = -1;
+    for (;;) {
+        long el = ms_since(t0);
+        if (el >= timeout_ms)
+            return -1;
+        struct pollfd pf = {.fd = s, .events = POLLIN};
+        int r = poll(&pf, 1, (int)(timeout_ms - el));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return -1;
+        union {
+            struct cmsghdr h;
+            char buf[CMSG_SPACE(sizeof(int))];
+        } c;
+        struct iovec iov = {.iov_base = resp, .iov_len = resp_size - 1};
+        struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = c.buf,
+                           .msg_controllen = sizeof c.buf};
+        REAL(recvmsg);
+        ssize_t n = real_recvmsg(s, &m, MSG_CMSG_CLOEXEC);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        struct cmsghdr *h = CMSG_FIRSTHDR(&m);
+        if (h != NULL && h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS &&
+            h->cmsg_len == CMSG_LEN(sizeof(int)))
+            memcpy(up, CMSG_DATA(h), sizeof(int));
+        /* the front writes each answer in one piece, its socket (if any) with it */
+        char *nl = memchr(resp, '\n', (size_t)n);
+        if (nl == NULL) {
+            if (*up >= 0)
+                close(*up);
+            *up = -1;
+            return -1;
+        }
+        *nl = '\0';
+        return (int)(nl - resp);
+    }
+}
+
+/* Non-blocking connect, now standing: take the upstream socket over if the front still offers
+ * it ("G"). Only when the program has written nothing yet (all it ever queued is the
+ * padding). This runs inside the program's getsockopt(SO_ERROR), often in an event loop, so it
+ * waits for the front briefly: an idle front answers within a fraction of a millisecond. No
+ * answer in time: shutdown(SHUT_RD) makes any later answer fail on the front's side (EPIPE,
+ * and the front goes on relaying), while an answer queued before it is still read here, so a
+ * socket is never lost in between. After such a miss the front is busy: connections are left
+ * relayed for a while instead of each paying the wait. */
+#define HANDOFF_WAIT_MS 5
+#define HANDOFF_BACKOFF_MS 200
+static long long handoff_missed_ms = -HANDOFF_BACKOFF_MS; /* CLOCK_MONOTONIC, in ms */
+
+static long long now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+static void ask_for_upstream(int fd, struct proxied *p)
+{
+    int outq = -1; /* sent but not acknowledged, plus unsent */
+    if (!may_hand_over(fd) || ioctl(fd, SIOCOUTQ, &outq) != 0 || outq < 0 ||
+        bytes_acked(fd) + outq != p->pad)
+        return;
+    if (now_ms() - __atomic_load_n(&handoff_missed_ms, __ATOMIC_RELAXED) < HANDOFF_BACKOFF_MS)
+        return;
+    char req[48], resp[16], tokhex[33];
+    hex(p->tok, 16, tokhex);
+    snprintf(req, sizeof req, "G %s\n", tokhex);
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int s = ctl_open(&t0, HANDOFF_WAIT_MS);
+    if (s < 0 || ctl_send(s, req) < 0) {
+        if (s >= 0)
+            close(s);
+        __atomic_store_n(&handoff_missed_ms, now_ms(), __ATOMIC_RELAXED);
+        return;
+    }
+    int up = -1;
+    int n = ctl_read_fd(s, resp, sizeof resp, &t0, HANDOFF_WAIT_MS, &up);
+    if (n < 0) {
+        __atomic_store_n(&handoff_missed_ms, now_ms(), __ATOMIC_RELAXED);
+        shutdown(s, SHUT_RD);
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        n = ctl_read_fd(s, resp, sizeof resp, &t0, 1000, &up); /* returns at once now */
+    }
+    close(s);
+    if (n >= 1 && resp[0] == 'H' && up >= 0)
+        take_over(fd, up, p, p->old_lowat);
+    else if (up >= 0)
+        close(up);
 }
 
 static int unsent_bytes(int fd)
@@ -894,8 +1078,9 @@ static int unsent_bytes(int fd)
     return ioctl(fd, SIOCOUTQNSD, &n) == 0 ? n : -1;
 }
 
-/* Bytes of this connection the peer acknowledged (tcp_info.tcpi_bytes_acked, Linux >= 4.1:
- * the struct only ever grows, so the offset is stable), or -1. */
+/* Data bytes of this connection the peer acknowledged, or -1: tcp_info.tcpi_bytes_acked
+ * (Linux >= 4.1; the struct only ever grows, so the offset is stable), in which the SYN counts
+ * as one byte. */
 #define TCPI_BYTES_ACKED_OFFSET 120
 static long long bytes_acked(int fd)
 {
@@ -907,10 +1092,11 @@ static long long bytes_acked(int fd)
         l < TCPI_BYTES_ACKED_OFFSET + sizeof v)
         return -1;
     memcpy(&v, info + TCPI_BYTES_ACKED_OFFSET, sizeof v);
-    return (long long)v;
+    return v > 0 ? (long long)v - 1 : 0;
 }
 
 static int claim_answer(const struct proxied *p);
+static void ask_for_upstream(int fd, struct proxied *p);
 
 /* Pending -> connected once the front let the padding through (the upstream is connected):
  * no unsent bytes left, or all padding acknowledged; when the program wrote more since and the
@@ -924,6 +1110,8 @@ static int settle(int fd, struct proxied *p)
     int v = p->old_lowat;
     setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &v, sizeof v);
     p->state = ST_OK;
+    if (cfg.proto >= 2)
+        ask_for_upstream(fd, p);
     return 0;
 }
 
@@ -1111,13 +1299,37 @@ static int verdict_limit_ms(int fd)
 
 /* The front's "R <errno>" on control socket `s` (closed here): 0 (connected) or -1 with the
  * upstream's errno. Signals do not interrupt the wait (as if SA_RESTART). */
+static int await_verdict_fd(int s, int fd, struct proxied *p, const struct timespec *t0,
+                            int limit, const char *host, unsigned short port);
 static int await_verdict(int s, struct proxied *p, const struct timespec *t0, int limit,
                          const char *host, unsigned short port)
 {
+    return await_verdict_fd(s, -1, p, t0, limit, host, port);
+}
+
+/* The same; `fd` >= 0: the front may send its upstream socket with "R 0" ("C h"), and the
+ * program's fd becomes it. */
+static int await_verdict_fd(int s, int fd, struct proxied *p, const struct timespec *t0,
+                            int limit, const char *host, unsigned short port)
+{
     char resp[64];
-    int n = s < 0 ? -1 : ctl_read(s, resp, sizeof resp, t0, limit);
+    int up = -1;
+    int n = s < 0 ? -1 : ctl_read_fd(s, resp, sizeof resp, t0, limit, &up);
     if (s >= 0)
         close(s);
+    if (up >= 0 && (fd < 0 || n < 3 || strcmp(resp, "R 0") != 0)) {
+        close(up);
+        up = -1;
+    }
+    if (up >= 0) {
+        int lowat = 0;
+        socklen_t l = sizeof lowat;
+        real_getsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, &l);
+        if (take_over(fd, up, p, lowat) < 0) {
+            errno = ECONNABORTED; /* the front let go of the connection: it is lost */
+            return -1;
+        }
+    }
     if (n < 3 || resp[0] != 'R') {
         if (limit < 300000 && ms_since(t0) >= limit) {
             errno = EINPROGRESS;
@@ -1143,9 +1355,11 @@ static int claim_and_wait(int fd, struct proxied *p, unsigned char listener, uns
                           long pad, const char *tokhex, const char *host, unsigned short port)
 {
     char req[200];
-    snprintf(req, sizeof req, "C b %u %u %ld %s %s %u\n", listener, lport, pad, tokhex, host,
-             port);
     int limit = verdict_limit_ms(fd);
+    /* with SO_SNDTIMEO this connect may stop waiting, and a socket sent then would be lost */
+    int handoff = limit == 300000 && may_hand_over(fd);
+    snprintf(req, sizeof req, "C %c %u %u %ld %s %s %u\n", handoff ? 'h' : 'b', listener, lport,
+             pad, tokhex, host, port);
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     int s = ctl_open(&t0, limit);
@@ -1153,7 +1367,7 @@ static int claim_and_wait(int fd, struct proxied *p, unsigned char listener, uns
         close(s);
         s = -1;
     }
-    return await_verdict(s, p, &t0, limit, host, port);
+    return await_verdict_fd(s, handoff ? fd : -1, p, &t0, limit, host, port);
 }
 
 /*
@@ -1254,6 +1468,7 @@ static int proxy_connect(int fd, int sock_family, const struct sockaddr *sa, soc
     struct proxied *p = (fd < MAX_FDS) ? &table[fd] : NULL;
     if (p != NULL) {
         p->state = ST_NONE;
+        p->handed = 0;
         p->ino = fd_inode(fd);
         p->lport = lport;
         p->listener = listener;
@@ -1387,6 +1602,7 @@ static struct proxied *fresh_entry(int fd)
         return NULL;
     struct proxied *p = &table[fd];
     p->state = ST_NONE;
+    p->handed = 0;
     p->ino = fd_inode(fd);
     p->lport = local_port(fd);
     return p;
@@ -1609,6 +1825,7 @@ EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
             real_getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &l);
             if (err != 0) {
                 p->state = ST_NONE;
+                p->handed = 0;
                 errno = claim_verdict(p, err);
                 return -1;
             }
@@ -1657,6 +1874,14 @@ EXPORT int getpeername(int fd, struct sockaddr *sa, socklen_t *len)
         fix_source(fd, sa, len);
         errno = saved;
         return r;
+    }
+    if (fd >= 0 && fd < MAX_FDS && table[fd].handed) { /* the upstream socket, see take_over */
+        struct proxied *h = lookup(fd);
+        if (h != NULL && h->handed) {
+            copy_out(sa, len, &h->orig, h->orig_len);
+            errno = saved;
+            return 0;
+        }
     }
     if (!is_front_peer(sa, *len, &listener))
         return r;
@@ -1733,6 +1958,7 @@ EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
         /* the front reset the connection: report why the upstream refused it */
         *(int *)val = claim_verdict(p, err);
         p->state = ST_NONE;
+        p->handed = 0;
     } else {
         settle(fd, p); /* still pending: 0 is what a socket in SYN_SENT says too */
     }

@@ -26,6 +26,14 @@ Two doors, both only usable by the user who runs nsvpn:
       a second line on the same connection gives the length: ``L <padding>``, or
       ``W <padding>`` to get ``R <errno>`` there, as a blocking claim does. So a non-blocking
       connect() never waits for the front.
+  ``C h ...``   a blocking claim (as ``b``) from a program's AF_INET socket that can take the
+                upstream socket itself: with ``R 0`` comes the socket (SCM_RIGHTS) when it is a
+                plain TCP/IPv4 one; the shim dup3()s it over the program's fd and the front is
+                out of the data path (the kernel moves the bytes, as with proxychains).
+  ``G <token>`` the same for a protocol-2 non-blocking claim, asked when the program first
+                looks at its connected socket: ``H`` with the socket while the relay has moved
+                nothing yet (it stops for good), else ``N`` (the relay goes on). A shim that
+                stopped waiting shuts its side first: the send fails and the relay goes on.
   ``F <name>``  an address for a name the host resolver could not answer -> ``A <ip>``
                 (a fake IP; or the real one via ``dns_server`` over the upstream).
   ``K <name>``  the fake IP of a name already in the table -> ``A <ip>``, else ``U``
@@ -81,6 +89,9 @@ RELAY_CHUNK = 256 * 1024
 VERDICTS_KEPT = 4096
 CTL_LINE_MAX = 600
 FRONT_PROTO = 2  # the control protocol this front speaks (see the module docstring)
+# Hand upstream sockets over to the program (`C h`, `G`); NSVPN_HANDOFF=0 keeps every flow
+# relayed (for A/B runs, and a way out should a program mind its socket changing under it).
+HANDOFF = os.environ.get("NSVPN_HANDOFF", "1") != "0"
 # The receive buffer of a connection that is not served yet, set (and so locked) on the
 # listener: a non-blocking shim connect fills it with padding (see the shim) and relies on the
 # window staying shut. With the kernel's autotuned default the window keeps growing for a
@@ -110,6 +121,30 @@ class Claim:
     port: int
     answer: Optional[trio.SocketStream] = None  # blocking claims: where the verdict goes
     padding_known: trio.Event = field(default_factory=trio.Event)
+    handoff: bool = False  # `C h`: the verdict may carry the upstream socket
+
+
+class Offer:
+    """A relayed flow whose upstream socket the program may still take over (`G`): true
+    while the relay has moved nothing in either direction."""
+
+    __slots__ = ("fd", "moved", "handed", "scope")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd  # the upstream socket's (the relay re-wraps it, the number stays)
+        self.moved = False
+        self.handed = False
+        self.scope: Optional[trio.CancelScope] = None
+
+
+def _can_hand_over(upstream: trio.abc.Stream) -> bool:
+    """Can the program's AF_INET socket become this upstream? Only a plain TCP/IPv4 socket
+    stream: not one with bytes read past the SOCKS reply, nor ssh's unix socket (whose EOF
+    needs ssh's word on whether it broke)."""
+    if not HANDOFF or type(upstream) is not trio.SocketStream:
+        return False
+    sock = upstream.socket
+    return sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM
 
 
 @dataclass
@@ -120,6 +155,7 @@ class FrontStats:
     bytes_up: int = 0  # program -> far side
     bytes_down: int = 0
     padding_max: int = 0  # largest readiness padding a non-blocking shim connect needed
+    handed: int = 0  # flows whose upstream socket went to the program (bytes not counted)
     by_reason: Dict[str, int] = field(default_factory=dict)
 
 
@@ -257,6 +293,23 @@ async def _close_pair(client: trio.abc.Stream, upstream: trio.abc.Stream, reset:
                 pass
 
 
+async def _send_socket(stream: trio.SocketStream, line: bytes, sock) -> None:
+    """`line` with a duplicate of `sock` (SCM_RIGHTS) on a unix stream connection."""
+    fds = struct.pack("i", sock.fileno())
+    await stream.socket.sendmsg([line], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+
+
+def _send_socket_now(stream: trio.SocketStream, line: bytes, fd: int) -> None:
+    """The same (for the socket `fd`) without a checkpoint: sent whole or not at all (a few
+    bytes on an idle unix connection never wait for room), OSError else."""
+    fds = struct.pack("i", fd)
+    raw = stream.socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=os.dup(raw.fileno())) as s:
+        if s.sendmsg([line], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)],
+                     socket.MSG_DONTWAIT) != len(line):
+            raise OSError(errno.EIO, "short send")
+
+
 async def _read_line(stream: trio.SocketStream, buf: bytes) -> bytes:
     """`buf` plus what arrives until it holds a newline (or CTL_LINE_MAX bytes, or EOF)."""
     while b"\n" not in buf and len(buf) < CTL_LINE_MAX:
@@ -341,6 +394,7 @@ class Front:
         self._pending: Dict[str, Claim] = {}
         self._verdicts: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._peers: Dict[Key, Tuple[str, int]] = {}
+        self._offers: Dict[str, Offer] = {}
         self._nursery: Optional[trio.Nursery] = None
         self._sockdiag: Optional[bool] = None
 
@@ -549,6 +603,7 @@ class Front:
             return
         self._peers[key] = (claim.host, claim.port)
         self.stats.flows += 1
+        offer: Optional[Offer] = None
         try:
             try:
                 upstream = await self._dial(claim.host, claim.port)
@@ -566,6 +621,16 @@ class Front:
                 await self._answer(claim, errno.ECONNABORTED)
                 _linger_close(sock)
                 return
+            if claim.handoff and claim.answer is not None and _can_hand_over(upstream):
+                answer, claim.answer = claim.answer, None
+                await self._hand_over(answer, upstream, sock)
+                return
+            if (not claim.blocking and not claim.id.isdigit() and _SPLICE is not None
+                    and _can_hand_over(upstream)):
+                # protocol 2: the program may ask for the socket (`G`) as soon as its own turns
+                # writable, which can be before the padding is all read here. Only for the
+                # splice relay, which knows about offers.
+                offer = self._offers[claim.id] = Offer(upstream.socket.fileno())
             await self._answer(claim, 0)
             self.stats.padding_max = max(self.stats.padding_max, claim.padding)
             _set_rcvbuf(sock, SERVED_RCVBUF)  # open the window wide: the padding drains at once
@@ -578,13 +643,37 @@ class Front:
                     left -= len(data)
             except OSError:
                 pass
+            if offer is not None and offer.handed:  # taken before the relay began
+                await upstream.aclose()
+                _reset_on_close(sock)
+                sock.close()
+                return
             if left > 0:  # the program went away before its connection stood
                 await upstream.aclose()
                 sock.close()
                 return
-            await self._relay(trio.SocketStream(sock), upstream)
+            await self._relay(trio.SocketStream(sock), upstream, offer)
         finally:
             self._peers.pop(key, None)
+            if offer is not None:
+                self._offers.pop(claim.id, None)
+
+    async def _hand_over(self, answer: trio.SocketStream, upstream: trio.SocketStream,
+                         client) -> None:
+        """`R 0` with the upstream socket on the control connection, then let go of both
+        ends: a plain close of our copy, and a reset for the program's old socket, so that a
+        program that did not get the new one (out of fds) sees an error, never an empty EOF."""
+        with trio.CancelScope(shield=True):
+            try:
+                await _send_socket(answer, b"R 0\n", upstream.socket)
+                self.stats.handed += 1
+            except OSError as exc:  # the shim gave up waiting: it reports the failure
+                log.debug("handing a socket over failed: %s", exc)
+            finally:
+                await upstream.aclose()
+                _reset_on_close(client)
+                client.close()
+                await answer.aclose()
 
     async def _expire_claim(self, claim: Claim) -> None:
         """A claim whose connection never shows up (the program died in between)."""
@@ -703,7 +792,10 @@ class Front:
             raise
         await self._relay(stream, upstream)
 
-    async def _relay(self, client: trio.abc.Stream, upstream: trio.abc.Stream) -> None:
+    async def _relay(self, client: trio.abc.Stream, upstream: trio.abc.Stream,
+                     offer: Optional[Offer] = None) -> None:
+        """Relay until both sides ended. `offer`: the program may still take the upstream
+        socket over (`G`) until the first byte moved."""
         if _SPLICE is not None and isinstance(client, trio.SocketStream):
             # a socket underneath (TCP proxy, ssh's channel socket, a direct connection):
             # unwrap it so the kernel moves the bytes
@@ -718,15 +810,18 @@ class Front:
                         await _close_pair(client, up, False)
                         return
                     self.stats.bytes_down += len(prefix)
-                await self._relay_spliced(client, up, eof_breaks)
+                await self._relay_spliced(client, up, eof_breaks, offer)
                 return
         await self._relay_copy(client, upstream)
 
     async def _relay_spliced(self, client: trio.SocketStream, upstream: trio.SocketStream,
-                             eof_breaks: Optional[Callable[..., bool]] = None) -> None:
+                             eof_breaks: Optional[Callable[..., bool]] = None,
+                             offer: Optional[Offer] = None) -> None:
         """Socket -> pipe -> socket with splice(2): the bytes never enter Python (several
         times less CPU than copying, which matters on a busy 2-core node). `eof_breaks`:
-        tells whether an EOF from the upstream means it broke (ssh died)."""
+        tells whether an EOF from the upstream means it broke (ssh died). `offer`: once it
+        is handed over, neither pump touches a socket again (a pump woken just before must
+        not read what is now the program's)."""
         self.stats.active += 1
 
         broken = [False]  # the upstream failed: the program must see a reset, not an EOF
@@ -739,6 +834,8 @@ class Front:
                 while True:
                     if r < 0 and not copying:
                         await trio.lowlevel.wait_readable(src)
+                        if offer is not None and offer.handed:
+                            return
                         try:
                             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
                         except OSError:  # EMFILE/ENFILE: this flow still works, slower
@@ -756,10 +853,14 @@ class Front:
                             n = _SPLICE(src.fileno(), w, RELAY_CHUNK, flags=_SPLICE_FLAGS)
                     except BlockingIOError:
                         await trio.lowlevel.wait_readable(src)
+                        if offer is not None and offer.handed:
+                            return
                         continue
                     except OSError:
                         broken[0] = broken[0] or not up  # reading the upstream failed
                         raise
+                    if offer is not None:
+                        offer.moved = True  # bytes or an EOF went through: ours for good
                     if n == 0:
                         if not up and eof_breaks is not None and eof_breaks(src, up_shut[0]):
                             broken[0] = True
@@ -798,11 +899,17 @@ class Front:
 
         try:
             async with trio.open_nursery() as n:
+                if offer is not None:
+                    offer.scope = n.cancel_scope
                 n.start_soon(pump, client.socket, upstream.socket, True, n.cancel_scope)
                 n.start_soon(pump, upstream.socket, client.socket, False, n.cancel_scope)
         finally:
             self.stats.active -= 1
             self.trim.flow_ended()
+            if offer is not None and offer.handed:
+                # the program owns the upstream socket now: the front only drops its copies
+                # (a plain close, no shutdown), and resets the program's old socket
+                _reset_on_close(client.socket)
             await _close_pair(client, upstream, broken[0])
 
     async def _relay_copy(self, client: trio.abc.Stream, upstream: trio.abc.Stream) -> None:
@@ -934,11 +1041,12 @@ class Front:
             mode, listener, lport, pad, tok, host, port = words[1:]
             token = bytes.fromhex(tok)
             later = mode == "a" and pad == "-"  # protocol 2: see the module docstring
-            if mode not in ("a", "b") or len(token) != TOKEN_LEN:
+            if mode not in ("a", "b", "h") or len(token) != TOKEN_LEN:
                 return "E", False
             key = (int(listener), int(lport))
-            claim = Claim(tok.lower() if later else str(self._next_id), mode == "b", key,
-                          None if later else int(pad), token, host, int(port))
+            claim = Claim(tok.lower() if later else str(self._next_id), mode != "a", key,
+                          None if later else int(pad), token, host, int(port),
+                          handoff=mode == "h")
             self._next_id += 1
             log.debug("claim %s (%s) from port %s: %s port %s, padding %s", claim.id, mode,
                       lport, host, port, pad)
@@ -960,6 +1068,20 @@ class Front:
             if later:
                 return None, claim
             return f"K {claim.id}", False
+        if op == "G" and len(words) == 2:
+            offer = self._offers.get(words[1].lower())
+            if offer is None or offer.moved or offer.handed:
+                return "N", False
+            try:  # no await from the check to the send: a pump cannot move a byte between
+                _send_socket_now(stream, b"H\n", offer.fd)
+            except OSError as exc:  # the shim stopped waiting (it shut its side): relay on
+                log.debug("handing a socket over failed: %s", exc)
+                return None, False
+            offer.handed = True  # from here on the relay's pumps keep their hands off
+            self.stats.handed += 1
+            if offer.scope is not None:  # else the relay never starts (see _serve_claimed)
+                offer.scope.cancel()
+            return None, False
         if op == "S" and len(words) == 2:
             cid = words[1].lower()
             if cid in self._verdicts:

@@ -306,6 +306,7 @@ async def run_preload(
         return status
     finally:
         st = front.stats
-        log.info("front: %d flows (%d failed), %d bytes up, %d down, max padding %d",
-                 st.flows, st.failed, st.bytes_up, st.bytes_down, st.padding_max)
+        log.info("front: %d flows (%d failed, %d handed to the program), %d bytes up, "
+                 "%d down, max padding %d", st.flows, st.failed, st.handed, st.bytes_up,
+                 st.bytes_down, st.padding_max)
         shutil.rmtree(rundir, ignore_errors=True)

@@ -202,8 +202,8 @@ async def serve_preload(args, upstream, direct: List[str], state_dir: str,
             log.info("front stops: %d TCP connection(s) reset", marked)
             n.cancel_scope.cancel()
         st = front.stats
-        log.info("front: %d flows (%d failed), %d bytes up, %d down", st.flows, st.failed,
-                 st.bytes_up, st.bytes_down)
+        log.info("front: %d flows (%d failed, %d handed to the program), %d bytes up, %d down",
+                 st.flows, st.failed, st.handed, st.bytes_up, st.bytes_down)
         return code
     finally:
         with trio.CancelScope(shield=True):

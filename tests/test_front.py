@@ -329,6 +329,123 @@ async def test_protocol2_claim_without_a_whole_padding_line_is_aborted(env, seco
         assert await ctl(front, f"S {tok.hex()}") == f"R {errno.ECONNABORTED}"
 
 
+async def _recv_with_fd(s, n: int = 100):
+    """One answer on a control connection and the socket that came with it (or None)."""
+    with trio.fail_after(5):
+        data, anc, _flags, _addr = await s.recvmsg(n, socket.CMSG_SPACE(4))
+    fd = None
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fd = int.from_bytes(payload[:4], "little")
+    # the echo server runs in this trio loop: the socket must not block it
+    return data, (trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+                  if fd is not None else None)
+
+
+async def _expect_reset(s) -> None:
+    with trio.fail_after(5):
+        with pytest.raises(ConnectionResetError):
+            while await s.recv(10):
+                pass
+
+
+async def test_blocking_claim_hands_the_upstream_socket_over(env):
+    """`C h`: with `R 0` comes the upstream socket itself (the program's fd becomes it, the
+    front is out of the data path); the front's end of the program's old socket is reset."""
+    front, port = env
+    s, lport = await _open(front)
+    with s:
+        tok = _token()
+        await s.send(tok)
+        c = await _ctl_send_only(front, f"C h 4 {lport} 16 {tok.hex()} 127.0.0.1 {port}\n".encode())
+        with c:
+            data, up = await _recv_with_fd(c)
+        assert data == b"R 0\n" and up is not None
+        with up:
+            assert up.getpeername() == ("127.0.0.1", port)
+            await up.send(b"handed")
+            assert await _recv_exactly(up, 6) == b"handed"
+        await _expect_reset(s)
+    assert front.stats.handed == 1 and front.stats.bytes_up == 0
+
+
+async def test_blocking_claim_is_relayed_when_handing_over_is_off(env, monkeypatch):
+    import nsvpn.front as front_mod
+
+    monkeypatch.setattr(front_mod, "HANDOFF", False)
+    front, port = env
+    s, lport = await _open(front)
+    with s:
+        tok = _token()
+        await s.send(tok)
+        c = await _ctl_send_only(front, f"C h 4 {lport} 16 {tok.hex()} 127.0.0.1 {port}\n".encode())
+        with c:
+            data, up = await _recv_with_fd(c)
+        assert data == b"R 0\n" and up is None
+        await s.send(b"relayed")
+        assert await _recv_exactly(s, 7) == b"relayed"
+    assert front.stats.handed == 0
+
+
+async def _protocol2_claim(front, port, pad_len: int = 20000):
+    """A protocol-2 claim whose padding the front has drained: (program socket, token)."""
+    s, lport = await _open(front)
+    tok = _token()
+    pad = tok + bytes(pad_len - 16)
+    await s.send(pad)
+    c = await _ctl_send_only(
+        front, f"C a 4 {lport} - {tok.hex()} 127.0.0.1 {port}\nL {len(pad)}\n".encode())
+    c.close()
+    with trio.fail_after(5):
+        while await ctl(front, f"S {tok.hex()}") == "P":
+            await trio.sleep(0.01)
+    return s, tok
+
+
+async def _ask_g(front, tok: bytes, shut_first: bool = False):
+    c = await _ctl_send_only(front, b"")
+    with c:
+        if shut_first:  # a shim that stopped waiting: the front's answer must fail
+            c.shutdown(socket.SHUT_RD)
+        await c.send(f"G {tok.hex()}\n".encode())
+        if shut_first:
+            await trio.sleep(0.2)
+            return None
+        return await _recv_with_fd(c)
+
+
+async def test_protocol2_upstream_is_handed_over_before_anything_moved(env):
+    front, port = env
+    s, tok = await _protocol2_claim(front, port)
+    with s:
+        await trio.sleep(0.1)  # the relay is waiting on both sides
+        data, up = await _ask_g(front, tok)
+        assert data == b"H\n" and up is not None
+        with up:
+            await up.send(b"mine now")
+            assert await _recv_exactly(up, 8) == b"mine now"
+        await _expect_reset(s)
+    assert front.stats.handed == 1
+
+
+@pytest.mark.parametrize("why", ["moved", "shim-gone", "unknown"])
+async def test_protocol2_upstream_stays_relayed(env, why):
+    """`N`: after a byte went through the relay (it is the front's flow for good), or for a
+    token nobody claimed; and a shim that stopped waiting (shut its side) gets nothing: the
+    socket is not lost in between, the relay goes on."""
+    front, port = env
+    s, tok = await _protocol2_claim(front, port)
+    with s:
+        if why == "moved":
+            await s.send(b"first")
+            assert await _recv_exactly(s, 5) == b"first"
+        answer = await _ask_g(front, tok if why != "unknown" else _token(), why == "shim-gone")
+        assert answer == (None if why == "shim-gone" else (b"N\n", None))
+        await s.send(b"still relayed")
+        assert await _recv_exactly(s, 13) == b"still relayed"
+    assert front.stats.handed == 0
+
+
 async def test_claim_to_fake_ip_dials_by_name(env):
     """A fake IP is CONNECTed by name through the pool (here: a dialer that resolves
     'localhost' itself)."""

@@ -374,6 +374,111 @@ def test_shim_speaks_protocol_1_to_an_older_front(lab, preload, epoll_client):
     assert r.stdout.rstrip().endswith("200"), r
 
 
+# The ways a program connects, and what its socket is afterwards: "handed" when its fd became
+# the front's upstream socket (its local address is no longer the front's 127.0.0.1), and
+# whether the destination, its options, O_NONBLOCK and close-on-exec survived, and a fetch of
+# 1M.bin comes out right. argv: address, sha256 of 1M.bin
+HANDOFF_CASES = r"""
+import hashlib, os, select, socket, sys
+host, want = sys.argv[1], sys.argv[2]
+
+def fresh(blocking=True):
+    s = socket.socket()
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 77)
+    s.setblocking(blocking)
+    return s
+
+REQ = b"GET /1M.bin HTTP/1.0\r\nHost: x\r\n\r\n"
+
+def report(name, s, nonblocking, sent=b""):
+    opts = (s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+            s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE))
+    flags_ok = os.get_blocking(s.fileno()) != nonblocking and not os.get_inheritable(s.fileno())
+    handed = s.getsockname()[0] != "127.0.0.1"
+    s.setblocking(True)
+    if not sent:
+        s.sendall(REQ)
+    data = b""
+    while True:
+        chunk = s.recv(1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    body_ok = hashlib.sha256(data.split(b"\r\n\r\n", 1)[1]).hexdigest() == want
+    print(name, "handed" if handed else "relayed", s.getpeername() == (host, 80),
+          opts == (1, 1, 77), flags_ok, body_ok)
+    s.close()
+
+s = fresh()
+s.connect((host, 80))
+report("blocking", s, False)
+
+# Non-blocking: the shim asks for the socket inside SO_ERROR but waits only milliseconds for
+# the front (a busy front leaves the flow relayed): a few tries, the first handed one counts.
+def timeout_connect():
+    s = fresh()
+    s.settimeout(10)  # Python then connects non-blocking and poll()s
+    s.connect((host, 80))
+    return s
+
+def nonblocking_connect():
+    s = fresh(False)
+    s.connect_ex((host, 80))
+    select.select([], [s], [], 10)
+    assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    return s
+
+for name, connect in (("timeout", timeout_connect), ("nonblocking", nonblocking_connect)):
+    for attempt in range(5):
+        s = connect()
+        if s.getsockname()[0] != "127.0.0.1" or attempt == 4:
+            break
+        report(name + "-retry", s, True)
+    report(name, s, True)
+
+s = fresh(False)  # an event loop: the fd is in an epoll set when the connect completes
+s.connect_ex((host, 80))
+ep = select.epoll()
+ep.register(s.fileno(), select.EPOLLOUT)
+ep.poll(10)
+assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+ep.unregister(s.fileno())
+report("epoll", s, True)
+
+s = fresh(False)  # writes before it looks at SO_ERROR: those bytes went to the front
+s.connect_ex((host, 80))
+select.select([], [s], [], 10)
+s.send(REQ)
+assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+report("wrote-first", s, True, REQ)
+"""
+
+
+@pytest.mark.parametrize("handoff", ["on", "off"])
+def test_the_program_gets_the_upstream_socket_itself(lab, preload, handoff):
+    """Where the front dialled a plain TCP/IPv4 socket (here the edge's SOCKS5 server), the
+    program's fd becomes that socket at connect() (blocking) or at its first SO_ERROR check
+    (non-blocking), so the kernel moves the bytes and nsvpn spends no CPU on the flow. Its
+    destination (getpeername), options, O_NONBLOCK and close-on-exec stay what they were.
+    Sockets in an epoll set, and ones the program wrote to first, stay relayed; so does
+    everything with NSVPN_HANDOFF=0."""
+    env = None if handoff == "on" else dict(os.environ, NSVPN_HANDOFF="0")
+    r = preload(["python3", "-c", HANDOFF_CASES, lab.remote_ip, lab.sha256["1M.bin"]],
+                env=env)
+    assert r.returncode == 0, r
+    lines = [line.split() for line in r.stdout.splitlines()]
+    assert all(v[2:] == ["True"] * 4 for v in lines), r.stdout  # retries came out right too
+    got = {v[0]: v[1:] for v in lines if not v[0].endswith("-retry")}
+    on = handoff == "on"
+    want = {"blocking": "handed" if on else "relayed", "timeout": "handed" if on else "relayed",
+            "nonblocking": "handed" if on else "relayed", "epoll": "relayed",
+            "wrote-first": "relayed"}
+    assert {k: v[0] for k, v in got.items()} == want, r
+
+
 # connect() called again on a pending non-blocking socket: EALREADY while the upstream dial
 # runs, EISCONN once it stands (the idiom of code that polls connect() instead of SO_ERROR)
 RECONNECT = r"""
