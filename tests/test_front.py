@@ -215,20 +215,6 @@ async def test_stale_claim_for_a_reused_port_is_skipped(env):
         assert await _recv_exactly(s, 2) == b"ok"
 
 
-async def test_async_claim_drops_padding_then_relays(env):
-    front, port = env
-    s, lport = await _open(front)
-    with s:
-        tok = _token()
-        pad = tok + bytes(50000 - 16)
-        await s.send(pad)
-        await s.send(b"app-data")
-        r = await ctl(front, f"C a 4 {lport} {len(pad)} {tok.hex()} 127.0.0.1 {port}")
-        assert r.startswith("K ")
-        assert await _recv_exactly(s, 8) == b"app-data"  # the padding never reached the echo
-        assert await ctl(front, f"S {r.split()[1]}") == "R 0"
-
-
 async def test_async_claim_failure_verdict(env):
     front, _ = env
     s, lport = await _open(front)
@@ -251,9 +237,11 @@ async def _ctl_send_only(front: Front, data: bytes):
     return s
 
 
-async def test_protocol2_claim_is_not_answered_and_relays(env):
-    """Protocol 2: the claim and its padding line in one write, nothing answered (the shim's
-    connect() does not wait); the token is the id for `S`."""
+@pytest.mark.parametrize("proto", [1, 2])
+async def test_async_claim_drops_padding_then_relays(env, proto):
+    """Protocol 1 answers the claim (`K <id>`); protocol 2 (what the front advertises) sends
+    the claim and its padding line in one write and gets no answer (the shim's connect()
+    does not wait), the token being the id for `S`."""
     front, port = env
     assert front.shim_env()["NSVPN_FRONT_PROTO"] == "2"
     s, lport = await _open(front)
@@ -262,13 +250,19 @@ async def test_protocol2_claim_is_not_answered_and_relays(env):
         pad = tok + bytes(50000 - 16)
         await s.send(pad)
         await s.send(b"app-data")
-        c = await _ctl_send_only(
-            front, f"C a 4 {lport} - {tok.hex()} 127.0.0.1 {port}\nL {len(pad)}\n".encode())
-        with c:
-            with trio.fail_after(5):
-                assert await c.recv(100) == b""  # closed without an answer
-        assert await _recv_exactly(s, 8) == b"app-data"
-        assert await ctl(front, f"S {tok.hex()}") == "R 0"
+        if proto == 1:
+            r = await ctl(front, f"C a 4 {lport} {len(pad)} {tok.hex()} 127.0.0.1 {port}")
+            assert r.startswith("K ")
+            cid = r.split()[1]
+        else:
+            c = await _ctl_send_only(
+                front, f"C a 4 {lport} - {tok.hex()} 127.0.0.1 {port}\nL {len(pad)}\n".encode())
+            with c:
+                with trio.fail_after(5):
+                    assert await c.recv(100) == b""  # closed without an answer
+            cid = tok.hex()
+        assert await _recv_exactly(s, 8) == b"app-data"  # the padding never reached the echo
+        assert await ctl(front, f"S {cid}") == "R 0"
 
 
 async def test_protocol2_padding_line_may_come_later(env):
@@ -349,30 +343,14 @@ async def _expect_reset(s) -> None:
                 pass
 
 
-async def test_blocking_claim_hands_the_upstream_socket_over(env):
+@pytest.mark.parametrize("handoff", [True, False])
+async def test_blocking_claim_hands_the_upstream_socket_over(env, monkeypatch, handoff):
     """`C h`: with `R 0` comes the upstream socket itself (the program's fd becomes it, the
-    front is out of the data path); the front's end of the program's old socket is reset."""
-    front, port = env
-    s, lport = await _open(front)
-    with s:
-        tok = _token()
-        await s.send(tok)
-        c = await _ctl_send_only(front, f"C h 4 {lport} 16 {tok.hex()} 127.0.0.1 {port}\n".encode())
-        with c:
-            data, up = await _recv_with_fd(c)
-        assert data == b"R 0\n" and up is not None
-        with up:
-            assert up.getpeername() == ("127.0.0.1", port)
-            await up.send(b"handed")
-            assert await _recv_exactly(up, 6) == b"handed"
-        await _expect_reset(s)
-    assert front.stats.handed == 1 and front.stats.bytes_up == 0
-
-
-async def test_blocking_claim_is_relayed_when_handing_over_is_off(env, monkeypatch):
+    front is out of the data path); the front's end of the program's old socket is reset.
+    With handing over off (NSVPN_HANDOFF=0), `R 0` alone, and the flow is relayed."""
     import nsvpn.front as front_mod
 
-    monkeypatch.setattr(front_mod, "HANDOFF", False)
+    monkeypatch.setattr(front_mod, "HANDOFF", handoff)
     front, port = env
     s, lport = await _open(front)
     with s:
@@ -381,10 +359,17 @@ async def test_blocking_claim_is_relayed_when_handing_over_is_off(env, monkeypat
         c = await _ctl_send_only(front, f"C h 4 {lport} 16 {tok.hex()} 127.0.0.1 {port}\n".encode())
         with c:
             data, up = await _recv_with_fd(c)
-        assert data == b"R 0\n" and up is None
-        await s.send(b"relayed")
-        assert await _recv_exactly(s, 7) == b"relayed"
-    assert front.stats.handed == 0
+        assert data == b"R 0\n" and (up is not None) == handoff
+        if handoff:
+            with up:
+                assert up.getpeername() == ("127.0.0.1", port)
+                await up.send(b"handed")
+                assert await _recv_exactly(up, 6) == b"handed"
+            await _expect_reset(s)
+        else:
+            await s.send(b"relayed")
+            assert await _recv_exactly(s, 7) == b"relayed"
+    assert front.stats.handed == int(handoff) and front.stats.bytes_up == 7 * (not handoff)
 
 
 async def _protocol2_claim(front, port, pad_len: int = 20000):
