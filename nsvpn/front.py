@@ -22,10 +22,10 @@ Two doors, both only usable by the user who runs nsvpn:
       turns writable, on failure it resets the connection and keeps the errno for ``S <id>``
       (-> ``R <errno>``, or ``P`` while still pending). With a padding length the answer is
       ``K <id>`` at once (protocol 1). With ``-`` (protocol 2, ``NSVPN_FRONT_PROTO``) nothing
-      is answered: the id is the token, the dial starts while the shim is still padding, and
-      a second line on the same connection gives the length: ``L <padding>``, or
-      ``W <padding>`` to get ``R <errno>`` there, as a blocking claim does. So a non-blocking
-      connect() never waits for the front.
+      is answered: the id is the token, and a second line on the same connection gives the
+      length: ``L <padding>``, or ``W <padding>`` to get ``R <errno>`` there, as a blocking
+      claim does. The shim sends both lines in one write (the dial may start before the
+      second, it does not need it), so a non-blocking connect() never waits for the front.
   ``C h ...``   a blocking claim (as ``b``) from a program's AF_INET socket that can take the
                 upstream socket itself: with ``R 0`` comes the socket (SCM_RIGHTS) when it is a
                 plain TCP/IPv4 one; the shim dup3()s it over the program's fd and the front is
