@@ -230,6 +230,7 @@ static struct {
     unsigned short port4, port6;
     unsigned short dns4, dns6; /* the front's UDP DNS responder */
     int proto;                 /* the front's control protocol (NSVPN_FRONT_PROTO; 1 if unset) */
+    int handoff;               /* its upstream sockets can be handed over (NSVPN_FRONT_HANDOFF) */
     char ctl[sizeof(((struct sockaddr_un *)0)->sun_path)];
     struct cidr direct[MAX_DIRECT];
     int ndirect;
@@ -293,7 +294,7 @@ static void probe_marker(void)
 
 /* ------------------------------------------------------------------ exec: keep the session */
 
-#define SESSION_VARS_MAX 8
+#define SESSION_VARS_MAX 12
 #define EXEC_ENV_MAX 1024  /* entries (8 KB of stack); a larger environment is passed on as is */
 #define EXEC_LD_MAX 8192   /* bytes of a merged LD_PRELOAD line */
 static char session_store[4096];
@@ -306,7 +307,7 @@ static void remember_session(void)
     static const char *const names[] = {"NSVPN_CTL",       "NSVPN_FRONT_PORT4",
                                         "NSVPN_FRONT_PORT6", "NSVPN_DNS_PORT4",
                                         "NSVPN_DNS_PORT6", "NSVPN_DIRECT",
-                                        "NSVPN_FRONT_PROTO"};
+                                        "NSVPN_FRONT_PROTO", "NSVPN_FRONT_HANDOFF"};
     size_t used = 0;
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         const char *v = getenv(names[i]);
@@ -529,6 +530,8 @@ __attribute__((constructor)) static void shim_init(void)
     /* a tunnel started by an older nsvpn (`exec --name` after an upgrade) speaks protocol 1 */
     const char *proto = getenv("NSVPN_FRONT_PROTO");
     cfg.proto = proto != NULL && atoi(proto) >= 2 ? 2 : 1;
+    const char *handoff = getenv("NSVPN_FRONT_HANDOFF");
+    cfg.handoff = cfg.proto >= 2 && handoff != NULL && strcmp(handoff, "1") == 0;
     if (ctl != NULL && *ctl == '/' && strlen(ctl) < sizeof cfg.ctl && cfg.port4 != 0) {
         strcpy(cfg.ctl, ctl);
         const char *d = getenv("NSVPN_DIRECT");
@@ -895,10 +898,11 @@ static struct proxied *lookup(int fd)
 }
 
 /*
- * Handing over (front protocol 2). When the front dialled a plain TCP/IPv4 socket (a SOCKS5
- * proxy reached over TCP, ssh -D on a TCP port, a direct host), the program's AF_INET socket
- * can *become* that socket: the front sends it over the control channel (SCM_RIGHTS) and this
- * shim dup3()s it over the program's fd. The front is then out of the data path: the kernel
+ * Handing over (front protocol 2, and NSVPN_FRONT_HANDOFF=1: an upstream that dials plain TCP
+ * sockets, so that no connection asks in vain). When the front dialled a plain TCP/IPv4 socket
+ * (a SOCKS5 proxy reached over TCP, e.g. an ssh -D on a TCP port; a direct host), the
+ * program's AF_INET socket can *become* that socket: the front sends it over the control
+ * channel (SCM_RIGHTS) and this shim dup3()s it over the program's fd. The front is then out of the data path: the kernel
  * moves the bytes, as with proxychains, and nsvpn spends no CPU on the flow. It happens where
  * the program cannot be looking: inside a blocking connect() ("C h"), or, for a non-blocking
  * one, at its first getsockopt(SO_ERROR)/getpeername() after success ("G"), and only while
@@ -926,7 +930,7 @@ EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 
 static int may_hand_over(int fd)
 {
-    if (cfg.proto < 2 || fd < 0 || fd >= MAX_FDS)
+    if (!cfg.handoff || fd < 0 || fd >= MAX_FDS)
         return 0;
     if (__atomic_load_n(&epolled[fd >> 3], __ATOMIC_RELAXED) & (1u << (fd & 7)))
         return 0;

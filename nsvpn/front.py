@@ -419,6 +419,10 @@ class Front:
             "NSVPN_DNS_PORT4": str(self.dns_port4),
             "NSVPN_DNS_PORT6": str(self.dns_port6),
             "NSVPN_FRONT_PROTO": str(FRONT_PROTO),
+            # whether asking for upstream sockets can ever succeed: not through ssh's unix
+            # socket or a userspace stack (it would cost each connection a round trip)
+            "NSVPN_FRONT_HANDOFF": "1" if HANDOFF and getattr(self.pool, "dials_plain_tcp",
+                                                               False) else "0",
         }
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

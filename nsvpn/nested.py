@@ -14,7 +14,8 @@ from typing import Dict, Mapping
 
 # what preload.build_env / Front.shim_env put in a session's environment
 SESSION_VARS = ("NSVPN_CTL", "NSVPN_FRONT_PORT4", "NSVPN_FRONT_PORT6", "NSVPN_DIRECT",
-                "NSVPN_DNS_PORT4", "NSVPN_DNS_PORT6", "NSVPN_FRONT_PROTO")
+                "NSVPN_DNS_PORT4", "NSVPN_DNS_PORT6", "NSVPN_FRONT_PROTO",
+                "NSVPN_FRONT_HANDOFF")
 SHIM_MARKER = b"nsvpn-shim"  # the shim's version string starts with it
 
 

@@ -1127,5 +1127,6 @@ def test_nsvpn_inside_nsvpn(nsvpn_lab, ssh_via, socks_via, outer, inner):
     if inner == "ns":
         assert preload == [] and out[2] == "0", explain(r)
     else:
-        # its own session's NSVPN_CTL, _FRONT_PORT4/6, _DNS_PORT4/6, _DIRECT, _FRONT_PROTO
-        assert len(preload) == 1 and out[2] == "7", explain(r)
+        # its own session's NSVPN_CTL, _FRONT_PORT4/6, _DNS_PORT4/6, _DIRECT, _FRONT_PROTO,
+        # _FRONT_HANDOFF
+        assert len(preload) == 1 and out[2] == "8", explain(r)

@@ -372,6 +372,23 @@ async def test_blocking_claim_hands_the_upstream_socket_over(env, monkeypatch, h
     assert front.stats.handed == int(handoff) and front.stats.bytes_up == 7 * (not handoff)
 
 
+def test_shim_is_told_whether_asking_for_sockets_can_succeed(tmp_path, monkeypatch):
+    """NSVPN_FRONT_HANDOFF=1 only for an upstream that dials plain TCP sockets (a SOCKS5 proxy
+    over TCP, direct): through ssh's unix socket every `G` would be a round trip in vain."""
+    import nsvpn.front as front_mod
+    from nsvpn.upstream.socks5 import Socks5Upstream
+
+    def flag(*ups) -> str:
+        return Front(UpstreamPool(list(ups)), runtime_dir=str(tmp_path)).shim_env()[
+            "NSVPN_FRONT_HANDOFF"]
+
+    unix = Socks5Upstream(path=str(tmp_path / "ssh-D.sock"))
+    tcp = Socks5Upstream(host="127.0.0.1", port=1080)
+    assert (flag(unix), flag(tcp), flag(unix, tcp), flag(DirectUpstream())) == ("0", "1", "1", "1")
+    monkeypatch.setattr(front_mod, "HANDOFF", False)
+    assert flag(tcp) == "0"
+
+
 async def _protocol2_claim(front, port, pad_len: int = 20000):
     """A protocol-2 claim whose padding the front has drained: (program socket, token)."""
     s, lport = await _open(front)

@@ -156,7 +156,7 @@ def test_without_session_strips_only_an_outer_session(fresh_shim, tmp_path):
     other.write_bytes(b"\x7fELF not ours")
     outer = {"PATH": "/bin", "LD_PRELOAD": f"{other}:{fresh_shim}", "NSVPN_CTL": "/r/ctl",
              "NSVPN_FRONT_PORT4": "4000", "NSVPN_DNS_PORT4": "4001", "NSVPN_DIRECT": "",
-             "NSVPN_FRONT_PROTO": "2",
+             "NSVPN_FRONT_PROTO": "2", "NSVPN_FRONT_HANDOFF": "1",
              "ALL_PROXY": "socks5h://nsvpn:s3cret@127.0.0.1:4000",
              "all_proxy": "socks5h://me@proxy.site:1080", "HOME": "/h",
              "http_proxy": "http://127.0.0.1:4000", "HTTPS_PROXY": "http://nsvpn:x@127.0.0.1:4000",

@@ -87,6 +87,7 @@ class DirectUpstream:
     """Connect with the host's own sockets; errors carry the kernel's errno unchanged."""
 
     name = "direct"
+    dials_plain_tcp = True  # see Socks5Upstream
 
     def __init__(self, name: str = "direct"):
         self.name = name

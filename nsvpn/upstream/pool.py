@@ -110,6 +110,10 @@ class UpstreamPool:
     def carries_udp(self) -> bool:
         return any(getattr(u, "carries_udp", False) for u in self.upstreams)
 
+    @property
+    def dials_plain_tcp(self) -> bool:
+        return any(getattr(u, "dials_plain_tcp", False) for u in self.upstreams)
+
     async def udp_associate(self, host: str, port: int, *, timeout: float):
         """A UDP association from the first usable upstream that relays UDP (ssh -D does
         not); failover as for dial_tcp."""

@@ -58,6 +58,10 @@ class RoutedUpstream:
     def carries_udp(self) -> bool:
         return any(getattr(u, "carries_udp", False) for u in self.upstreams)
 
+    @property
+    def dials_plain_tcp(self) -> bool:
+        return any(getattr(u, "dials_plain_tcp", False) for u in self.upstreams)
+
     async def udp_associate(self, host: str, port: int, *, timeout: float):
         up = self.pick(host, port)
         if not getattr(up, "carries_udp", False):

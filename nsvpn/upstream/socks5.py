@@ -350,6 +350,8 @@ class Socks5Upstream:
         self._healthy = True
         # UDP ASSOCIATE needs a proxy reached over TCP; False once it said "not supported"
         self.carries_udp = path is None
+        # its flows are plain TCP sockets (the preload front may hand them to the program)
+        self.dials_plain_tcp = path is None
 
     @classmethod
     def from_url(cls, url: Socks5UpstreamUrl, **kw) -> Socks5Upstream:
