@@ -718,36 +718,58 @@ static int ctl_send(int s, const char *req)
     return 0;
 }
 
-/* One answer line (newline cut off) within timeout_ms of t0: its length, or -1. */
+/* One answer line (newline cut off) within timeout_ms of t0: its length, or -1. `up`: where
+ * the socket the front may attach to it goes (-1: none); NULL: none wanted (closed). */
 static int ctl_read(int s, char *resp, size_t resp_size, const struct timespec *t0,
-                    int timeout_ms)
+                    int timeout_ms, int *up)
 {
+    int got_fd = -1, ret = -1;
     size_t got = 0;
     for (;;) {
         long el = ms_since(t0);
         if (el >= timeout_ms)
-            return -1;
-        int wait = (int)(timeout_ms - el);
-        struct pollfd p = {.fd = s, .events = POLLIN};
-        int r = poll(&p, 1, wait);
+            break;
+        struct pollfd pf = {.fd = s, .events = POLLIN};
+        int r = poll(&pf, 1, (int)(timeout_ms - el));
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0)
-            return -1;
-        ssize_t n = recv(s, resp + got, resp_size - 1 - got, 0);
+            break;
+        union {
+            struct cmsghdr h;
+            char buf[CMSG_SPACE(sizeof(int))];
+        } c;
+        struct iovec iov = {.iov_base = resp + got, .iov_len = resp_size - 1 - got};
+        struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = c.buf,
+                           .msg_controllen = sizeof c.buf};
+        REAL(recvmsg);
+        ssize_t n = real_recvmsg(s, &m, MSG_CMSG_CLOEXEC);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
-            return -1;
+            break;
+        struct cmsghdr *h = CMSG_FIRSTHDR(&m);
+        if (h != NULL && h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS &&
+            h->cmsg_len == CMSG_LEN(sizeof(int)) && got_fd < 0)
+            memcpy(&got_fd, CMSG_DATA(h), sizeof(int));
         got += (size_t)n;
         char *nl = memchr(resp, '\n', got);
         if (nl != NULL) {
             *nl = '\0';
-            return (int)(nl - resp);
+            ret = (int)(nl - resp);
+            break;
         }
         if (got >= resp_size - 1)
-            return -1;
+            break;
     }
+    if (ret < 0 || up == NULL) {
+        if (got_fd >= 0)
+            close(got_fd);
+        got_fd = -1;
+    }
+    if (up != NULL)
+        *up = got_fd;
+    return ret;
 }
 
 /* One request line, one answer line, on a fresh unix connection, within timeout_ms. Returns the
@@ -760,7 +782,7 @@ static int ctl_request(const char *req, char *resp, size_t resp_size, int timeou
     int s = ctl_open(&t0, timeout_ms);
     if (s >= 0) {
         if (ctl_send(s, req) == 0)
-            ret = ctl_read(s, resp, resp_size, &t0, timeout_ms);
+            ret = ctl_read(s, resp, resp_size, &t0, timeout_ms, NULL);
         close(s);
     }
     errno = saved;
@@ -845,7 +867,8 @@ enum {
     ST_PENDING = 1,
     ST_OK = 2,
     ST_DNS = 3,  /* UDP redirected to our DNS */
-    ST_FRONT = 4 /* the program's own connection to the front (ALL_PROXY): its peer is real */
+    ST_FRONT = 4, /* the program's own connection to the front (ALL_PROXY): its peer is real */
+    ST_HANDED = 5 /* connected, and the fd is the front's upstream socket now (see take_over) */
 };
 
 /* Per-fd memory of proxied sockets; validated by the socket's inode and local port so that an
@@ -857,7 +880,6 @@ struct proxied {
     unsigned short lport;
     unsigned char state;
     unsigned char listener; /* 4 or 6 */
-    unsigned char handed;   /* the fd is the upstream socket now (see take_over) */
     int old_lowat;
     long pad; /* readiness padding written by connect() */
     socklen_t orig_len;
@@ -891,7 +913,6 @@ static struct proxied *lookup(int fd)
     struct proxied *p = &table[fd];
     if (p->ino != fd_inode(fd) || p->lport != local_port(fd)) {
         p->state = ST_NONE;
-        p->handed = 0;
         return NULL;
     }
     return p;
@@ -900,19 +921,19 @@ static struct proxied *lookup(int fd)
 /*
  * Handing over (front protocol 2, and NSVPN_FRONT_HANDOFF=1: an upstream that dials plain TCP
  * sockets, so that no connection asks in vain). When the front dialled a plain TCP/IPv4 socket
- * (a SOCKS5 proxy reached over TCP, e.g. an ssh -D on a TCP port; a direct host), the
- * program's AF_INET socket can *become* that socket: the front sends it over the control
- * channel (SCM_RIGHTS) and this shim dup3()s it over the program's fd. The front is then out of the data path: the kernel
- * moves the bytes, as with proxychains, and nsvpn spends no CPU on the flow. It happens where
- * the program cannot be looking: inside a blocking connect() ("C h"), or, for a non-blocking
- * one, at its first getsockopt(SO_ERROR)/getpeername() after success ("G"), and only while
- * nothing has gone through the front yet (the front checks its side, this shim that the
- * program wrote nothing past the padding). Not for sockets ever registered with epoll_ctl in
- * this process (the registration belongs to the old socket and would be lost), nor for AF_INET6
- * sockets (the family would change); those stay relayed, as do unix-socket upstreams (nsvpn's
- * own ssh). The options a program sets before connect() are copied over; its buffer sizes
- * are not (the new socket's are autotuned). Trade-off: getsockname() shows the upstream
- * connection's local address, and after an exec getpeername() shows the proxy, not the
+ * (a SOCKS5 proxy reached over TCP, e.g. an ssh -D on a TCP port; a direct host), the program's
+ * AF_INET socket can *become* that socket: the front sends it over the control channel
+ * (SCM_RIGHTS) and this shim dup3()s it over the program's fd. The front is then out of the
+ * data path: the kernel moves the bytes, as with proxychains, and nsvpn spends no CPU on the
+ * flow. It happens where the program cannot be looking: inside a blocking connect() ("C h"),
+ * or, for a non-blocking one, at its first getsockopt(SO_ERROR)/getpeername() after success
+ * ("G"), and only while nothing has gone through the front yet (the front checks its side, this
+ * shim that the program wrote nothing past the padding). Not for sockets ever registered with
+ * epoll_ctl in this process (the registration belongs to the old socket and would be lost), nor
+ * for AF_INET6 sockets (the family would change); those stay relayed, as do unix-socket
+ * upstreams (nsvpn's own ssh). The options a program sets before connect() are copied over; its
+ * buffer sizes are not (the new socket's are autotuned). Trade-off: getsockname() shows the
+ * upstream connection's local address, and after an exec getpeername() shows the proxy, not the
  * destination.
  */
 /* fds ever given to epoll_ctl(ADD) in this process image; never cleared: a stale bit only
@@ -970,56 +991,9 @@ static int take_over(int fd, int up, struct proxied *p, int lowat)
     if (p != NULL) {
         p->ino = fd_inode(fd);
         p->lport = local_port(fd);
-        p->state = ST_OK;
-        p->handed = 1;
+        p->state = ST_HANDED;
     }
     return 0;
-}
-
-/* Receive one answer line on control socket `s`, with the socket the front may attach
- * (*up = its fd, else -1). Like ctl_read otherwise. */
-static int ctl_read_fd(int s, char *resp, size_t resp_size, const struct timespec *t0,
-                       int timeout_ms, int *up)
-{
-    *up = -1;
-    for (;;) {
-        long el = ms_since(t0);
-        if (el >= timeout_ms)
-            return -1;
-        struct pollfd pf = {.fd = s, .events = POLLIN};
-        int r = poll(&pf, 1, (int)(timeout_ms - el));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            return -1;
-        union {
-            struct cmsghdr h;
-            char buf[CMSG_SPACE(sizeof(int))];
-        } c;
-        struct iovec iov = {.iov_base = resp, .iov_len = resp_size - 1};
-        struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = c.buf,
-                           .msg_controllen = sizeof c.buf};
-        REAL(recvmsg);
-        ssize_t n = real_recvmsg(s, &m, MSG_CMSG_CLOEXEC);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return -1;
-        struct cmsghdr *h = CMSG_FIRSTHDR(&m);
-        if (h != NULL && h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS &&
-            h->cmsg_len == CMSG_LEN(sizeof(int)))
-            memcpy(up, CMSG_DATA(h), sizeof(int));
-        /* the front writes each answer in one piece, its socket (if any) with it */
-        char *nl = memchr(resp, '\n', (size_t)n);
-        if (nl == NULL) {
-            if (*up >= 0)
-                close(*up);
-            *up = -1;
-            return -1;
-        }
-        *nl = '\0';
-        return (int)(nl - resp);
-    }
 }
 
 /* Non-blocking connect, now standing: take the upstream socket over if the front still offers
@@ -1062,12 +1036,12 @@ static void ask_for_upstream(int fd, struct proxied *p)
         return;
     }
     int up = -1;
-    int n = ctl_read_fd(s, resp, sizeof resp, &t0, HANDOFF_WAIT_MS, &up);
+    int n = ctl_read(s, resp, sizeof resp, &t0, HANDOFF_WAIT_MS, &up);
     if (n < 0) {
         __atomic_store_n(&handoff_missed_ms, now_ms(), __ATOMIC_RELAXED);
         shutdown(s, SHUT_RD);
         clock_gettime(CLOCK_MONOTONIC, &t0);
-        n = ctl_read_fd(s, resp, sizeof resp, &t0, 1000, &up); /* returns at once now */
+        n = ctl_read(s, resp, sizeof resp, &t0, 1000, &up); /* returns at once now */
     }
     close(s);
     if (n >= 1 && resp[0] == 'H' && up >= 0)
@@ -1114,8 +1088,7 @@ static int settle(int fd, struct proxied *p)
     int v = p->old_lowat;
     setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &v, sizeof v);
     p->state = ST_OK;
-    if (cfg.proto >= 2)
-        ask_for_upstream(fd, p);
+    ask_for_upstream(fd, p);
     return 0;
 }
 
@@ -1302,39 +1275,19 @@ static int verdict_limit_ms(int fd)
 }
 
 /* The front's "R <errno>" on control socket `s` (closed here): 0 (connected) or -1 with the
- * upstream's errno. Signals do not interrupt the wait (as if SA_RESTART). */
-static int await_verdict_fd(int s, int fd, struct proxied *p, const struct timespec *t0,
-                            int limit, const char *host, unsigned short port);
-static int await_verdict(int s, struct proxied *p, const struct timespec *t0, int limit,
+ * upstream's errno. `fd` >= 0: the front may send its upstream socket with "R 0" ("C h"), and
+ * the program's fd becomes it. Signals do not interrupt the wait (as if SA_RESTART). */
+static int await_verdict(int s, int fd, struct proxied *p, const struct timespec *t0, int limit,
                          const char *host, unsigned short port)
-{
-    return await_verdict_fd(s, -1, p, t0, limit, host, port);
-}
-
-/* The same; `fd` >= 0: the front may send its upstream socket with "R 0" ("C h"), and the
- * program's fd becomes it. */
-static int await_verdict_fd(int s, int fd, struct proxied *p, const struct timespec *t0,
-                            int limit, const char *host, unsigned short port)
 {
     char resp[64];
     int up = -1;
-    int n = s < 0 ? -1 : ctl_read_fd(s, resp, sizeof resp, t0, limit, &up);
+    int n = s < 0 ? -1 : ctl_read(s, resp, sizeof resp, t0, limit, fd >= 0 ? &up : NULL);
     if (s >= 0)
         close(s);
-    if (up >= 0 && (fd < 0 || n < 3 || strcmp(resp, "R 0") != 0)) {
-        close(up);
-        up = -1;
-    }
-    if (up >= 0) {
-        int lowat = 0;
-        socklen_t l = sizeof lowat;
-        real_getsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, &l);
-        if (take_over(fd, up, p, lowat) < 0) {
-            errno = ECONNABORTED; /* the front let go of the connection: it is lost */
-            return -1;
-        }
-    }
     if (n < 3 || resp[0] != 'R') {
+        if (up >= 0)
+            close(up);
         if (limit < 300000 && ms_since(t0) >= limit) {
             errno = EINPROGRESS;
             return -1;
@@ -1345,11 +1298,22 @@ static int await_verdict_fd(int s, int fd, struct proxied *p, const struct times
     }
     int e = atoi(resp + 2);
     if (e != 0) {
+        if (up >= 0)
+            close(up);
         errno = e;
         return -1;
     }
     if (p != NULL)
         p->state = ST_OK;
+    if (up >= 0) {
+        int lowat = 0;
+        socklen_t l = sizeof lowat;
+        real_getsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, &l);
+        if (take_over(fd, up, p, lowat) < 0) {
+            errno = ECONNABORTED; /* the front let go of the connection: it is lost */
+            return -1;
+        }
+    }
     return 0;
 }
 
@@ -1371,7 +1335,7 @@ static int claim_and_wait(int fd, struct proxied *p, unsigned char listener, uns
         close(s);
         s = -1;
     }
-    return await_verdict_fd(s, handoff ? fd : -1, p, &t0, limit, host, port);
+    return await_verdict(s, handoff ? fd : -1, p, &t0, limit, host, port);
 }
 
 /*
@@ -1408,7 +1372,7 @@ static int claim_nowait(int fd, struct proxied *p, unsigned char listener, unsig
         s = -1;
     }
     if (!gated)
-        return await_verdict(s, p, &t0, limit, host, port);
+        return await_verdict(s, -1, p, &t0, limit, host, port);
     if (s < 0) {
         shim_log("no answer from the nsvpn front for %s port %u", host, port);
         errno = ECONNABORTED;
@@ -1472,7 +1436,6 @@ static int proxy_connect(int fd, int sock_family, const struct sockaddr *sa, soc
     struct proxied *p = (fd < MAX_FDS) ? &table[fd] : NULL;
     if (p != NULL) {
         p->state = ST_NONE;
-        p->handed = 0;
         p->ino = fd_inode(fd);
         p->lport = lport;
         p->listener = listener;
@@ -1606,7 +1569,6 @@ static struct proxied *fresh_entry(int fd)
         return NULL;
     struct proxied *p = &table[fd];
     p->state = ST_NONE;
-    p->handed = 0;
     p->ino = fd_inode(fd);
     p->lport = local_port(fd);
     return p;
@@ -1829,8 +1791,7 @@ EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
             real_getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &l);
             if (err != 0) {
                 p->state = ST_NONE;
-                p->handed = 0;
-                errno = claim_verdict(p, err);
+                        errno = claim_verdict(p, err);
                 return -1;
             }
             errno = EALREADY;
@@ -1879,9 +1840,9 @@ EXPORT int getpeername(int fd, struct sockaddr *sa, socklen_t *len)
         errno = saved;
         return r;
     }
-    if (fd >= 0 && fd < MAX_FDS && table[fd].handed) { /* the upstream socket, see take_over */
+    if (fd >= 0 && fd < MAX_FDS && table[fd].state == ST_HANDED) { /* see take_over */
         struct proxied *h = lookup(fd);
-        if (h != NULL && h->handed) {
+        if (h != NULL) {
             copy_out(sa, len, &h->orig, h->orig_len);
             errno = saved;
             return 0;
@@ -1962,7 +1923,6 @@ EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
         /* the front reset the connection: report why the upstream refused it */
         *(int *)val = claim_verdict(p, err);
         p->state = ST_NONE;
-        p->handed = 0;
     } else {
         settle(fd, p); /* still pending: 0 is what a socket in SYN_SENT says too */
     }

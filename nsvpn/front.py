@@ -122,6 +122,7 @@ class Claim:
     answer: Optional[trio.SocketStream] = None  # blocking claims: where the verdict goes
     padding_known: trio.Event = field(default_factory=trio.Event)
     handoff: bool = False  # `C h`: the verdict may carry the upstream socket
+    proto2: bool = False  # a protocol-2 non-blocking claim: `G` may ask for the socket
 
 
 class Offer:
@@ -293,15 +294,10 @@ async def _close_pair(client: trio.abc.Stream, upstream: trio.abc.Stream, reset:
                 pass
 
 
-async def _send_socket(stream: trio.SocketStream, line: bytes, sock) -> None:
-    """`line` with a duplicate of `sock` (SCM_RIGHTS) on a unix stream connection."""
-    fds = struct.pack("i", sock.fileno())
-    await stream.socket.sendmsg([line], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-
-
 def _send_socket_now(stream: trio.SocketStream, line: bytes, fd: int) -> None:
-    """The same (for the socket `fd`) without a checkpoint: sent whole or not at all (a few
-    bytes on an idle unix connection never wait for room), OSError else."""
+    """`line` with a duplicate of socket `fd` (SCM_RIGHTS) on a unix stream connection,
+    without a checkpoint: sent whole or not at all (a few bytes on an idle control
+    connection never wait for room), OSError else."""
     fds = struct.pack("i", fd)
     raw = stream.socket
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=os.dup(raw.fileno())) as s:
@@ -629,7 +625,7 @@ class Front:
                 answer, claim.answer = claim.answer, None
                 await self._hand_over(answer, upstream, sock)
                 return
-            if (not claim.blocking and not claim.id.isdigit() and _SPLICE is not None
+            if (claim.proto2 and not claim.blocking and _SPLICE is not None
                     and _can_hand_over(upstream)):
                 # protocol 2: the program may ask for the socket (`G`) as soon as its own turns
                 # writable, which can be before the padding is all read here. Only for the
@@ -669,7 +665,7 @@ class Front:
         program that did not get the new one (out of fds) sees an error, never an empty EOF."""
         with trio.CancelScope(shield=True):
             try:
-                await _send_socket(answer, b"R 0\n", upstream.socket)
+                _send_socket_now(answer, b"R 0\n", upstream.socket.fileno())
                 self.stats.handed += 1
             except OSError as exc:  # the shim gave up waiting: it reports the failure
                 log.debug("handing a socket over failed: %s", exc)
@@ -1050,7 +1046,7 @@ class Front:
             key = (int(listener), int(lport))
             claim = Claim(tok.lower() if later else str(self._next_id), mode != "a", key,
                           None if later else int(pad), token, host, int(port),
-                          handoff=mode == "h")
+                          handoff=mode == "h", proto2=later)
             self._next_id += 1
             log.debug("claim %s (%s) from port %s: %s port %s, padding %s", claim.id, mode,
                       lport, host, port, pad)
