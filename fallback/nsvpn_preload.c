@@ -230,7 +230,8 @@ static struct {
     unsigned short port4, port6;
     unsigned short dns4, dns6; /* the front's UDP DNS responder */
     int proto;                 /* the front's control protocol (NSVPN_FRONT_PROTO; 1 if unset) */
-    int handoff;               /* its upstream sockets can be handed over (NSVPN_FRONT_HANDOFF) */
+    int handoff;               /* its upstream sockets can be handed over (NSVPN_FRONT_HANDOFF):
+                                  1 to AF_INET sockets, 2 to AF_INET6 ones too */
     char ctl[sizeof(((struct sockaddr_un *)0)->sun_path)];
     struct cidr direct[MAX_DIRECT];
     int ndirect;
@@ -531,7 +532,9 @@ __attribute__((constructor)) static void shim_init(void)
     const char *proto = getenv("NSVPN_FRONT_PROTO");
     cfg.proto = proto != NULL && atoi(proto) >= 2 ? 2 : 1;
     const char *handoff = getenv("NSVPN_FRONT_HANDOFF");
-    cfg.handoff = cfg.proto >= 2 && handoff != NULL && strcmp(handoff, "1") == 0;
+    cfg.handoff = cfg.proto >= 2 && handoff != NULL && (strcmp(handoff, "1") == 0 ||
+                                                         strcmp(handoff, "2") == 0)
+                      ? atoi(handoff) : 0;
     if (ctl != NULL && *ctl == '/' && strlen(ctl) < sizeof cfg.ctl && cfg.port4 != 0) {
         strcpy(cfg.ctl, ctl);
         const char *d = getenv("NSVPN_DIRECT");
@@ -919,46 +922,209 @@ static struct proxied *lookup(int fd)
 }
 
 /*
- * Handing over (front protocol 2, and NSVPN_FRONT_HANDOFF=1: an upstream that dials plain TCP
- * sockets, so that no connection asks in vain). When the front dialled a plain TCP/IPv4 socket
- * (a SOCKS5 proxy reached over TCP, e.g. an ssh -D on a TCP port; a direct host), the program's
- * AF_INET socket can *become* that socket: the front sends it over the control channel
+ * Handing over (front protocol 2, and NSVPN_FRONT_HANDOFF >= 1: an upstream that dials plain TCP
+ * sockets, so that no connection asks in vain). When the front dialled a plain TCP socket (a
+ * SOCKS5 proxy reached over TCP, e.g. an ssh -D on a TCP port; a direct host), the program's
+ * socket can *become* that socket: the front sends it over the control channel
  * (SCM_RIGHTS) and this shim dup3()s it over the program's fd. The front is then out of the
  * data path: the kernel moves the bytes, as with proxychains, and nsvpn spends no CPU on the
  * flow. It happens where the program cannot be looking: inside a blocking connect() ("C h"),
  * or, for a non-blocking one, at its first getsockopt(SO_ERROR)/getpeername() after success
  * ("G"), and only while nothing has gone through the front yet (the front checks its side, this
- * shim that the program wrote nothing past the padding). Not for sockets ever registered with
- * epoll_ctl in this process (the registration belongs to the old socket and would be lost), nor
- * for AF_INET6 sockets (the family would change); those stay relayed, as do unix-socket
- * upstreams (nsvpn's own ssh). The options a program sets before connect() are copied over; its
- * buffer sizes are not (the new socket's are autotuned). Trade-off: getsockname() shows the
- * upstream connection's local address, and after an exec getpeername() shows the proxy, not the
- * destination.
+ * shim that the program wrote nothing past the padding). A socket in an epoll set (event loops:
+ * XrdCl, asyncio, libevent) keeps its registration: it belongs to the old socket, so the shim
+ * deletes it and adds it back for the new one with the same events and data, as the kernel
+ * lists them in /proc/self/fdinfo (a kernel too old to name the socket there leaves such
+ * sockets relayed). That happens under a lock that epoll_ctl() on a proxied fd also
+ * takes, so that another thread never finds the fd missing; one that sits in epoll_wait()
+ * loses nothing, since adding a registration checks the socket's readiness. An AF_INET6
+ * socket that also reaches IPv4 gets an AF_INET6 upstream socket (the front dials an IPv4
+ * proxy v4-mapped; NSVPN_FRONT_HANDOFF=2). Still relayed: a socket in more than one epoll set
+ * or registered by another process (after fork); a one-shot registration that already fired
+ * (adding it back would arm EPOLLERR|EPOLLHUP); blocking connects of registered sockets;
+ * IPv6-only sockets; unix-socket upstreams (nsvpn's own ssh). The options a program sets
+ * before connect() are copied over; its buffer sizes are not (the new socket's are autotuned).
+ * Trade-off: getsockname() shows the upstream connection's local address, and after an exec
+ * getpeername() shows the proxy, not the destination.
  */
-/* fds ever given to epoll_ctl(ADD) in this process image; never cleared: a stale bit only
- * keeps a later connection on that fd number relayed */
-static unsigned char epolled[MAX_FDS / 8];
+/* Where each fd is registered with epoll_ctl in this process image, as far as this shim saw:
+ * ep is the epoll fd + 1 (0: in no set, -1: in several, ino then names the socket), pid the
+ * process that added it (a registration inherited through fork is not ours to move). Entries
+ * go stale when an fd is closed and reused: a handover checks the kernel's own list first
+ * (epoll_find), and a second set is believed only when the kernel lists the first one too. */
+struct epreg {
+    int ep;
+    int pid;
+    unsigned long ino;
+};
+static struct epreg epreg[MAX_FDS];
+/* Held through each handover (from the checks to the end of the swap), and by epoll_ctl() on
+ * proxied fds, so that no registration changes in between. The holder's
+ * pid, 0 when free: a holder with another pid is a thread that did not survive fork, and its
+ * lock is taken over. Nothing that holds it calls epoll_ctl(), but a signal handler might:
+ * the holding thread then goes through (ep_lock_mine). */
+static int ep_lock_pid;
+static __thread int ep_lock_mine;
+
+static void ep_lock(void)
+{
+    int me = (int)getpid();
+    for (;;) {
+        int h = 0;
+        if (__atomic_compare_exchange_n(&ep_lock_pid, &h, me, 0, __ATOMIC_ACQUIRE,
+                                        __ATOMIC_RELAXED))
+            return;
+        if (h != me && __atomic_compare_exchange_n(&ep_lock_pid, &h, me, 0, __ATOMIC_ACQUIRE,
+                                                   __ATOMIC_RELAXED))
+            return;
+        struct timespec ts = {0, 50000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+static void ep_unlock(void)
+{
+    __atomic_store_n(&ep_lock_pid, 0, __ATOMIC_RELEASE);
+}
+
 static long long bytes_acked(int fd);
+static int epoll_find(int epfd, int fd, unsigned long ino, struct epoll_event *ev);
 
 EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 {
     REAL(epoll_ctl);
-    if (op == EPOLL_CTL_ADD && fd >= 0 && fd < MAX_FDS)
-        __atomic_fetch_or(&epolled[fd >> 3], (unsigned char)(1u << (fd & 7)), __ATOMIC_RELAXED);
-    return real_epoll_ctl(epfd, op, fd, ev);
+    if (fd < 0 || fd >= MAX_FDS)
+        return real_epoll_ctl(epfd, op, fd, ev);
+    /* a proxied socket may be changing under a handover: wait for it to finish */
+    unsigned char st = __atomic_load_n(&table[fd].state, __ATOMIC_RELAXED);
+    int locked = (st == ST_PENDING || st == ST_OK) && !ep_lock_mine;
+    if (locked)
+        ep_lock();
+    int r = real_epoll_ctl(epfd, op, fd, ev);
+    int e = errno;
+    if (r == 0 && (op == EPOLL_CTL_ADD || op == EPOLL_CTL_DEL)) {
+        struct epreg *g = &epreg[fd];
+        int me = (int)getpid();
+        if (op == EPOLL_CTL_ADD) {
+            if (g->ep == 0 || g->pid != me) {
+                g->ep = epfd + 1;
+                g->pid = me;
+            } else if (g->ep != epfd + 1) {
+                unsigned long ino = fd_inode(fd);
+                struct epoll_event old;
+                if (g->ep > 0 ? epoll_find(g->ep - 1, fd, ino, &old) : g->ino == ino) {
+                    g->ep = -1;
+                    g->ino = ino;
+                } else {
+                    g->ep = epfd + 1;
+                }
+            }
+        } else if (g->pid == me && g->ep == epfd + 1) {
+            g->ep = 0;
+        }
+    }
+    if (locked)
+        ep_unlock();
+    errno = e;
+    return r;
 }
 
-static int may_hand_over(int fd)
+/* The registration of (fd, the socket with inode ino) in epoll set epfd, as the kernel lists it
+ * in /proc/self/fdinfo/<epfd> ("tfd: <fd> events: <hex> data: <hex> ... ino:<hex> ..."): 1 and
+ * *ev, or 0 when it is not there (or cannot be read). */
+static int epoll_find(int epfd, int fd, unsigned long ino, struct epoll_event *ev)
 {
-    if (!cfg.handoff || fd < 0 || fd >= MAX_FDS)
+    char path[64], buf[4096];
+    snprintf(path, sizeof path, "/proc/self/fdinfo/%d", epfd);
+    int f = open(path, O_RDONLY | O_CLOEXEC);
+    if (f < 0)
         return 0;
-    if (__atomic_load_n(&epolled[fd >> 3], __ATOMIC_RELAXED) & (1u << (fd & 7)))
-        return 0;
+    int found = 0;
+    size_t have = 0;
+    for (;;) {
+        ssize_t n = read(f, buf + have, sizeof buf - 1 - have);
+        if (n <= 0)
+            break;
+        have += (size_t)n;
+        buf[have] = 0;
+        char *line = buf, *nl;
+        while ((nl = strchr(line, '\n')) != NULL) {
+            *nl = 0;
+            int tfd;
+            unsigned int events;
+            unsigned long long data;
+            unsigned long lino;
+            char *i = strstr(line, " ino:");
+            if (i != NULL && sscanf(line, "tfd: %d events: %x data: %llx", &tfd, &events,
+                                    &data) == 3 &&
+                sscanf(i, " ino:%lx", &lino) == 1 && tfd == fd && lino == ino) {
+                ev->events = events;
+                ev->data.u64 = data;
+                found = 1;
+                break;
+            }
+            line = nl + 1;
+        }
+        if (found)
+            break;
+        have = (size_t)(buf + have - line);
+        if (have == sizeof buf - 1)
+            have = 0; /* a line longer than any the kernel writes: skip it */
+        memmove(buf, line, have);
+    }
+    close(f);
+    return found;
+}
+
+static int family_of(int fd)
+{
     int domain = 0;
     socklen_t l = sizeof domain;
     REAL(getsockopt);
-    return real_getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &l) == 0 && domain == AF_INET;
+    return real_getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &l) == 0 ? domain : -1;
+}
+
+/* Can the fd's socket family be kept by a handed-over socket? AF_INET, and with
+ * NSVPN_FRONT_HANDOFF=2 AF_INET6 unless IPv6-only (the front dials it v4-mapped: `C A`). */
+static int handoff_family(int fd)
+{
+    int domain = family_of(fd), v6only = 1;
+    socklen_t l = sizeof v6only;
+    if (domain == AF_INET)
+        return 1;
+    return domain == AF_INET6 && cfg.handoff >= 2 &&
+           real_getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, &l) == 0 && !v6only;
+}
+
+/* 1 when the fd's socket may be handed over; with *epfd the epoll set it must move in (-1:
+ * none), its registration in *ev. Callers that may move one hold ep_lock. */
+static int may_hand_over_ep(int fd, int *epfd, struct epoll_event *ev)
+{
+    *epfd = -1;
+    if (!cfg.handoff || fd < 0 || fd >= MAX_FDS)
+        return 0;
+    if (!handoff_family(fd))
+        return 0;
+    struct epreg g = epreg[fd];
+    if (g.ep == 0)
+        return 1;
+    if (ev == NULL || g.ep < 0 || g.pid != (int)getpid() ||
+        !epoll_find(g.ep - 1, fd, fd_inode(fd), ev))
+        return 0;
+    /* A one-shot registration that fired cannot be put back as it is: adding one always arms
+     * EPOLLERR|EPOLLHUP, which could wake a second thread while the first still handles it. */
+    if ((ev->events & EPOLLONESHOT) &&
+        !(ev->events & ~(unsigned)(EPOLLONESHOT | EPOLLET | EPOLLWAKEUP | EPOLLEXCLUSIVE)))
+        return 0;
+    *epfd = g.ep - 1;
+    return 1;
+}
+
+/* For a blocking connect: only sockets in no epoll set. */
+static int may_hand_over(int fd)
+{
+    int epfd;
+    return may_hand_over_ep(fd, &epfd, NULL);
 }
 
 /* The program's fd becomes `up` (consumed): its options, file status flags and close-on-exec
@@ -971,7 +1137,8 @@ static int take_over(int fd, int up, struct proxied *p, int lowat)
         {SOL_SOCKET, SO_RCVLOWAT},      {IPPROTO_TCP, TCP_NODELAY},    {IPPROTO_TCP, TCP_KEEPIDLE},
         {IPPROTO_TCP, TCP_KEEPINTVL},   {IPPROTO_TCP, TCP_KEEPCNT},    {IPPROTO_TCP, TCP_CORK},
         {IPPROTO_TCP, TCP_USER_TIMEOUT}, {IPPROTO_TCP, TCP_CONGESTION}, {IPPROTO_IP, IP_TOS},
-        {IPPROTO_IP, IP_TTL},
+        {IPPROTO_IP, IP_TTL},           {IPPROTO_IPV6, IPV6_TCLASS},
+        {IPPROTO_IPV6, IPV6_UNICAST_HOPS},
     };
     REAL(getsockopt);
     for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++) {
@@ -1015,13 +1182,27 @@ static long long now_ms(void)
     return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
 }
 
+static void ask_for_upstream_locked(int fd, struct proxied *p);
+
 static void ask_for_upstream(int fd, struct proxied *p)
 {
-    int outq = -1; /* sent but not acknowledged, plus unsent */
-    if (!may_hand_over(fd) || ioctl(fd, SIOCOUTQ, &outq) != 0 || outq < 0 ||
-        bytes_acked(fd) + outq != p->pad)
+    if (!cfg.handoff ||
+        now_ms() - __atomic_load_n(&handoff_missed_ms, __ATOMIC_RELAXED) < HANDOFF_BACKOFF_MS)
         return;
-    if (now_ms() - __atomic_load_n(&handoff_missed_ms, __ATOMIC_RELAXED) < HANDOFF_BACKOFF_MS)
+    ep_lock();
+    ep_lock_mine = 1;
+    ask_for_upstream_locked(fd, p);
+    ep_lock_mine = 0;
+    ep_unlock();
+}
+
+static void ask_for_upstream_locked(int fd, struct proxied *p)
+{
+    int outq = -1; /* sent but not acknowledged, plus unsent */
+    int epfd;
+    struct epoll_event ev = {0};
+    if (!may_hand_over_ep(fd, &epfd, &ev) || ioctl(fd, SIOCOUTQ, &outq) != 0 || outq < 0 ||
+        bytes_acked(fd) + outq != p->pad)
         return;
     char req[48], resp[16], tokhex[33];
     hex(p->tok, 16, tokhex);
@@ -1044,10 +1225,18 @@ static void ask_for_upstream(int fd, struct proxied *p)
         n = ctl_read(s, resp, sizeof resp, &t0, 1000, &up); /* returns at once now */
     }
     close(s);
-    if (n >= 1 && resp[0] == 'H' && up >= 0)
+    if (n >= 1 && resp[0] == 'H' && up >= 0) {
+        /* the registration belongs to the old socket: off before, back on after (also when
+         * take_over failed: the old socket is reset, and the program must hear of it) */
+        if (epfd >= 0)
+            real_epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &ev);
         take_over(fd, up, p, p->old_lowat);
-    else if (up >= 0)
+        if (epfd >= 0 && real_epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+            shim_log("fd %d lost its epoll registration when its socket was handed over: %s",
+                     fd, strerror(errno));
+    } else if (up >= 0) {
         close(up);
+    }
 }
 
 static int unsent_bytes(int fd)
@@ -1326,8 +1515,9 @@ static int claim_and_wait(int fd, struct proxied *p, unsigned char listener, uns
     int limit = verdict_limit_ms(fd);
     /* with SO_SNDTIMEO this connect may stop waiting, and a socket sent then would be lost */
     int handoff = limit == 300000 && may_hand_over(fd);
-    snprintf(req, sizeof req, "C %c %u %u %ld %s %s %u\n", handoff ? 'h' : 'b', listener, lport,
-             pad, tokhex, host, port);
+    char mode = !handoff ? 'b' : family_of(fd) == AF_INET6 ? 'H' : 'h';
+    snprintf(req, sizeof req, "C %c %u %u %ld %s %s %u\n", mode, listener, lport, pad, tokhex,
+             host, port);
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     int s = ctl_open(&t0, limit);
@@ -1362,8 +1552,10 @@ static int claim_nowait(int fd, struct proxied *p, unsigned char listener, unsig
     int gated = unsent_bytes(fd) > 0;
     if (!gated)
         setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &old_lowat, sizeof old_lowat);
-    snprintf(req, sizeof req, "C a %u %u - %s %s %u\n%c %ld\n", listener, lport, tokhex, host,
-             port, gated ? 'L' : 'W', pad);
+    /* 'A': the program's socket is AF_INET6 and could take an AF_INET6 upstream socket */
+    char mode = family_of(fd) == AF_INET6 && handoff_family(fd) ? 'A' : 'a';
+    snprintf(req, sizeof req, "C %c %u %u - %s %s %u\n%c %ld\n", mode, listener, lport, tokhex,
+             host, port, gated ? 'L' : 'W', pad);
     int limit = gated ? 15000 : verdict_limit_ms(fd);
     clock_gettime(CLOCK_MONOTONIC, &t0);
     int s = ctl_open(&t0, limit);

@@ -30,10 +30,15 @@ Two doors, both only usable by the user who runs nsvpn:
                 upstream socket itself: with ``R 0`` comes the socket (SCM_RIGHTS) when it is a
                 plain TCP/IPv4 one; the shim dup3()s it over the program's fd and the front is
                 out of the data path (the kernel moves the bytes, as with proxychains).
-  ``G <token>`` the same for a protocol-2 non-blocking claim, asked when the program first
-                looks at its connected socket: ``H`` with the socket while the relay has moved
-                nothing yet (it stops for good), else ``N`` (the relay goes on). A shim that
-                stopped waiting shuts its side first: the send fails and the relay goes on.
+  ``C H ...``, ``C A ...`` as ``h`` and ``a``, from a program's AF_INET6 socket (one that
+                reaches IPv4 too): the upstream socket is dialled as AF_INET6 (an IPv4 proxy
+                or host as a v4-mapped address), so that it can become the program's. Only
+                when ``NSVPN_FRONT_HANDOFF`` is 2.
+  ``G <token>`` the same for a protocol-2 non-blocking claim (``a`` or ``A``), asked when
+                the program first looks at its connected socket: ``H`` with the socket while the
+                relay has moved nothing yet (it stops for good), else ``N`` (the relay goes on).
+                A shim that stopped waiting shuts its side first: the send fails and the relay
+                goes on.
   ``F <name>``  an address for a name the host resolver could not answer -> ``A <ip>``
                 (a fake IP; or the real one via ``dns_server`` over the upstream).
   ``K <name>``  the fake IP of a name already in the table -> ``A <ip>``, else ``U``
@@ -70,7 +75,7 @@ from . import httpproxy, sockdiag, socks
 from .dns import DnsService, FakeIpTable, parse_server, relay_tcp
 from .memtrim import TrimWhenDrained
 from .sockpump import detach_socket
-from .upstream.base import DialError
+from .upstream.base import WANT_FAMILY, DialError
 from .upstream.direct import DirectUpstream
 
 log = logging.getLogger("nsvpn.front")
@@ -123,6 +128,7 @@ class Claim:
     padding_known: trio.Event = field(default_factory=trio.Event)
     handoff: bool = False  # `C h`: the verdict may carry the upstream socket
     proto2: bool = False  # a protocol-2 non-blocking claim: `G` may ask for the socket
+    family: int = socket.AF_INET  # of the program's socket: what a handed-over one must be
 
 
 class Offer:
@@ -138,14 +144,14 @@ class Offer:
         self.scope: Optional[trio.CancelScope] = None
 
 
-def _can_hand_over(upstream: trio.abc.Stream) -> bool:
-    """Can the program's AF_INET socket become this upstream? Only a plain TCP/IPv4 socket
-    stream: not one with bytes read past the SOCKS reply, nor ssh's unix socket (whose EOF
-    needs ssh's word on whether it broke)."""
+def _can_hand_over(upstream: trio.abc.Stream, claim: Claim) -> bool:
+    """Can the program's socket become this upstream? Only a plain TCP socket stream of the
+    same family: not one with bytes read past the SOCKS reply, nor ssh's unix socket (whose
+    EOF needs ssh's word on whether it broke)."""
     if not HANDOFF or type(upstream) is not trio.SocketStream:
         return False
     sock = upstream.socket
-    return sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM
+    return sock.family == claim.family and sock.type == socket.SOCK_STREAM
 
 
 @dataclass
@@ -417,7 +423,8 @@ class Front:
             "NSVPN_FRONT_PROTO": str(FRONT_PROTO),
             # whether asking for upstream sockets can ever succeed: not through ssh's unix
             # socket or a userspace stack (it would cost each connection a round trip)
-            "NSVPN_FRONT_HANDOFF": "1" if HANDOFF and getattr(self.pool, "dials_plain_tcp",
+            # (2: AF_INET6 program sockets too, see `C A`/`C H`)
+            "NSVPN_FRONT_HANDOFF": "2" if HANDOFF and getattr(self.pool, "dials_plain_tcp",
                                                                False) else "0",
         }
 
@@ -605,6 +612,7 @@ class Front:
         self.stats.flows += 1
         offer: Optional[Offer] = None
         try:
+            family = WANT_FAMILY.set(claim.family)
             try:
                 upstream = await self._dial(claim.host, claim.port)
             except DialError as exc:
@@ -613,6 +621,8 @@ class Front:
                 await self._answer(claim, exc.errno or errno.ECONNABORTED)
                 _linger_close(sock)
                 return
+            finally:
+                WANT_FAMILY.reset(family)
             if claim.padding is None:  # its `L`/`W` line is on its way (protocol 2)
                 with trio.move_on_at(deadline):
                     await claim.padding_known.wait()
@@ -621,12 +631,12 @@ class Front:
                 await self._answer(claim, errno.ECONNABORTED)
                 _linger_close(sock)
                 return
-            if claim.handoff and claim.answer is not None and _can_hand_over(upstream):
+            if claim.handoff and claim.answer is not None and _can_hand_over(upstream, claim):
                 answer, claim.answer = claim.answer, None
                 await self._hand_over(answer, upstream, sock)
                 return
             if (claim.proto2 and not claim.blocking and _SPLICE is not None
-                    and _can_hand_over(upstream)):
+                    and _can_hand_over(upstream, claim)):
                 # protocol 2: the program may ask for the socket (`G`) as soon as its own turns
                 # writable, which can be before the padding is all read here. Only for the
                 # splice relay, which knows about offers.
@@ -1040,13 +1050,14 @@ class Front:
         if op == "C" and len(words) == 8:
             mode, listener, lport, pad, tok, host, port = words[1:]
             token = bytes.fromhex(tok)
-            later = mode == "a" and pad == "-"  # protocol 2: see the module docstring
-            if mode not in ("a", "b", "h") or len(token) != TOKEN_LEN:
+            if mode not in ("a", "b", "h", "A", "H") or len(token) != TOKEN_LEN:
                 return "E", False
+            later = mode in ("a", "A") and pad == "-"  # protocol 2: see the module docstring
             key = (int(listener), int(lport))
-            claim = Claim(tok.lower() if later else str(self._next_id), mode != "a", key,
-                          None if later else int(pad), token, host, int(port),
-                          handoff=mode == "h", proto2=later)
+            claim = Claim(tok.lower() if later else str(self._next_id), mode not in ("a", "A"),
+                          key, None if later else int(pad), token, host, int(port),
+                          handoff=mode in ("h", "H"), proto2=later,
+                          family=socket.AF_INET6 if mode in ("A", "H") else socket.AF_INET)
             self._next_id += 1
             log.debug("claim %s (%s) from port %s: %s port %s, padding %s", claim.id, mode,
                       lport, host, port, pad)

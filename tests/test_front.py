@@ -343,10 +343,11 @@ async def _expect_reset(s) -> None:
                 pass
 
 
-@pytest.mark.parametrize("handoff", [True, False])
-async def test_blocking_claim_hands_the_upstream_socket_over(env, monkeypatch, handoff):
+@pytest.mark.parametrize("handoff,mode", [(True, "h"), (True, "H"), (False, "h")])
+async def test_blocking_claim_hands_the_upstream_socket_over(env, monkeypatch, handoff, mode):
     """`C h`: with `R 0` comes the upstream socket itself (the program's fd becomes it, the
     front is out of the data path); the front's end of the program's old socket is reset.
+    `C H` (a program's AF_INET6 socket): the same, with an AF_INET6 socket dialled v4-mapped.
     With handing over off (NSVPN_HANDOFF=0), `R 0` alone, and the flow is relayed."""
     import nsvpn.front as front_mod
 
@@ -356,13 +357,15 @@ async def test_blocking_claim_hands_the_upstream_socket_over(env, monkeypatch, h
     with s:
         tok = _token()
         await s.send(tok)
-        c = await _ctl_send_only(front, f"C h 4 {lport} 16 {tok.hex()} 127.0.0.1 {port}\n".encode())
+        c = await _ctl_send_only(
+            front, f"C {mode} 4 {lport} 16 {tok.hex()} 127.0.0.1 {port}\n".encode())
         with c:
             data, up = await _recv_with_fd(c)
         assert data == b"R 0\n" and (up is not None) == handoff
         if handoff:
             with up:
-                assert up.getpeername() == ("127.0.0.1", port)
+                assert up.getpeername()[:2] == (
+                    ("127.0.0.1", port) if mode == "h" else ("::ffff:127.0.0.1", port))
                 await up.send(b"handed")
                 assert await _recv_exactly(up, 6) == b"handed"
             await _expect_reset(s)
@@ -373,8 +376,9 @@ async def test_blocking_claim_hands_the_upstream_socket_over(env, monkeypatch, h
 
 
 def test_shim_is_told_whether_asking_for_sockets_can_succeed(tmp_path, monkeypatch):
-    """NSVPN_FRONT_HANDOFF=1 only for an upstream that dials plain TCP sockets (a SOCKS5 proxy
-    over TCP, direct): through ssh's unix socket every `G` would be a round trip in vain."""
+    """NSVPN_FRONT_HANDOFF=2 (AF_INET and AF_INET6 program sockets) only for an upstream that
+    dials plain TCP sockets (a SOCKS5 proxy over TCP, direct): through ssh's unix socket every
+    `G` would be a round trip in vain."""
     import nsvpn.front as front_mod
     from nsvpn.upstream.socks5 import Socks5Upstream
 
@@ -384,19 +388,19 @@ def test_shim_is_told_whether_asking_for_sockets_can_succeed(tmp_path, monkeypat
 
     unix = Socks5Upstream(path=str(tmp_path / "ssh-D.sock"))
     tcp = Socks5Upstream(host="127.0.0.1", port=1080)
-    assert (flag(unix), flag(tcp), flag(unix, tcp), flag(DirectUpstream())) == ("0", "1", "1", "1")
+    assert (flag(unix), flag(tcp), flag(unix, tcp), flag(DirectUpstream())) == ("0", "2", "2", "2")
     monkeypatch.setattr(front_mod, "HANDOFF", False)
     assert flag(tcp) == "0"
 
 
-async def _protocol2_claim(front, port, pad_len: int = 20000):
+async def _protocol2_claim(front, port, pad_len: int = 20000, mode: str = "a"):
     """A protocol-2 claim whose padding the front has drained: (program socket, token)."""
     s, lport = await _open(front)
     tok = _token()
     pad = tok + bytes(pad_len - 16)
     await s.send(pad)
     c = await _ctl_send_only(
-        front, f"C a 4 {lport} - {tok.hex()} 127.0.0.1 {port}\nL {len(pad)}\n".encode())
+        front, f"C {mode} 4 {lport} - {tok.hex()} 127.0.0.1 {port}\nL {len(pad)}\n".encode())
     c.close()
     with trio.fail_after(5):
         while await ctl(front, f"S {tok.hex()}") == "P":
@@ -416,13 +420,17 @@ async def _ask_g(front, tok: bytes, shut_first: bool = False):
         return await _recv_with_fd(c)
 
 
-async def test_protocol2_upstream_is_handed_over_before_anything_moved(env):
+@pytest.mark.parametrize("mode", ["a", "A"])
+async def test_protocol2_upstream_is_handed_over_before_anything_moved(env, mode):
+    """`C a`, then `G`: the upstream socket; `C A` (a program's AF_INET6 socket): an AF_INET6
+    one, dialled v4-mapped, so that the program's socket keeps its family."""
     front, port = env
-    s, tok = await _protocol2_claim(front, port)
+    s, tok = await _protocol2_claim(front, port, mode=mode)
     with s:
         await trio.sleep(0.1)  # the relay is waiting on both sides
         data, up = await _ask_g(front, tok)
         assert data == b"H\n" and up is not None
+        assert up.family == (socket.AF_INET if mode == "a" else socket.AF_INET6)
         with up:
             await up.send(b"mine now")
             assert await _recv_exactly(up, 8) == b"mine now"

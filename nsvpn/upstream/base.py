@@ -17,6 +17,7 @@ failed), `message` a human sentence.
 
 from __future__ import annotations
 
+import contextvars
 import errno as _errno
 import ipaddress
 import re
@@ -164,6 +165,33 @@ async def wait_exit(popen) -> int:
     return popen.wait()
 
 
+# The socket family the caller would like a flow's TCP socket to have. The preload front
+# sets AF_INET6 for a program whose own socket is AF_INET6, so that the socket dialled for it
+# (to a SOCKS5 proxy or a direct host) can become the program's: an IPv4 address is then
+# dialled from an AF_INET6 socket, as a v4-mapped address. Read where flows' TCP sockets are
+# made (tcp_socket), so the upstreams' dial signatures stay as they are.
+WANT_FAMILY: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "nsvpn_want_family", default=socket.AF_UNSPEC)
+
+
+def tcp_socket(family: int, addr: tuple) -> tuple:
+    """(a trio TCP socket of `family`, the address to connect it to), honouring WANT_FAMILY
+    for IPv4 destinations; an AF_INET socket when AF_INET6 cannot be had (IPv6 disabled)."""
+    if family == socket.AF_INET and WANT_FAMILY.get() == socket.AF_INET6:
+        try:
+            sock = trio.socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        except OSError:
+            pass
+        else:
+            try:  # net.ipv6.bindv6only=1 would make it refuse v4-mapped addresses
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except OSError:
+                sock.close()
+            else:
+                return sock, ("::ffff:" + addr[0], addr[1], 0, 0)
+    return trio.socket.socket(family, socket.SOCK_STREAM), addr
+
+
 async def open_tcp(host: str, port: int) -> trio.SocketStream:
     """trio.open_tcp_stream, minus the happy-eyeballs nursery and resolver call when `host` is
     an IP literal (every upstream proxy address we dial per flow is): cheaper per connection."""
@@ -171,10 +199,10 @@ async def open_tcp(host: str, port: int) -> trio.SocketStream:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return await trio.open_tcp_stream(host, port)
-    sock = trio.socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
-                              socket.SOCK_STREAM)
+    sock, addr = tcp_socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                            (host, port))
     try:
-        await sock.connect((host, port))
+        await sock.connect(addr)
     except BaseException:
         sock.close()
         raise

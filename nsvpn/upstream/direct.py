@@ -15,7 +15,7 @@ from typing import List, Union
 
 import trio
 
-from .base import DialError, keepalive
+from .base import DialError, keepalive, tcp_socket
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -111,8 +111,8 @@ class DirectUpstream:
                 raise DialError(
                     errno.EHOSTUNREACH, f"cannot resolve {host}: {exc.strerror}", "hostunreach"
                 ) from None
-            for family, type_, proto, _canon, addr in infos:
-                sock = trio.socket.socket(family, type_, proto)
+            for family, _type, _proto, _canon, addr in infos:
+                sock, addr = tcp_socket(family, addr)
                 try:
                     await sock.connect(addr)
                 except OSError as exc:
