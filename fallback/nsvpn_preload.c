@@ -295,6 +295,8 @@ static void probe_marker(void)
 
 /* ------------------------------------------------------------------ exec: keep the session */
 
+static int shim_active(void);
+
 #define SESSION_VARS_MAX 12
 #define EXEC_ENV_MAX 1024  /* entries (8 KB of stack); a larger environment is passed on as is */
 #define EXEC_LD_MAX 8192   /* bytes of a merged LD_PRELOAD line */
@@ -331,7 +333,7 @@ static void remember_session(void)
  * is nsvpn saying "no session for this one".) */
 static int lacks_session(char *const envp[])
 {
-    if (!cfg.active || nsession == 0 || shim_file[0] == '\0')
+    if (!shim_active() || nsession == 0 || shim_file[0] == '\0')
         return 0;
     for (char *const *e = envp; e != NULL && *e != NULL; e++)
         if (strncmp(*e, "NSVPN_CTL=", 10) == 0)
@@ -518,7 +520,37 @@ EXPORT int posix_spawnp(pid_t *pid, const char *file, const posix_spawn_file_act
     return real_posix_spawnp(pid, file, fa, attr, argv, envp);
 }
 
+static void shim_setup(void);
+static int init_state; /* 0: not yet, 1: being read, 2: read */
+
+/* Is the shim configured for a session? The configuration is read on first use: another
+ * library's constructor may resolve names or connect before this shim's constructor runs
+ * (libXrdUtils looks up its own host's name and address then; preloaded libraries are
+ * initialised after the program's own). */
+static int shim_active(void)
+{
+    if (__atomic_load_n(&init_state, __ATOMIC_ACQUIRE) != 2) {
+        int s = 0;
+        if (__atomic_compare_exchange_n(&init_state, &s, 1, 0, __ATOMIC_ACQUIRE,
+                                        __ATOMIC_RELAXED)) {
+            shim_setup();
+            __atomic_store_n(&init_state, 2, __ATOMIC_RELEASE);
+        } else {
+            while (__atomic_load_n(&init_state, __ATOMIC_ACQUIRE) != 2) {
+                struct timespec ts = {0, 100000};
+                nanosleep(&ts, NULL);
+            }
+        }
+    }
+    return cfg.active;
+}
+
 __attribute__((constructor)) static void shim_init(void)
+{
+    shim_active();
+}
+
+static void shim_setup(void)
 {
     int saved = errno;
     resolve_all();
@@ -810,7 +842,7 @@ static int fakeable_name(const char *name)
 /* One "<op> NAME" -> "A <ipv4>" exchange with the front; 0 and ip4 filled on an answer. */
 static int ask_front_addr(char op, const char *name, int timeout_ms, unsigned char ip4[4])
 {
-    if (!cfg.active || !fakeable_name(name))
+    if (!shim_active() || !fakeable_name(name))
         return -1;
     char req[300], resp[128];
     snprintf(req, sizeof req, "%c %s\n", op, name);
@@ -841,7 +873,7 @@ static int known_fake(const char *name, unsigned char ip4[4])
 static int fake_reverse(const void *addr, int family, char *name, size_t n)
 {
     const unsigned char *a = addr;
-    if (!cfg.active)
+    if (!shim_active())
         return -1;
     if (family == AF_INET6) {
         if (memcmp(a, v4mapped_prefix, 12) != 0)
@@ -860,6 +892,41 @@ static int fake_reverse(const void *addr, int family, char *name, size_t n)
         return -2;
     strcpy(name, resp + 2);
     return 0;
+}
+
+/* The host resolver's name for a real IPv4 address, asked through the front ("V"). The front
+ * gives the resolver a short budget and remembers addresses it could not name: on a node whose
+ * DNS server never answers, a program that looks up its peer's name (xrdcp, HTCondor and GSI
+ * tools do, on every run) pays that once per address and session, not glibc's timeout times
+ * its attempts (5 s x 2 by default) on every call. 0: *name; 1: no name (*again: a temporary
+ * failure); -1: ask the real resolver (no front, an older one, IPv6); -2: name too long. */
+static int front_reverse(const void *addr, int family, char *name, size_t n, int *again)
+{
+    const unsigned char *a = addr;
+    if (!shim_active())
+        return -1;
+    if (family == AF_INET6) {
+        if (memcmp(a, v4mapped_prefix, 12) != 0)
+            return -1;
+        a += 12;
+    } else if (family != AF_INET) {
+        return -1;
+    }
+    char req[64], resp[300];
+    snprintf(req, sizeof req, "V %u.%u.%u.%u\n", a[0], a[1], a[2], a[3]);
+    if (ctl_request(req, resp, sizeof resp, 5000) < 1)
+        return -1;
+    if (resp[0] == 'H' && resp[1] == ' ' && resp[2] != '\0') {
+        if (strlen(resp + 2) + 1 > n)
+            return -2;
+        strcpy(name, resp + 2);
+        return 0;
+    }
+    if (resp[0] == 'X') {
+        *again = strcmp(resp, "X again") == 0;
+        return 1;
+    }
+    return -1; /* "E": a front without "V" */
 }
 
 /* ------------------------------------------------------------------ proxied sockets */
@@ -1796,7 +1863,8 @@ static void remember_front_client(int fd)
 static int udp_route(int fd, const struct sockaddr *sa, socklen_t len, struct sockaddr_in6 *to,
                      socklen_t *tolen)
 {
-    if (!cfg.active || sa == NULL || (sa->sa_family != AF_INET && sa->sa_family != AF_INET6))
+    if (!shim_active() || sa == NULL ||
+        (sa->sa_family != AF_INET && sa->sa_family != AF_INET6))
         return 0;
     struct dest d;
     if (parse_dest(sa, len, &d) < 0 || is_direct(&d))
@@ -1820,7 +1888,7 @@ static int udp_route(int fd, const struct sockaddr *sa, socklen_t len, struct so
 static int fastopen_connect(int fd, int flags, const struct sockaddr *sa, socklen_t len, int *ret)
 {
 #ifdef MSG_FASTOPEN
-    if (!(flags & MSG_FASTOPEN) || !cfg.active || sa == NULL ||
+    if (!(flags & MSG_FASTOPEN) || !shim_active() || sa == NULL ||
         (sa->sa_family != AF_INET && sa->sa_family != AF_INET6))
         return 0;
     struct dest d;
@@ -1935,7 +2003,8 @@ EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
 EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
 {
     REAL(connect);
-    if (!cfg.active || sa == NULL || (sa->sa_family != AF_INET && sa->sa_family != AF_INET6))
+    if (!shim_active() || sa == NULL ||
+        (sa->sa_family != AF_INET && sa->sa_family != AF_INET6))
         return real_connect(fd, sa, len);
     int saved = errno;
     struct dest d;
@@ -2023,7 +2092,7 @@ EXPORT int getpeername(int fd, struct sockaddr *sa, socklen_t *len)
 {
     REAL(getpeername);
     int r = real_getpeername(fd, sa, len);
-    if (r < 0 || !cfg.active || sa == NULL || len == NULL)
+    if (r < 0 || !shim_active() || sa == NULL || len == NULL)
         return r;
     unsigned char listener;
     int saved = errno;
@@ -2099,7 +2168,7 @@ EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
 {
     REAL(getsockopt);
     int r = real_getsockopt(fd, level, name, val, len);
-    if (r < 0 || level != SOL_SOCKET || name != SO_ERROR || !cfg.active || val == NULL ||
+    if (r < 0 || level != SOL_SOCKET || name != SO_ERROR || !shim_active() || val == NULL ||
         len == NULL || *len < sizeof(int))
         return r;
     if (fd < 0 || fd >= MAX_FDS || table[fd].state != ST_PENDING)
@@ -2162,7 +2231,7 @@ EXPORT int getaddrinfo(const char *node, const char *service, const struct addri
                        struct addrinfo **res)
 {
     REAL(getaddrinfo);
-    if (!cfg.active || node == NULL || res == NULL)
+    if (!shim_active() || node == NULL || res == NULL)
         return real_getaddrinfo(node, service, hints, res);
     int family = hints ? hints->ai_family : AF_UNSPEC;
     int flags = hints ? hints->ai_flags : (AI_V4MAPPED | AI_ADDRCONFIG);
@@ -2249,12 +2318,12 @@ EXPORT struct hostent *gethostbyname(const char *name)
 {
     REAL(gethostbyname);
     int saved = errno;
-    struct hostent *he = cfg.active ? fake_hostent_static(name, AF_INET, 1) : NULL;
+    struct hostent *he = shim_active() ? fake_hostent_static(name, AF_INET, 1) : NULL;
     errno = saved;
     if (he != NULL)
         return he;
     he = real_gethostbyname(name);
-    if (he != NULL || !cfg.active || !fake_worthy(h_errno))
+    if (he != NULL || !shim_active() || !fake_worthy(h_errno))
         return he;
     saved = errno;
     int herr = h_errno;
@@ -2269,12 +2338,12 @@ EXPORT struct hostent *gethostbyname2(const char *name, int af)
 {
     REAL(gethostbyname2);
     int saved = errno;
-    struct hostent *he = cfg.active ? fake_hostent_static(name, af, 1) : NULL;
+    struct hostent *he = shim_active() ? fake_hostent_static(name, af, 1) : NULL;
     errno = saved;
     if (he != NULL)
         return he;
     he = real_gethostbyname2(name, af);
-    if (he != NULL || !cfg.active || !fake_worthy(h_errno))
+    if (he != NULL || !shim_active() || !fake_worthy(h_errno))
         return he;
     saved = errno;
     int herr = h_errno;
@@ -2310,13 +2379,13 @@ EXPORT int gethostbyname_r(const char *name, struct hostent *ret, char *buf, siz
 {
     REAL(gethostbyname_r);
     int saved = errno;
-    if (cfg.active && fake_r(name, AF_INET, ret, buf, buflen, result, h_errnop, 1) == 0) {
+    if (shim_active() && fake_r(name, AF_INET, ret, buf, buflen, result, h_errnop, 1) == 0) {
         errno = saved;
         return 0;
     }
     errno = saved;
     int r = real_gethostbyname_r(name, ret, buf, buflen, result, h_errnop);
-    if ((r == 0 && *result != NULL) || r == ERANGE || !cfg.active || h_errnop == NULL ||
+    if ((r == 0 && *result != NULL) || r == ERANGE || !shim_active() || h_errnop == NULL ||
         !fake_worthy(*h_errnop))
         return r;
     saved = errno;
@@ -2330,13 +2399,13 @@ EXPORT int gethostbyname2_r(const char *name, int af, struct hostent *ret, char 
 {
     REAL(gethostbyname2_r);
     int saved = errno;
-    if (cfg.active && fake_r(name, af, ret, buf, buflen, result, h_errnop, 1) == 0) {
+    if (shim_active() && fake_r(name, af, ret, buf, buflen, result, h_errnop, 1) == 0) {
         errno = saved;
         return 0;
     }
     errno = saved;
     int r = real_gethostbyname2_r(name, af, ret, buf, buflen, result, h_errnop);
-    if ((r == 0 && *result != NULL) || r == ERANGE || !cfg.active || h_errnop == NULL ||
+    if ((r == 0 && *result != NULL) || r == ERANGE || !shim_active() || h_errnop == NULL ||
         !fake_worthy(*h_errnop))
         return r;
     saved = errno;
@@ -2350,18 +2419,24 @@ EXPORT struct hostent *gethostbyaddr(const void *addr, socklen_t len, int type)
     REAL(gethostbyaddr);
     char name[256];
     if (addr != NULL && ((type == AF_INET && len == 4) || (type == AF_INET6 && len == 16))) {
-        int saved = errno;
-        if (fake_reverse(addr, type, name, sizeof name) == 0) {
+        int saved = errno, again = 0;
+        int f = fake_reverse(addr, type, name, sizeof name);
+        if (f == -1)
+            f = front_reverse(addr, type, name, sizeof name, &again);
+        errno = saved;
+        if (f == 1) {
+            h_errno = again ? TRY_AGAIN : HOST_NOT_FOUND;
+            return NULL;
+        }
+        if (f == 0) {
             const unsigned char *a = addr;
             if (type == AF_INET6)
                 a += 12;
             if (fill_hostent(name, type, a, &tls_he, tls_buf, sizeof tls_buf) == 0) {
-                errno = saved;
                 h_errno = 0;
                 return &tls_he;
             }
         }
-        errno = saved;
     }
     return real_gethostbyaddr(addr, len, type);
 }
@@ -2372,12 +2447,21 @@ EXPORT int gethostbyaddr_r(const void *addr, socklen_t len, int type, struct hos
     REAL(gethostbyaddr_r);
     char name[256];
     if (addr != NULL && ((type == AF_INET && len == 4) || (type == AF_INET6 && len == 16))) {
-        int saved = errno;
-        if (fake_reverse(addr, type, name, sizeof name) == 0) {
+        int saved = errno, again = 0;
+        int f = fake_reverse(addr, type, name, sizeof name);
+        if (f == -1)
+            f = front_reverse(addr, type, name, sizeof name, &again);
+        errno = saved;
+        if (f == 1) { /* as glibc: not found is 0 with no result, a temporary failure EAGAIN */
+            *result = NULL;
+            if (h_errnop)
+                *h_errnop = again ? TRY_AGAIN : HOST_NOT_FOUND;
+            return again ? EAGAIN : 0;
+        }
+        if (f == 0) {
             const unsigned char *a = addr;
             if (type == AF_INET6)
                 a += 12;
-            errno = saved;
             if (fill_hostent(name, type, a, ret, buf, buflen) < 0) {
                 *result = NULL;
                 if (h_errnop)
@@ -2398,18 +2482,28 @@ EXPORT int getnameinfo(const struct sockaddr *sa, socklen_t salen, char *host, s
                        char *serv, socklen_t servlen, int flags)
 {
     REAL(getnameinfo);
-    if (cfg.active && sa != NULL && host != NULL && hostlen > 0 && !(flags & NI_NUMERICHOST)) {
+    if (shim_active() && sa != NULL && host != NULL && hostlen > 0 &&
+        !(flags & NI_NUMERICHOST)) {
         const void *a = NULL;
         if (sa->sa_family == AF_INET && salen >= (socklen_t)sizeof(struct sockaddr_in))
             a = &((const struct sockaddr_in *)sa)->sin_addr;
         else if (sa->sa_family == AF_INET6 && salen >= (socklen_t)sizeof(struct sockaddr_in6))
             a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
         if (a != NULL) {
-            int saved = errno;
+            int saved = errno, again = 0;
             int f = fake_reverse(a, sa->sa_family, host, hostlen);
+            /* a real address: through the front, for the flags its answer can honour */
+            if (f == -1 && !(flags & ~(NI_NAMEREQD | NI_NUMERICSERV | NI_DGRAM)))
+                f = front_reverse(a, sa->sa_family, host, hostlen, &again);
             errno = saved;
             if (f == -2)
                 return EAI_OVERFLOW;
+            if (f == 1) {
+                if (flags & NI_NAMEREQD)
+                    return again ? EAI_AGAIN : EAI_NONAME;
+                return real_getnameinfo(sa, salen, host, hostlen, serv, servlen,
+                                        flags | NI_NUMERICHOST);
+            }
             if (f == 0) {
                 if (serv != NULL && servlen > 0)
                     return real_getnameinfo(sa, salen, NULL, 0, serv, servlen, flags);

@@ -22,6 +22,7 @@ truncated (TC) to 512 bytes or the client's EDNS size.
 from __future__ import annotations
 
 import collections
+import ctypes
 import ipaddress
 import logging
 import socket
@@ -454,6 +455,57 @@ class TcpDeframer:
 # -- thin trio helpers ---------------------------------------------------------------------
 
 
+_getnameinfo = None
+
+
+def _libc_getnameinfo():
+    """libc's getnameinfo through ctypes, which lets go of the GIL while it runs: CPython's
+    socket.getnameinfo holds it for the whole lookup (3.11 here), so a reverse lookup the
+    host's DNS server never answers froze every flow of the session for the resolver's
+    timeout (measured: 1 s per PTR query in the lab, up to 10 s with glibc's defaults).
+    None where ctypes or the symbol is missing."""
+    global _getnameinfo
+    if _getnameinfo is None:
+        try:
+            fn = ctypes.CDLL(None).getnameinfo  # the interpreter's own libc: no ldconfig run
+        except (AttributeError, OSError):
+            fn = False
+        else:
+            fn.argtypes = [ctypes.c_char_p, ctypes.c_uint32, ctypes.c_char_p, ctypes.c_uint32,
+                           ctypes.c_char_p, ctypes.c_uint32, ctypes.c_int]
+            fn.restype = ctypes.c_int
+        _getnameinfo = fn
+    return _getnameinfo or None
+
+
+def reverse_lookup(ip: str) -> LookupResult:
+    """The host resolver's name for `ip` (/etc/hosts, nscd, DNS, ... as nsswitch.conf says).
+    Blocking; meant for a worker thread (see _libc_getnameinfo)."""
+    fn = _libc_getnameinfo()
+    if fn is None:
+        try:
+            host, _ = socket.getnameinfo((ip, 0), socket.NI_NAMEREQD)
+        except socket.gaierror as exc:
+            return LookupResult("nxdomain" if exc.errno == socket.EAI_NONAME else "error")
+        except OSError:
+            return LookupResult("error")
+        return LookupResult("ok", names=[host])
+    try:
+        packed = socket.inet_pton(socket.AF_INET, ip)
+        sa = struct.pack("=H", socket.AF_INET) + bytes(2) + packed + bytes(8)
+    except OSError:
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, ip)
+        except OSError:
+            return LookupResult("nxdomain")
+        sa = struct.pack("=H", socket.AF_INET6) + bytes(6) + packed + bytes(4)
+    host = ctypes.create_string_buffer(1025)  # NI_MAXHOST
+    rc = fn(sa, len(sa), host, len(host), None, 0, socket.NI_NAMEREQD)
+    if rc == 0:
+        return LookupResult("ok", names=[host.value.decode("utf-8", "replace")])
+    return LookupResult("nxdomain" if rc == socket.EAI_NONAME else "error")
+
+
 async def host_lookup(name: str, rdtype: int, timeout: float = HOST_TIMEOUT) -> LookupResult:
     """Ask the host's resolver (getaddrinfo/getnameinfo: /etc/hosts, nscd, DNS...), bounded.
 
@@ -462,8 +514,8 @@ async def host_lookup(name: str, rdtype: int, timeout: float = HOST_TIMEOUT) -> 
     with trio.move_on_after(timeout):
         try:
             if rdtype == dns.rdatatype.PTR:
-                host, _ = await trio.socket.getnameinfo((name, 0), socket.NI_NAMEREQD)
-                return LookupResult("ok", names=[host])
+                return await trio.to_thread.run_sync(reverse_lookup, name,
+                                                     abandon_on_cancel=True)
             family = {dns.rdatatype.A: socket.AF_INET, dns.rdatatype.AAAA: socket.AF_INET6}.get(
                 rdtype, socket.AF_UNSPEC
             )
@@ -654,6 +706,8 @@ class DnsService:
         self.relay_timeout = relay_timeout
         self._limiter = trio.CapacityLimiter(max_inflight)
         self._host_slow_until = 0.0
+        # addresses whose reverse lookup timed out or failed: (until, status), oldest first
+        self._ptr_failed: Dict[str, Tuple[float, str]] = {}
         self.dropped = 0
 
     async def _relay(self, wire: bytes) -> bytes | None:
@@ -675,10 +729,31 @@ class DnsService:
             relay=self._relay if self.server is not None else None,
         )
 
+    async def reverse(self, ip: str) -> LookupResult:
+        """The host resolver's name for `ip` under this service's budget and memory of
+        failures (the preload front's `V`, for the shim's getnameinfo/gethostbyaddr)."""
+        return await self._lookup(ip, dns.rdatatype.PTR)
+
     async def _lookup(self, name: str, rdtype: int) -> LookupResult:
-        if self.lookup is not host_lookup:  # an injected resolver (tests) keeps its own rules
-            return await self.lookup(name, rdtype)
         now = trio.current_time()
+        if rdtype == dns.rdatatype.PTR:
+            # Tools look up their peer's name on every run (xrdcp, HTCondor, GSI): an address
+            # the resolver failed on fails again at once for NEGATIVE_TTL, as A/AAAA do.
+            failed = self._ptr_failed.get(name)
+            if failed is not None and failed[0] > now:
+                return LookupResult(failed[1])
+            r = await self._host_lookup(name, rdtype, now)
+            if r.status in ("timeout", "error"):
+                self._ptr_failed.pop(name, None)
+                self._ptr_failed[name] = (trio.current_time() + NEGATIVE_TTL, r.status)
+                while len(self._ptr_failed) > 10000:
+                    del self._ptr_failed[next(iter(self._ptr_failed))]
+            return r
+        return await self._host_lookup(name, rdtype, now)
+
+    async def _host_lookup(self, name: str, rdtype: int, now: float) -> LookupResult:
+        if self.lookup is not host_lookup:  # an injected resolver (tests) keeps its own budget
+            return await self.lookup(name, rdtype)
         slow = now < self._host_slow_until
         r = await host_lookup(name, rdtype, HOST_TIMEOUT_DEGRADED if slow else HOST_TIMEOUT)
         # A timeout, or a slow "try again" (glibc gave up on an unreachable server first).

@@ -44,6 +44,10 @@ Two doors, both only usable by the user who runs nsvpn:
   ``K <name>``  the fake IP of a name already in the table -> ``A <ip>``, else ``U``
                 (the shim asks first, so only a name's first lookup waits for the host resolver).
   ``N <ip>``    the name behind a fake IP -> ``H <name>`` or ``E``.
+  ``V <ip>``    the host resolver's name for a real address -> ``H <name>``, or ``X again``
+                (it failed or did not answer in time) / ``X nxdomain``. Bounded and with a
+                memory of failures (dns.DnsService.reverse), so that a node whose DNS server
+                never answers costs the shim's getnameinfo/gethostbyaddr little.
   ``P <4|6> <srcport>`` the original destination of a live connection -> ``D <ip> <port>``.
 * a UDP DNS responder on 127.0.0.1 (and [::1]) for queries the shim redirects (UDP to port 53
   of an address outside the direct networks), answered by dns.DnsService.
@@ -1101,6 +1105,15 @@ class Front:
         if op == "F" and len(words) == 2:
             ip = await self._address_for(words[1])
             return (f"A {ip}" if ip else "E"), False
+        if op == "V" and len(words) == 2:
+            try:
+                ip = str(ipaddress.ip_address(words[1]))
+            except ValueError:
+                return "E", False
+            r = await self.dns.reverse(ip)
+            if r.status == "ok" and r.names:
+                return f"H {r.names[0].rstrip('.')}", False
+            return ("X again" if r.status in ("timeout", "error") else "X nxdomain"), False
         if op == "K" and len(words) == 2:
             # a name the host resolver already failed on gets its fake IP without a retry
             known = self.fakes.has_name(words[1])

@@ -16,6 +16,7 @@ import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
+import dns.reversename
 import dns.rrset
 import pytest
 import trio
@@ -487,3 +488,32 @@ def test_ptr_for_the_namespace_subnet_is_answered_locally():
     # outside the subnet the host resolver is still asked
     assert isinstance(ans.handle_query(q(dns.reversename.from_address("172.31.2.2"), "PTR")),
                       nd.Lookup)
+
+
+def test_reverse_lookup_uses_the_host_resolver():
+    """/etc/hosts names 127.0.0.1 (and ::1) on every system the tests run on."""
+    assert nd.reverse_lookup("127.0.0.1").status == "ok"
+    assert nd.reverse_lookup("127.0.0.1").names
+    assert nd.reverse_lookup("not an address").status == "nxdomain"
+
+
+async def test_reverse_lookup_failures_are_remembered():
+    """An address the resolver could not name (timeout, error) fails again at once, through
+    `reverse` (the preload front's `V`) and PTR queries alike; other answers are not kept."""
+    calls = []
+
+    async def lookup(name, rdtype):
+        calls.append(name)
+        return nd.LookupResult("timeout" if name == "192.0.2.1" else "ok",
+                               names=["host.example"] if name != "192.0.2.1" else [])
+
+    svc = nd.DnsService(lookup=lookup, forward_servers=[])
+    assert (await svc.reverse("192.0.2.1")).status == "timeout"
+    assert (await svc.reverse("192.0.2.1")).status == "timeout"
+    query = dns.message.make_query(dns.reversename.from_address("192.0.2.1"), "PTR")
+    reply = dns.message.from_wire(await svc.answer(query.to_wire()))
+    assert reply.rcode() == dns.rcode.SERVFAIL
+    assert calls == ["192.0.2.1"]
+    assert (await svc.reverse("192.0.2.7")).names == ["host.example"]
+    assert (await svc.reverse("192.0.2.7")).names == ["host.example"]
+    assert calls == ["192.0.2.1", "192.0.2.7", "192.0.2.7"]

@@ -951,6 +951,46 @@ def test_dns_over_tcp_and_ptr(nsvpn_lab, ssh_via):
         assert udp == nsvpn_lab.remote_ip, explain(r)
 
 
+# Reverse lookups of a real address the node's resolver cannot answer (the lab's worker has a
+# DNS server that never replies), in other processes, while this one times HTTP requests.
+# argv: address. Prints the slowest request (s), then each lookup's duration (s).
+PTR_STALL_PY = r"""
+import socket, subprocess, sys, threading, time
+ip = sys.argv[1]
+lookups = []
+def look():
+    for _ in range(3):
+        t = time.monotonic()
+        subprocess.run(["getent", "hosts", ip], stdout=subprocess.DEVNULL)
+        lookups.append(time.monotonic() - t)
+th = threading.Thread(target=look)
+th.start()
+worst = 0.0
+while th.is_alive():
+    t = time.monotonic()
+    with socket.create_connection((ip, 80), timeout=10) as s:
+        s.sendall(b"GET /SHA256SUMS HTTP/1.0\r\n\r\n")
+        while s.recv(65536):
+            pass
+    worst = max(worst, time.monotonic() - t)
+    time.sleep(0.02)
+print(round(worst, 3), *(round(x, 3) for x in lookups))
+"""
+
+
+def test_reverse_lookups_the_resolver_cannot_answer_stall_nothing(nsvpn_lab, socks_via):
+    """A PTR query for a real address goes to the node's resolver, which here never answers.
+    The relay asks it in a worker thread; CPython's socket.getnameinfo held the GIL for the
+    whole lookup, so every flow of the session froze for the resolver's timeout (1 s in the
+    lab), and the shorter budget after a first timeout could not cut it short."""
+    r = nsexec(nsvpn_lab, ["--mode", "ns", "--via", socks_via],
+               ["python3", "-c", PTR_STALL_PY, nsvpn_lab.remote_ip], timeout=60)
+    assert r.returncode == 0, explain(r)
+    worst, *lookups = (float(x) for x in r.stdout.split())
+    assert worst < 0.5, explain(r)
+    assert len(lookups) == 3 and max(lookups[1:]) < 0.6, explain(r)  # the degraded budget
+
+
 HOLD_PY = r"""
 import errno, socket, sys
 n = int(sys.argv[1])

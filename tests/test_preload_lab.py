@@ -789,6 +789,39 @@ def test_xrdcp_sha256(lab, preload, user_tmp):
     assert "1M.bin" in r.stdout
 
 
+# Reverse lookups the node's resolver cannot answer (the lab worker's DNS server never
+# replies), timed: getent (gethostbyaddr) twice, then xrdcp twice, which looks up its own
+# host's name while libXrdUtils initialises, before the shim's constructor has run.
+# argv: address, root URL. Prints the four durations (s).
+REVERSE_TIMES = r"""
+import subprocess, sys, time
+ip, url = sys.argv[1], sys.argv[2]
+out = []
+for cmd in (["getent", "hosts", ip], ["getent", "hosts", ip],
+            ["xrdcp", "--nopbar", "-f", url, "/dev/null"],
+            ["xrdcp", "--nopbar", "-f", url, "/dev/null"]):
+    t = time.monotonic()
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+    out.append(round(time.monotonic() - t, 3))
+    if cmd[0] == "xrdcp" and r.returncode != 0:
+        sys.exit("xrdcp failed")
+print(*out)
+"""
+
+
+def test_reverse_lookups_cost_the_resolver_timeout_once(lab, preload):
+    """The shim asks the front for a real address's name (`V`): the front gives the resolver
+    a short budget and remembers the failure, so the second lookup is immediate. xrdcp's own
+    lookup at start runs before the shim's constructor; the shim reads its configuration on
+    first use, so that one goes to the front too (it cost every xrdcp 2 s here)."""
+    r = preload(["python3", "-c", REVERSE_TIMES, lab.remote_ip,
+                 lab.info["xrootd"]["url"] + "1M.bin"], timeout=120)
+    assert r.returncode == 0, r
+    first, second, xrd1, xrd2 = (float(x) for x in r.stdout.split())
+    assert first < 2.5 and second < 0.3, r.stdout
+    assert xrd2 < 1.0, r.stdout  # 2 s of resolver timeouts before
+
+
 # Runs xrdcp and reports whom its TCP sockets talk to while the copy runs (from
 # /proc/net/tcp6: XrdCl's sockets are AF_INET6). argv: url destination
 XRDCP_PEERS = r"""
