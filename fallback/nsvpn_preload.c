@@ -869,20 +869,21 @@ static int known_fake(const char *name, unsigned char ip4[4])
     return ask_front_addr('K', name, 2000, ip4);
 }
 
+/* The IPv4 address in an AF_INET or v4-mapped AF_INET6 address, or NULL. */
+static const unsigned char *ipv4_of(const void *addr, int family)
+{
+    if (family == AF_INET)
+        return addr;
+    if (family == AF_INET6 && memcmp(addr, v4mapped_prefix, 12) == 0)
+        return (const unsigned char *)addr + 12;
+    return NULL;
+}
+
 /* The name behind a fake IP (IPv4 or v4-mapped), or -1. */
 static int fake_reverse(const void *addr, int family, char *name, size_t n)
 {
-    const unsigned char *a = addr;
-    if (!shim_active())
-        return -1;
-    if (family == AF_INET6) {
-        if (memcmp(a, v4mapped_prefix, 12) != 0)
-            return -1;
-        a += 12;
-    } else if (family != AF_INET) {
-        return -1;
-    }
-    if (!is_fake4(a))
+    const unsigned char *a = ipv4_of(addr, family);
+    if (!shim_active() || a == NULL || !is_fake4(a))
         return -1;
     char req[64], resp[300];
     snprintf(req, sizeof req, "N %u.%u.%u.%u\n", a[0], a[1], a[2], a[3]);
@@ -902,16 +903,9 @@ static int fake_reverse(const void *addr, int family, char *name, size_t n)
  * failure); -1: ask the real resolver (no front, an older one, IPv6); -2: name too long. */
 static int front_reverse(const void *addr, int family, char *name, size_t n, int *again)
 {
-    const unsigned char *a = addr;
-    if (!shim_active())
+    const unsigned char *a = ipv4_of(addr, family);
+    if (!shim_active() || a == NULL)
         return -1;
-    if (family == AF_INET6) {
-        if (memcmp(a, v4mapped_prefix, 12) != 0)
-            return -1;
-        a += 12;
-    } else if (family != AF_INET) {
-        return -1;
-    }
     char req[64], resp[300];
     snprintf(req, sizeof req, "V %u.%u.%u.%u\n", a[0], a[1], a[2], a[3]);
     if (ctl_request(req, resp, sizeof resp, 5000) < 1)

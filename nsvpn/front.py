@@ -1110,6 +1110,8 @@ class Front:
                 ip = str(ipaddress.ip_address(words[1]))
             except ValueError:
                 return "E", False
+            if self.fakes.is_fake(ip):  # one the table does not know (`N` said so)
+                return "X nxdomain", False
             r = await self.dns.reverse(ip)
             if r.status == "ok" and r.names:
                 return f"H {r.names[0].rstrip('.')}", False

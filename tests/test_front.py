@@ -481,6 +481,16 @@ async def test_unknown_fake_ip_is_unreachable(env):
             f"R {errno.EHOSTUNREACH}"
 
 
+async def test_reverse_lookup_of_a_real_address(env):
+    """`V`: the host resolver's name for a real address (the shim's getnameinfo and
+    gethostbyaddr ask this); a fake IP the table does not know has none; garbage is an
+    error."""
+    front, _ = env
+    assert (await ctl(front, "V 127.0.0.1")).startswith("H localhost")
+    assert await ctl(front, "V 198.19.255.1") == "X nxdomain"
+    assert await ctl(front, "V not-an-address") == "E"
+
+
 async def test_unclaimed_shim_connection_is_dropped(env, monkeypatch):
     import nsvpn.front as front_mod
 
