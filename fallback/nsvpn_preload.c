@@ -923,6 +923,17 @@ static int front_reverse(const void *addr, int family, char *name, size_t n, int
     return -1; /* "E": a front without "V" */
 }
 
+/* A name for addr: a fake IP's from the front's table, else, with `via_front`, the host
+ * resolver's asked through the front. Results as front_reverse's. */
+static int reverse_name(const void *addr, int family, char *name, size_t n, int via_front,
+                        int *again)
+{
+    int f = fake_reverse(addr, family, name, n);
+    if (f == -1 && via_front)
+        f = front_reverse(addr, family, name, n, again);
+    return f;
+}
+
 /* ------------------------------------------------------------------ proxied sockets */
 
 #define MAX_FDS 65536
@@ -1137,38 +1148,38 @@ static int epoll_find(int epfd, int fd, unsigned long ino, struct epoll_event *e
     return found;
 }
 
-static int family_of(int fd)
-{
-    int domain = 0;
-    socklen_t l = sizeof domain;
-    REAL(getsockopt);
-    return real_getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &l) == 0 ? domain : -1;
-}
-
-/* Can the fd's socket family be kept by a handed-over socket? AF_INET, and with
+/* The family a handed-over socket keeps for this fd, or 0: AF_INET, and with
  * NSVPN_FRONT_HANDOFF=2 AF_INET6 unless IPv6-only (the front dials it v4-mapped: `C A`). */
 static int handoff_family(int fd)
 {
-    int domain = family_of(fd), v6only = 1;
-    socklen_t l = sizeof v6only;
+    int domain = 0, v6only = 1;
+    socklen_t l = sizeof domain;
+    REAL(getsockopt);
+    if (real_getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &l) != 0)
+        return 0;
     if (domain == AF_INET)
-        return 1;
+        return AF_INET;
+    l = sizeof v6only;
     return domain == AF_INET6 && cfg.handoff >= 2 &&
-           real_getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, &l) == 0 && !v6only;
+                   real_getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, &l) == 0 && !v6only
+               ? AF_INET6
+               : 0;
 }
 
-/* 1 when the fd's socket may be handed over; with *epfd the epoll set it must move in (-1:
- * none), its registration in *ev. Callers that may move one hold ep_lock. */
+/* The family the fd's socket keeps when handed over (see handoff_family), or 0 when it may
+ * not be; with *epfd the epoll set it must move in (-1: none), its registration in *ev.
+ * Callers that may move one hold ep_lock. */
 static int may_hand_over_ep(int fd, int *epfd, struct epoll_event *ev)
 {
     *epfd = -1;
     if (!cfg.handoff || fd < 0 || fd >= MAX_FDS)
         return 0;
-    if (!handoff_family(fd))
+    int family = handoff_family(fd);
+    if (family == 0)
         return 0;
     struct epreg g = epreg[fd];
     if (g.ep == 0)
-        return 1;
+        return family;
     if (ev == NULL || g.ep < 0 || g.pid != (int)getpid() ||
         !epoll_find(g.ep - 1, fd, fd_inode(fd), ev))
         return 0;
@@ -1178,10 +1189,10 @@ static int may_hand_over_ep(int fd, int *epfd, struct epoll_event *ev)
         !(ev->events & ~(unsigned)(EPOLLONESHOT | EPOLLET | EPOLLWAKEUP | EPOLLEXCLUSIVE)))
         return 0;
     *epfd = g.ep - 1;
-    return 1;
+    return family;
 }
 
-/* For a blocking connect: only sockets in no epoll set. */
+/* For a blocking connect (only sockets in no epoll set): as may_hand_over_ep. */
 static int may_hand_over(int fd)
 {
     int epfd;
@@ -1575,8 +1586,8 @@ static int claim_and_wait(int fd, struct proxied *p, unsigned char listener, uns
     char req[200];
     int limit = verdict_limit_ms(fd);
     /* with SO_SNDTIMEO this connect may stop waiting, and a socket sent then would be lost */
-    int handoff = limit == 300000 && may_hand_over(fd);
-    char mode = !handoff ? 'b' : family_of(fd) == AF_INET6 ? 'H' : 'h';
+    int family = limit == 300000 ? may_hand_over(fd) : 0;
+    char mode = family == 0 ? 'b' : family == AF_INET6 ? 'H' : 'h';
     snprintf(req, sizeof req, "C %c %u %u %ld %s %s %u\n", mode, listener, lport, pad, tokhex,
              host, port);
     struct timespec t0;
@@ -1586,7 +1597,7 @@ static int claim_and_wait(int fd, struct proxied *p, unsigned char listener, uns
         close(s);
         s = -1;
     }
-    return await_verdict(s, handoff ? fd : -1, p, &t0, limit, host, port);
+    return await_verdict(s, family != 0 ? fd : -1, p, &t0, limit, host, port);
 }
 
 /*
@@ -1614,7 +1625,7 @@ static int claim_nowait(int fd, struct proxied *p, unsigned char listener, unsig
     if (!gated)
         setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &old_lowat, sizeof old_lowat);
     /* 'A': the program's socket is AF_INET6 and could take an AF_INET6 upstream socket */
-    char mode = family_of(fd) == AF_INET6 && handoff_family(fd) ? 'A' : 'a';
+    char mode = handoff_family(fd) == AF_INET6 ? 'A' : 'a';
     snprintf(req, sizeof req, "C %c %u %u - %s %s %u\n%c %ld\n", mode, listener, lport, tokhex,
              host, port, gated ? 'L' : 'W', pad);
     int limit = gated ? 15000 : verdict_limit_ms(fd);
@@ -2046,7 +2057,7 @@ EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
             real_getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &l);
             if (err != 0) {
                 p->state = ST_NONE;
-                        errno = claim_verdict(p, err);
+                errno = claim_verdict(p, err);
                 return -1;
             }
             errno = EALREADY;
@@ -2414,22 +2425,16 @@ EXPORT struct hostent *gethostbyaddr(const void *addr, socklen_t len, int type)
     char name[256];
     if (addr != NULL && ((type == AF_INET && len == 4) || (type == AF_INET6 && len == 16))) {
         int saved = errno, again = 0;
-        int f = fake_reverse(addr, type, name, sizeof name);
-        if (f == -1)
-            f = front_reverse(addr, type, name, sizeof name, &again);
+        int f = reverse_name(addr, type, name, sizeof name, 1, &again);
         errno = saved;
         if (f == 1) {
             h_errno = again ? TRY_AGAIN : HOST_NOT_FOUND;
             return NULL;
         }
-        if (f == 0) {
-            const unsigned char *a = addr;
-            if (type == AF_INET6)
-                a += 12;
-            if (fill_hostent(name, type, a, &tls_he, tls_buf, sizeof tls_buf) == 0) {
-                h_errno = 0;
-                return &tls_he;
-            }
+        if (f == 0 &&
+            fill_hostent(name, type, ipv4_of(addr, type), &tls_he, tls_buf, sizeof tls_buf) == 0) {
+            h_errno = 0;
+            return &tls_he;
         }
     }
     return real_gethostbyaddr(addr, len, type);
@@ -2442,9 +2447,7 @@ EXPORT int gethostbyaddr_r(const void *addr, socklen_t len, int type, struct hos
     char name[256];
     if (addr != NULL && ((type == AF_INET && len == 4) || (type == AF_INET6 && len == 16))) {
         int saved = errno, again = 0;
-        int f = fake_reverse(addr, type, name, sizeof name);
-        if (f == -1)
-            f = front_reverse(addr, type, name, sizeof name, &again);
+        int f = reverse_name(addr, type, name, sizeof name, 1, &again);
         errno = saved;
         if (f == 1) { /* as glibc: not found is 0 with no result, a temporary failure EAGAIN */
             *result = NULL;
@@ -2453,10 +2456,7 @@ EXPORT int gethostbyaddr_r(const void *addr, socklen_t len, int type, struct hos
             return again ? EAGAIN : 0;
         }
         if (f == 0) {
-            const unsigned char *a = addr;
-            if (type == AF_INET6)
-                a += 12;
-            if (fill_hostent(name, type, a, ret, buf, buflen) < 0) {
+            if (fill_hostent(name, type, ipv4_of(addr, type), ret, buf, buflen) < 0) {
                 *result = NULL;
                 if (h_errnop)
                     *h_errnop = NETDB_INTERNAL;
@@ -2485,10 +2485,9 @@ EXPORT int getnameinfo(const struct sockaddr *sa, socklen_t salen, char *host, s
             a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
         if (a != NULL) {
             int saved = errno, again = 0;
-            int f = fake_reverse(a, sa->sa_family, host, hostlen);
-            /* a real address: through the front, for the flags its answer can honour */
-            if (f == -1 && !(flags & ~(NI_NAMEREQD | NI_NUMERICSERV | NI_DGRAM)))
-                f = front_reverse(a, sa->sa_family, host, hostlen, &again);
+            /* a real address goes through the front for the flags its answer can honour */
+            int f = reverse_name(a, sa->sa_family, host, hostlen,
+                                 !(flags & ~(NI_NAMEREQD | NI_NUMERICSERV | NI_DGRAM)), &again);
             errno = saved;
             if (f == -2)
                 return EAI_OVERFLOW;
